@@ -1,0 +1,1 @@
+"""HTML report builder: one self-contained page per study, plus an index of claims."""

@@ -1,0 +1,37 @@
+"""Exact and symbolic theory of DropKey (Li et al., CVPR 2023).
+
+Numeric API (the contract other packages call):
+
+- :func:`expected_attention` -- E[w] under DropKey, exact.
+- :func:`smoothing_coefficients` -- c with E[w] = c * p.
+- :func:`attention_variance` -- Var[w] under DropKey, exact.
+- :func:`dropout_expected_attention`, :func:`dropout_attention_variance` -- the
+  same for post-softmax (inverted) attention dropout.
+
+Symbolic derivations live in :mod:`theory.derivations` (imported lazily: sympy is slow to load).
+"""
+
+from theory.enumeration import ENUMERATE_MAX_KEYS
+from theory.smoothing import (
+    AUTO_ENUMERATE_MAX_KEYS,
+    METHODS,
+    attention_variance,
+    dropout_attention_variance,
+    dropout_expected_attention,
+    expected_attention,
+    smoothing_coefficients,
+)
+from theory.validation import ALL_DROPPED_CONVENTIONS, ROW_SUM_TOLERANCE
+
+__all__ = [
+    "ALL_DROPPED_CONVENTIONS",
+    "AUTO_ENUMERATE_MAX_KEYS",
+    "ENUMERATE_MAX_KEYS",
+    "METHODS",
+    "ROW_SUM_TOLERANCE",
+    "attention_variance",
+    "dropout_attention_variance",
+    "dropout_expected_attention",
+    "expected_attention",
+    "smoothing_coefficients",
+]
