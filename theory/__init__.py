@@ -5,6 +5,7 @@ Numeric API (the contract other packages call):
 - :func:`expected_attention` -- E[w] under DropKey, exact.
 - :func:`smoothing_coefficients` -- c with E[w] = c * p.
 - :func:`attention_variance` -- Var[w] under DropKey, exact.
+- :func:`sampled_expected_attention` -- the Monte-Carlo check (sampled masks).
 - :func:`dropout_expected_attention`, :func:`dropout_attention_variance` -- the
   same for post-softmax (inverted) attention dropout.
 
@@ -12,6 +13,7 @@ Symbolic derivations live in :mod:`theory.derivations` (imported lazily: sympy i
 """
 
 from theory.enumeration import ENUMERATE_MAX_KEYS
+from theory.sampling import SampledAttention, sampled_expected_attention
 from theory.smoothing import (
     AUTO_ENUMERATE_MAX_KEYS,
     METHODS,
@@ -29,9 +31,11 @@ __all__ = [
     "ENUMERATE_MAX_KEYS",
     "METHODS",
     "ROW_SUM_TOLERANCE",
+    "SampledAttention",
     "attention_variance",
     "dropout_attention_variance",
     "dropout_expected_attention",
     "expected_attention",
+    "sampled_expected_attention",
     "smoothing_coefficients",
 ]

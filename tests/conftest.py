@@ -1,0 +1,41 @@
+"""Shared pytest configuration: hypothesis profiles and the gpu marker's skip rule.
+
+Profiles (select with HYPOTHESIS_PROFILE):
+- ``ci`` (the README's test command): derandomised, so every run tests the same
+  examples, no deadline (shared 2-core machines have noisy timings).
+- ``dev`` (default): random exploration with the usual example count.
+- ``thorough``: 10x the examples, for a manual deep run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    deadline=None,
+    max_examples=60,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", deadline=None, max_examples=60)
+settings.register_profile("thorough", deadline=None, max_examples=600)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` tests where torch sees no CUDA device (they run on a lent GPU machine)."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -1,0 +1,234 @@
+"""The numeric theory API: input validation, shapes, edge cases with closed forms.
+
+Closed forms used as independent references (derived by hand, see each test):
+N = 1, N = 2, uniform rows, first order in r near 0 and in 1 - r near 1,
+and the absent-key (p_j = 0) convention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import theory
+from theory import (
+    ALL_DROPPED_CONVENTIONS,
+    attention_variance,
+    dropout_attention_variance,
+    dropout_expected_attention,
+    expected_attention,
+    smoothing_coefficients,
+)
+
+PUBLIC_ROW_FUNCTIONS = [expected_attention, smoothing_coefficients, attention_variance]
+ROW = np.array([0.6, 0.3, 0.1])
+
+
+# --- input validation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("function", PUBLIC_ROW_FUNCTIONS + [dropout_expected_attention])
+@pytest.mark.parametrize(
+    ("p", "message"),
+    [
+        ([0.5, np.nan, 0.5], "finite"),
+        ([0.5, np.inf, 0.5], "finite"),
+        ([1.2, -0.2], "non-negative"),
+        ([0.5, 0.4], "sum to 1"),
+        ([[0.5, 0.5], [0.9, 0.2]], "row 1 sums"),
+        (np.ones((2, 2, 2)) / 2, "1-D"),
+        (np.float64(1.0), "1-D"),
+        (np.zeros((0,)), "at least one"),
+        (np.array([0.5 + 0j, 0.5]), "real numbers"),
+        (["a", "b"], "real numbers"),
+    ],
+)
+def test_invalid_rows_raise_naming_p(function, p, message):
+    with pytest.raises(ValueError, match=message) as error:
+        function(p, 0.1)
+    assert str(error.value).startswith("p ") or "of p" in str(error.value)
+
+
+@pytest.mark.parametrize("function", PUBLIC_ROW_FUNCTIONS + [dropout_attention_variance])
+@pytest.mark.parametrize("drop_ratio", [1.0, -0.1, 1.5, math.nan, math.inf, True, "0.1", None])
+def test_invalid_drop_ratio_raises_with_range(function, drop_ratio):
+    with pytest.raises(ValueError, match=r"drop_ratio .*\[0, 1\)"):
+        function(ROW, drop_ratio)
+
+
+@pytest.mark.parametrize("function", PUBLIC_ROW_FUNCTIONS)
+def test_unknown_options_raise(function):
+    with pytest.raises(ValueError, match=r"all_dropped must be one of \('zero', 'uniform'"):
+        function(ROW, 0.1, all_dropped="nan")
+    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'enumerate'"):
+        function(ROW, 0.1, method="simpson")
+
+
+def test_enumeration_refuses_long_rows_with_the_limit_in_the_message():
+    row = np.full(theory.ENUMERATE_MAX_KEYS + 1, 1 / (theory.ENUMERATE_MAX_KEYS + 1))
+    with pytest.raises(ValueError, match=f"at most {theory.ENUMERATE_MAX_KEYS} keys"):
+        expected_attention(row, 0.1, method="enumerate")
+
+
+def test_rows_within_the_stated_tolerance_are_accepted():
+    row = np.array([0.5, 0.5 + 0.9 * theory.ROW_SUM_TOLERANCE])
+    assert np.all(np.isfinite(expected_attention(row, 0.2)))
+
+
+# --- shapes and r = 0 -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("function", PUBLIC_ROW_FUNCTIONS)
+def test_batch_of_rows_equals_row_by_row(function):
+    rng = np.random.default_rng(3)
+    batch = rng.dirichlet(np.ones(14), size=5)
+    stacked = function(batch, 0.3)
+    assert stacked.shape == batch.shape
+    for row, result in zip(batch, stacked):
+        np.testing.assert_allclose(function(row, 0.3), result, rtol=1e-13)
+
+
+def test_drop_ratio_zero_returns_p_exactly():
+    rng = np.random.default_rng(4)
+    for n_keys in (1, 5, 40):
+        row = rng.dirichlet(np.ones(n_keys))
+        for convention in ALL_DROPPED_CONVENTIONS:
+            result = expected_attention(row, 0.0, all_dropped=convention)
+            assert np.array_equal(result, row) and result is not row
+            assert np.array_equal(smoothing_coefficients(row, 0.0), np.ones(n_keys))
+            assert np.array_equal(attention_variance(row, 0.0), np.zeros(n_keys))
+
+
+def test_integer_and_list_input_are_accepted():
+    np.testing.assert_array_equal(expected_attention([1], 0.5), [0.5])
+    np.testing.assert_array_equal(expected_attention(np.array([1]), 0.5), [0.5])
+
+
+# --- closed forms -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["enumerate", "integral"])
+def test_single_key(method):
+    # N = 1: the key is kept w.p. 1 - r (weight 1), else the row is all-dropped.
+    for r in (1e-9, 0.3, 0.999):
+        assert expected_attention([1.0], r, method=method)[0] == pytest.approx(1 - r, rel=1e-13)
+        for convention in ("uniform", "undropped"):
+            value = expected_attention([1.0], r, all_dropped=convention, method=method)[0]
+            assert value == pytest.approx(1.0, rel=1e-13)
+
+
+@pytest.mark.parametrize("method", ["enumerate", "integral"])
+def test_two_keys_closed_form(method):
+    # N = 2: w_1 = 1 when only key 1 is kept, p_1 when both are: E = (1-r) r + (1-r)^2 p_1.
+    p = np.array([0.8, 0.2])
+    for r in (0.05, 0.5, 0.95):
+        exact = (1 - r) * r + (1 - r) ** 2 * p
+        np.testing.assert_allclose(expected_attention(p, r, method=method), exact, rtol=1e-13)
+        np.testing.assert_allclose(
+            expected_attention(p, r, all_dropped="uniform", method=method), exact + r**2 / 2, rtol=1e-13
+        )
+        np.testing.assert_allclose(
+            expected_attention(p, r, all_dropped="undropped", method=method), exact + r**2 * p, rtol=1e-13
+        )
+
+
+@pytest.mark.parametrize("n_keys", [3, 10, 197])
+def test_uniform_row_is_uniform(n_keys):
+    # By symmetry every key gets (1 - r^N) / N, and c = 1 - r^N.
+    row = np.full(n_keys, 1 / n_keys)
+    r = 0.4
+    np.testing.assert_allclose(expected_attention(row, r), (1 - r**n_keys) / n_keys, rtol=1e-12)
+    np.testing.assert_allclose(smoothing_coefficients(row, r), 1 - r**n_keys, rtol=1e-12)
+
+
+@pytest.mark.parametrize("n_keys", [4, 30])
+def test_first_order_in_small_drop_ratio(n_keys):
+    # Only single-key drops matter to first order: dropping j gives w_j = 0, dropping
+    # k != j gives p_j / (1 - p_k). So c_j = 1 - N r + r sum_{k != j} 1/(1 - p_k) + O(r^2).
+    rng = np.random.default_rng(5)
+    p = rng.dirichlet(np.ones(n_keys))
+    r = 1e-7
+    first_order = 1 - n_keys * r + r * (np.sum(1 / (1 - p)) - 1 / (1 - p))
+    np.testing.assert_allclose(smoothing_coefficients(p, r), first_order, rtol=0, atol=50 * (n_keys * r) ** 2)
+
+
+@pytest.mark.parametrize("n_keys", [3, 25])
+def test_first_order_in_keep_ratio_near_one(n_keys):
+    # s = 1 - r -> 0: key j alone (prob s r^(N-1)) gives 1, j with one other k gives
+    # p_j / (p_j + p_k): E[w_j] = s + s^2 (sum_{k != j} p_j / (p_j + p_k) - (N - 1)) + O(s^3).
+    rng = np.random.default_rng(6)
+    p = rng.dirichlet(np.ones(n_keys))
+    s = 1e-5
+    pair = p[:, None] / (p[:, None] + p[None, :])
+    second = pair.sum(axis=1) - 0.5 - (n_keys - 1)
+    np.testing.assert_allclose(expected_attention(p, 1 - s), s + s**2 * second, rtol=0, atol=10 * n_keys**3 * s**3)
+
+
+# --- absent keys (p_j = 0) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["enumerate", "integral"])
+def test_absent_keys_get_no_weight_and_do_not_count(method):
+    # [0.5, 0.5, 0, 0] behaves like [0.5, 0.5]; N' = 2 present keys.
+    r = 0.5
+    row = np.array([0.5, 0.5, 0.0, 0.0])
+    np.testing.assert_allclose(expected_attention(row, r, method=method), [0.375, 0.375, 0, 0], rtol=1e-13)
+    uniform = expected_attention(row, r, all_dropped="uniform", method=method)
+    np.testing.assert_allclose(uniform, [0.5, 0.5, 0, 0], rtol=1e-13)
+
+
+def test_absent_key_coefficient_is_the_marginal_coefficient():
+    # For p_j = 0, c_j := (1 - r) E[1/S ; S > 0]. Row [1, 0]: S = b_1, so c = (1 - r)^2.
+    r = 0.3
+    assert smoothing_coefficients([1.0, 0.0], r)[1] == pytest.approx((1 - r) ** 2, rel=1e-12)
+    # It is the slope of E[w_j] as p_j grows from 0, after the jump (1 - r) r^(N'-1).
+    rng = np.random.default_rng(7)
+    others = rng.dirichlet(np.ones(6))
+    eps = 1e-9
+    tiny = np.concatenate([[eps], (1 - eps) * others])
+    jump = (1 - r) * r**6
+    slope = (expected_attention(tiny, r)[0] - jump) / eps
+    marginal = smoothing_coefficients(np.concatenate([[0.0], others]), r)[0]
+    assert slope == pytest.approx(marginal, rel=1e-5)
+
+
+def test_weight_of_a_vanishing_key_tends_to_the_alone_probability():
+    r = 0.6
+    others = np.array([0.7, 0.3])
+    for eps in (1e-6, 1e-12, 1e-200):
+        row = np.concatenate([[eps], (1 - eps) * others])
+        assert expected_attention(row, r)[0] == pytest.approx((1 - r) * r**2, rel=1e-5)
+
+
+# --- post-softmax dropout -------------------------------------------------------------
+
+
+def test_post_softmax_dropout_has_no_first_moment_smoothing():
+    rng = np.random.default_rng(8)
+    p = rng.dirichlet(np.ones(9))
+    np.testing.assert_array_equal(dropout_expected_attention(p, 0.7), p)
+    np.testing.assert_allclose(dropout_attention_variance(p, 0.7), 0.7 / 0.3 * p**2, rtol=1e-15)
+
+
+# --- variance ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("convention", ALL_DROPPED_CONVENTIONS)
+def test_variance_enumerate_equals_integral(convention):
+    rng = np.random.default_rng(9)
+    p = rng.dirichlet(np.ones(8) * 0.5)
+    for r in (0.01, 0.3, 0.9):
+        exact = attention_variance(p, r, all_dropped=convention, method="enumerate")
+        np.testing.assert_allclose(
+            attention_variance(p, r, all_dropped=convention, method="integral"), exact, rtol=1e-9, atol=1e-15
+        )
+
+
+def test_two_key_variance_closed_form():
+    # w_1 in {1 (w.p. (1-r) r), p_1 (w.p. (1-r)^2), 0}: Var = E[w^2] - E[w]^2.
+    p1, r = 0.7, 0.4
+    second = (1 - r) * r + (1 - r) ** 2 * p1**2
+    first = (1 - r) * r + (1 - r) ** 2 * p1
+    assert attention_variance([p1, 1 - p1], r)[0] == pytest.approx(second - first**2, rel=1e-12)

@@ -1,0 +1,141 @@
+"""Property tests of the smoothing theory over random attention rows (hypothesis).
+
+Rows: N from 1 to 64 keys, log-weights spanning up to 30 orders of magnitude,
+ties, and rows with one dominant key; drop ratios in (0, 1).
+
+Numerical tolerance: the exact methods agree to ~1e-13 relative (see the
+benchmark), so inequalities are asserted up to TOL = 1e-11 relative; where a
+strict gap is asserted, it is a *derived lower bound* on the gap, far above TOL.
+The Monte-Carlo test uses a fixed seed per example and 5 standard errors, the
+standard error computed from the exact variance (so rare events such as "only
+key j survives" are accounted for even when the sample misses them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from theory import (
+    ALL_DROPPED_CONVENTIONS,
+    attention_variance,
+    expected_attention,
+    sampled_expected_attention,
+    smoothing_coefficients,
+)
+
+TOL = 1e-11
+
+
+@st.composite
+def attention_rows(draw, min_keys: int = 1, max_keys: int = 64) -> np.ndarray:
+    """A positive attention row: log-weights over many decades, with ties and a dominant key."""
+    n_keys = draw(st.integers(min_keys, max_keys))
+    span = draw(st.sampled_from([1.0, 5.0, 30.0]))  # natural-log range of the weights
+    log_weights = draw(
+        st.lists(st.floats(-span, 0.0, allow_nan=False), min_size=n_keys, max_size=n_keys)
+    )
+    log_weights = np.array(log_weights)
+    if n_keys > 1 and draw(st.booleans()):  # ties: copy some weights onto others
+        copies = draw(st.lists(st.integers(0, n_keys - 1), min_size=2, max_size=n_keys))
+        log_weights[copies] = log_weights[copies[0]]
+    if draw(st.booleans()):  # one dominant key
+        log_weights[draw(st.integers(0, n_keys - 1))] = span + 5.0
+    weights = np.exp(log_weights - log_weights.max())
+    return weights / weights.sum()
+
+
+drop_ratios = st.floats(1e-4, 0.999)
+conventions = st.sampled_from(ALL_DROPPED_CONVENTIONS)
+
+
+def _pairs(p: np.ndarray):
+    """Index arrays (s, t) over all ordered pairs with p_s > p_t, and tied pairs."""
+    s, t = np.nonzero(p[:, None] > p[None, :])
+    ties_s, ties_t = np.nonzero((p[:, None] == p[None, :]) & ~np.eye(p.size, dtype=bool))
+    return (s, t), (ties_s, ties_t)
+
+
+@given(attention_rows(), drop_ratios, conventions)
+def test_coefficients_strictly_decrease_in_p(p, r, convention):
+    """c_t - c_s >= r (1 - r) (p_s - p_t) for p_s > p_t (from the gap identity, since
+    E[1/((p_s + R)(p_t + R))] >= 1), and c_s == c_t for tied weights."""
+    c = smoothing_coefficients(p, r, all_dropped=convention)
+    (s, t), (ties_s, ties_t) = _pairs(p)
+    gap_bound = r * (1 - r) * (p[s] - p[t])
+    assert np.all(c[t] - c[s] >= gap_bound - TOL * np.maximum(c[s], c[t]))
+    np.testing.assert_allclose(c[ties_s], c[ties_t], rtol=TOL)
+
+
+@given(attention_rows(), drop_ratios, conventions)
+def test_order_is_preserved_and_ratios_are_compressed(p, r, convention):
+    """p_s > p_t  =>  E[w_s] >= E[w_t]  and  E[w_s] / E[w_t] <= p_s / p_t."""
+    expected = expected_attention(p, r, all_dropped=convention)
+    (s, t), _ = _pairs(p)
+    assert np.all(expected[s] >= expected[t] * (1 - TOL))
+    assert np.all(expected[s] * p[t] <= expected[t] * p[s] * (1 + TOL))
+
+
+@given(attention_rows(), drop_ratios, conventions)
+def test_normalised_expectation_is_majorised_by_p(p, r, convention):
+    """q = E[w] / sum E[w] is majorised by p: sorted partial sums of q never exceed p's,
+    hence max(q) <= max(p) and entropy(q) >= entropy(p)."""
+    expected = expected_attention(p, r, all_dropped=convention)
+    q = expected / expected.sum()
+    partial_q = np.cumsum(np.sort(q)[::-1])
+    partial_p = np.cumsum(np.sort(p)[::-1])
+    assert np.all(partial_q <= partial_p + TOL)
+    assert q.max() <= p.max() + TOL
+
+    def entropy(x):
+        x = x[x > 0]
+        return -np.sum(x * np.log(x))
+
+    assert entropy(q) >= entropy(p) - TOL * max(1.0, entropy(p))
+
+
+@given(attention_rows(), drop_ratios)
+def test_total_expected_weight(p, r):
+    """sum_j E[w_j] = 1 - r^N (zero), and 1 (uniform, undropped): the row is a convex
+    combination of masks whose all-dropped part carries total weight 0 or 1."""
+    n = p.size
+    zero = expected_attention(p, r, all_dropped="zero").sum()
+    assert abs(zero - (-np.expm1(n * np.log(r)))) <= TOL
+    for convention in ("uniform", "undropped"):
+        total = expected_attention(p, r, all_dropped=convention).sum()
+        assert abs(total - 1.0) <= TOL
+
+
+@given(attention_rows(max_keys=12), drop_ratios, conventions)
+def test_enumeration_equals_integral(p, r, convention):
+    """The two exact methods agree to 1e-10 relative wherever both apply."""
+    enumerated = expected_attention(p, r, all_dropped=convention, method="enumerate")
+    integral = expected_attention(p, r, all_dropped=convention, method="integral")
+    np.testing.assert_allclose(integral, enumerated, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(
+        smoothing_coefficients(p, r, all_dropped=convention, method="integral"),
+        smoothing_coefficients(p, r, all_dropped=convention, method="enumerate"),
+        rtol=1e-10,
+    )
+
+
+@settings(max_examples=25)
+@given(attention_rows(), drop_ratios, conventions, st.integers(0, 2**32 - 1))
+def test_monte_carlo_agrees_within_five_standard_errors(p, r, convention, seed):
+    """Sampled means of 20,000 masks match the exact E[w] within 5 standard errors,
+    SE = sqrt(Var_exact / n) (plus 1e-12 for keys whose weight never varies)."""
+    n_samples = 20_000
+    sampled = sampled_expected_attention(p, r, num_samples=n_samples, seed=seed, all_dropped=convention)
+    exact = expected_attention(p, r, all_dropped=convention)
+    standard_error = np.sqrt(attention_variance(p, r, all_dropped=convention) / n_samples)
+    assert np.all(np.abs(sampled.mean - exact) <= 5 * standard_error + 1e-12)
+
+
+def test_monte_carlo_check_can_fail():
+    """The 5-SE check above rejects a wrong expectation: post-softmax dropout's E[w] = p."""
+    p = np.array([0.7, 0.2, 0.1])
+    r = 0.5
+    sampled = sampled_expected_attention(p, r, num_samples=20_000, seed=1)
+    standard_error = np.sqrt(attention_variance(p, r) / 20_000)
+    assert np.any(np.abs(sampled.mean - p) > 5 * standard_error)

@@ -1,0 +1,83 @@
+"""Symbols, keep masks and small helpers shared by the derivation modules.
+
+Conventions used everywhere: keys are numbered 1..N, ``p_j > 0`` are the softmax
+weights, ``r`` is the drop ratio (0 < r < 1 in every statement; sympy only knows
+r > 0, so signs that need r < 1 are argued with the positive symbol ``keep = 1 - r``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import sympy as sp
+
+#: The drop ratio r (each key is dropped independently with probability r).
+DROP_RATIO = sp.Symbol("r", positive=True)
+#: The variable of the integral representation 1/x = integral_0^oo exp(-t x) dt.
+INTEGRATION_VARIABLE = sp.Symbol("t", positive=True)
+
+ALL_DROPPED_CONVENTIONS = ("zero", "uniform", "undropped")
+
+
+def key_weights(n_keys: int) -> tuple[sp.Symbol, ...]:
+    """Positive symbols p1..pN for the attention weights of one row."""
+    return tuple(sp.symbols(f"p1:{n_keys + 1}", positive=True))
+
+
+def value_vectors(n_keys: int) -> tuple[sp.Symbol, ...]:
+    """Symbols v1..vN standing for the value vectors (only their coefficients matter)."""
+    return tuple(sp.symbols(f"v1:{n_keys + 1}"))
+
+
+def keep_masks(n_keys: int) -> Iterator[tuple[int, ...]]:
+    """All 2^n keep masks as 0/1 tuples (1 = kept)."""
+    return itertools.product((0, 1), repeat=n_keys)
+
+
+def mask_probability(mask: Sequence[int], drop_ratio: sp.Expr = DROP_RATIO) -> sp.Expr:
+    """P(mask) = (1 - r)^kept * r^dropped for independent Bernoulli(1 - r) keeps."""
+    kept = sum(mask)
+    return (1 - drop_ratio) ** kept * drop_ratio ** (len(mask) - kept)
+
+
+def kept_sum(mask: Sequence[int], weights: Sequence[sp.Expr]) -> sp.Expr:
+    """S(mask) = sum of the weights of the kept keys."""
+    return sp.Add(*[w for b, w in zip(mask, weights, strict=True) if b])
+
+
+def all_dropped_term(n_keys: int, weight: sp.Expr, all_dropped: str) -> sp.Expr:
+    """What an all-dropped row (probability r^N) adds to E[w_j] under each convention."""
+    if all_dropped == "zero":
+        return sp.Integer(0)
+    if all_dropped == "uniform":
+        return DROP_RATIO**n_keys / n_keys
+    if all_dropped == "undropped":
+        return DROP_RATIO**n_keys * weight
+    raise ValueError(f"all_dropped must be one of {ALL_DROPPED_CONVENTIONS}, got {all_dropped!r}")
+
+
+def is_zero_rational(expression: sp.Expr) -> bool:
+    """True iff a rational function of the symbols is identically zero (canonical form)."""
+    return sp.cancel(sp.together(sp.expand(expression))) == 0
+
+
+def rng_for(seed: int, key: str) -> np.random.Generator:
+    """A generator for one derivation: independent of the order in which checks run."""
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(key.encode())]))
+
+
+def random_attention_rows(
+    rng: np.random.Generator, n_rows: int, n_keys: int, logit_std: float = 2.0
+) -> np.ndarray:
+    """Softmax rows of Gaussian logits with standard deviation ``logit_std``, (n_rows, n_keys)."""
+    logits = logit_std * rng.standard_normal((n_rows, n_keys))
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def equation(lhs: sp.Expr, rhs: sp.Expr) -> sp.Eq:
+    """An unevaluated sympy equation, for the ``expressions`` of a Derivation."""
+    return sp.Eq(lhs, rhs, evaluate=False)
