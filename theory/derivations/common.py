@@ -59,9 +59,37 @@ def all_dropped_term(n_keys: int, weight: sp.Expr, all_dropped: str) -> sp.Expr:
     raise ValueError(f"all_dropped must be one of {ALL_DROPPED_CONVENTIONS}, got {all_dropped!r}")
 
 
+#: keep = 1 - r as a positive symbol, so sympy can decide signs that need r < 1.
+KEEP_PROBABILITY = sp.Symbol("keep", positive=True)
+
+
+def with_keep_symbol(expression: sp.Expr) -> sp.Expr:
+    """Rewrite the factors (r - 1) and (1 - r) of ``expression`` as -keep and keep (keep = 1 - r > 0)."""
+    factored = sp.factor(expression)
+    return factored.replace(
+        lambda e: isinstance(e, sp.Add) and sp.expand(e - (DROP_RATIO - 1)) == 0, lambda e: -KEEP_PROBABILITY
+    ).replace(lambda e: isinstance(e, sp.Add) and sp.expand(e - (1 - DROP_RATIO)) == 0, lambda e: KEEP_PROBABILITY)
+
+
 def is_zero_rational(expression: sp.Expr) -> bool:
     """True iff a rational function of the symbols is identically zero (canonical form)."""
     return sp.cancel(sp.together(sp.expand(expression))) == 0
+
+
+def cancel_by_denominator(expression: sp.Expr) -> sp.Expr:
+    """Canonical form of a sum of fractions, fast when many terms share denominators.
+
+    Terms are grouped by their denominator and each group is cancelled on its own
+    before the (now few, often polynomial) group results are combined. Equivalent to
+    ``cancel(together(expression))``, which is far slower on mask sums: it multiplies
+    all 2^N subset-sum denominators together first.
+    """
+    groups: dict[sp.Expr, list[sp.Expr]] = {}
+    for term in sp.Add.make_args(sp.expand(expression)):
+        numerator, denominator = sp.fraction(term)
+        groups.setdefault(denominator, []).append(numerator)
+    partial = [sp.cancel(sp.Add(*numerators) / denominator) for denominator, numerators in groups.items()]
+    return sp.cancel(sp.together(sp.Add(*partial)))
 
 
 def rng_for(seed: int, key: str) -> np.random.Generator:
