@@ -35,6 +35,13 @@ def test_atomic_writes_create_parents_and_leave_no_temporaries(tmp_path):
     assert os.listdir(target.parent) == ["result.json"]
 
 
+def test_written_files_follow_the_umask_not_mkstemps_0600(tmp_path):
+    target = write_text_atomic(tmp_path / "shared.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     target = tmp_path / "keep.txt"
     write_text_atomic(target, "old")
