@@ -1,0 +1,179 @@
+"""Build the report: run (or load) the studies, judge every claim, write self-contained HTML pages.
+
+``build_report(out_dir, size="quick", seed=0)`` writes ``index.html`` (the
+claims table), ``theory.html`` and one page per simulation study. Pages are
+rendered only from cached results (see :mod:`reports.studies`), so rebuilding
+from the same cache gives byte-identical files. Pages are written atomically.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dropkey.storage import write_text_atomic
+from reports import claims as registry
+from reports.figures import study_figures
+from reports.html import csv_download, flatten, render, table_html
+from reports.studies import ROOT, STUDIES, THEORY, StudyResult, default_configs, run_studies, study
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE = Path("runs") / "report-cache"
+DEFAULT_RESULTS = ROOT / "results"
+
+
+@dataclass(frozen=True)
+class BuiltReport:
+    """What a build wrote: page name -> path, the verdict of every claim, and which studies were computed."""
+
+    pages: dict[str, Path]
+    verdicts: dict[str, registry.Verdict]
+    computed: tuple[str, ...]  # studies run in this build (the others came from the cache)
+
+
+def page_name(name: str) -> str:
+    return f"{name}.html"
+
+
+def _navigation(results: Mapping[str, StudyResult]) -> list[dict[str, str]]:
+    order = [spec.name for spec in STUDIES + (THEORY,)]
+    return [{"href": page_name(name), "title": study(name).title} for name in order if name in results]
+
+
+def _evidence(results: Mapping[str, StudyResult], results_dir: Path) -> registry.Evidence:
+    simulations = {name: result for name, result in results.items() if name != THEORY.name}
+    derivations = {}
+    if THEORY.name in results:
+        derivations = {record["key"]: record for record in results[THEORY.name].summary["derivations"]}
+    return registry.Evidence(
+        summaries={name: result.summary for name, result in simulations.items()},
+        frames={name: result.frame for name, result in simulations.items()},
+        derivations=derivations,
+        vit=registry.load_vit_measurements(results_dir),
+    )
+
+
+def _claim_rows(evidence: registry.Evidence, results: Mapping[str, StudyResult]) -> list[dict[str, Any]]:
+    rows = []
+    for claim in registry.CLAIMS:
+        links = []
+        for name in claim.measured_by:
+            if name == registry.REAL_VIT:
+                links.append({"href": "", "title": "real ViT results (results/)"})
+            else:
+                links.append({"href": page_name(name) if name in results else "", "title": study(name).title})
+        rows.append({"claim": claim, "verdict": registry.assess(claim, evidence), "links": links})
+    return rows
+
+
+def _study_page(result: StudyResult, claim_rows: list[dict[str, Any]], nav: list[dict[str, str]]) -> str:
+    name = result.study.name
+    figures = []
+    for figure in study_figures(name, result.frame, result.summary):
+        download = csv_download(figure.data, f"{name}-{figure.slug}.csv", figure.title)
+        figures.append(
+            {"slug": figure.slug, "title": figure.title, "caption": figure.caption, "markup": figure.markup, "download": download}
+        )
+    module = importlib.import_module(result.study.module)
+    return render(
+        "study.html.j2",
+        page_title=result.study.title,
+        nav=nav,
+        name=name,
+        title=result.study.title,
+        description=(module.__doc__ or "").strip(),
+        claims=[row for row in claim_rows if name in row["claim"].measured_by],
+        figures=figures,
+        summary_rows=flatten(result.summary),
+        downloads=[csv_download(result.frame, f"{name}-results.csv", "every row of the study")],
+        head_table=table_html(result.frame, max_rows=20),
+        config=result.config,
+        provenance=result.provenance,
+        folder=result.folder.as_posix(),
+    )
+
+
+def _theory_page(result: StudyResult, nav: list[dict[str, str]]) -> str:
+    return render(
+        "theory.html.j2",
+        page_title=THEORY.title,
+        nav=nav,
+        seed=result.config["config"]["seed"],
+        derivations=result.summary["derivations"],
+        downloads=[csv_download(result.frame, "theory-derivations.csv", "status of every derivation")],
+        provenance=result.provenance,
+    )
+
+
+def _index_page(
+    claim_rows: list[dict[str, Any]], results: Mapping[str, StudyResult], nav, size: str, seed: int, vit_found: bool
+) -> str:
+    counts = Counter(row["verdict"].status for row in claim_rows)
+    studies = [
+        {
+            "href": page_name(name),
+            "title": results[name].study.title,
+            "folder": results[name].folder.name,
+            "commit": results[name].provenance.get("git_commit", "unknown"),
+        }
+        for name in sorted(results)
+    ]
+    return render(
+        "index.html.j2",
+        page_title="Claims",
+        nav=nav,
+        size=size,
+        seed=seed,
+        claims=claim_rows,
+        counts=[(status, counts.get(status, 0)) for status in registry.STATUSES],
+        studies=studies,
+        vit_results=f"results/{registry.VIT_RESULTS[0]}",
+        vit_note="found." if vit_found else "not present yet, so those claims are 'not yet measured'.",
+    )
+
+
+def build_report(
+    out_dir: str | Path,
+    *,
+    size: str = "quick",
+    seed: int = 0,
+    only: Sequence[str] | None = None,
+    configs: Mapping[str, Any] | None = None,
+    cache_dir: str | Path = DEFAULT_CACHE,
+    results_dir: str | Path = DEFAULT_RESULTS,
+    progress: bool = False,
+    command: Sequence[str] | None = None,
+) -> BuiltReport:
+    """Write the report into ``out_dir``; return what was written and the verdicts.
+
+    ``configs`` (study name -> config) overrides the quick/full configs (tests
+    use tiny ones); ``only`` restricts the studies run and rendered; claims whose
+    studies are not in this build are 'not yet measured'.
+    """
+    out = Path(out_dir)
+    chosen = dict(configs) if configs is not None else default_configs(size, seed, only)
+    if only:
+        chosen = {name: config for name, config in chosen.items() if name in set(only)}
+    results = run_studies(chosen, Path(cache_dir), progress=progress, command=command)
+    evidence = _evidence(results, Path(results_dir))
+    claim_rows = _claim_rows(evidence, results)
+    nav = _navigation(results)
+    pages: dict[str, str] = {}
+    for name, result in sorted(results.items()):
+        pages[page_name(name)] = _theory_page(result, nav) if name == THEORY.name else _study_page(result, claim_rows, nav)
+    pages["index.html"] = _index_page(claim_rows, results, nav, size, seed, bool(evidence.vit))
+    written = {}
+    for filename, text in sorted(pages.items()):
+        written[filename] = write_text_atomic(out / filename, text)
+        log.info("wrote %s (%d bytes)", out / filename, len(text.encode()))
+    return BuiltReport(
+        pages=written,
+        verdicts={row["claim"].id: row["verdict"] for row in claim_rows},
+        computed=tuple(name for name, result in sorted(results.items()) if not result.from_cache),
+    )
