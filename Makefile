@@ -1,5 +1,5 @@
 # Two entry points for a fresh clone (see README):
-#   make run    installs into .venv and runs the main job
+#   make run    installs into .venv, verifies the theory and writes the HTML report to report/
 #   make test   installs into .venv and runs the fast test suite
 # torch is pinned to 2.13.0: on our machines that is a local CPU build; an unpinned
 # torch would pull gigabytes of CUDA wheels.
@@ -22,6 +22,7 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/dropkey-lab theory
+	$(BIN)/dropkey-lab report --quick --out report
 
 test: $(STAMP)
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest

@@ -57,6 +57,57 @@ def _command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_train(args: argparse.Namespace) -> int:
+    """Train one ViT per the flags; files go to --out (see dropkey.train)."""
+    from dropkey.data import DataError
+    from dropkey.train import TrainConfig, TrainingDiverged, train
+
+    try:
+        ratios = [float(r) for r in str(args.drop_ratio).split(",")]
+    except ValueError:
+        print(f"dropkey-lab train: error: --drop-ratio must be a number or comma-separated numbers, got {args.drop_ratio!r}", file=sys.stderr)
+        return 2
+    try:
+        config = _train_config(TrainConfig, args, ratios)
+    except ValueError as error:
+        print(f"dropkey-lab train: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        result = train(config, resume=args.resume, command=["dropkey-lab"] + list(sys.argv[1:]))
+    except (FileExistsError, DataError, TrainingDiverged, ValueError) as error:
+        print(f"dropkey-lab train: error: {error}", file=sys.stderr)
+        return 1
+    return _train_summary(config, result)
+
+
+def _train_config(TrainConfig, args: argparse.Namespace, ratios: list[float]):  # noqa: N803
+    return TrainConfig(
+        dataset=args.dataset, data_dir=args.data_dir, train_subset=args.train_subset, model=args.model,
+        attn_variant=args.variant, drop_ratio=ratios[0] if len(ratios) == 1 else tuple(ratios),
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+        grad_clip=args.grad_clip if args.grad_clip > 0 else None, precision=args.precision,
+        compile=args.compile, seed=args.seed, out_dir=str(args.out), diagnostics_every=args.diagnostics_every,
+        device=args.device, progress=not args.no_progress, verify_data=not args.no_verify,
+    )
+
+
+def _train_summary(config, result) -> int:
+    if result.rank != 0:  # under torchrun only rank 0 reports
+        return 0
+    if result.metrics.empty:
+        print("no epochs run")
+        return 0
+    last = result.metrics.iloc[-1]
+    print(
+        f"epoch {int(last['epoch'])}/{config.epochs}: train loss {last['train_loss']:.4f}, "
+        f"test loss {last['test_loss']:.4f}, test accuracy {last['test_acc']:.4f}, "
+        f"{last['images_per_s']:.0f} images/s"
+    )
+    print(f"run folder: {result.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dropkey-lab",
@@ -84,6 +135,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache", type=Path, default=Path("runs") / "report-cache", help="study cache (default runs/report-cache/)"
     )
     report.set_defaults(handler=_command_report)
+
+    # choices are checked by TrainConfig (importing torch here would slow every subcommand)
+    tr = commands.add_parser("train", help="train a small ViT (DropKey or a rival) and write metrics")
+    tr.add_argument("--dataset", default="digits", help="digits, fashion_mnist or cifar10 (default digits)")
+    tr.add_argument("--data-dir", default=None, help="data folder (default $DROPKEY_DATA, else ../shared/data)")
+    tr.add_argument("--train-subset", type=int, default=None, help="class-balanced subset of N training images")
+    tr.add_argument("--model", default="vit_tiny_8", help="a named model of dropkey.models (default vit_tiny_8)")
+    tr.add_argument("--variant", default="dropkey", help="attention regulariser: none, dropout, dropattention, dropkey, dropkey_block, dropkey_cross (default dropkey)")
+    tr.add_argument("--drop-ratio", default="0.1", help="drop ratio, or one per block comma-separated (default 0.1)")
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--min-lr", type=float, default=0.0)
+    tr.add_argument("--weight-decay", type=float, default=0.05)
+    tr.add_argument("--warmup-epochs", type=float, default=1.0)
+    tr.add_argument("--label-smoothing", type=float, default=0.1)
+    tr.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = no clipping")
+    tr.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", type=Path, default=Path("runs") / "train", help="run folder (default runs/train)")
+    tr.add_argument("--resume", action="store_true", help="continue the checkpoint in --out bit-exactly")
+    tr.add_argument("--diagnostics-every", type=int, default=1, help="epochs between diagnostics (0 = never)")
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tr.add_argument("--no-verify", action="store_true", help="skip the data checksums")
+    tr.set_defaults(handler=_command_train)
     return parser
 
 

@@ -84,6 +84,13 @@ STUDIES: tuple[Study, ...] = (
         "TrainTestMismatchConfig",
         ("simulations/train_test_mismatch.py",) + _SIMULATION_SOURCES,
     ),
+    Study(
+        "structured_masks",
+        "Structured masks: DropKey-Block and DropKey-Cross coefficients",
+        "simulations.structured_masks",
+        "StructuredMasksConfig",
+        ("simulations/structured_masks.py", "dropkey/masks.py") + _SIMULATION_SOURCES,
+    ),
 )
 THEORY = Study("theory", "Symbolic derivations", "theory.derivations", "", ("theory",))
 STUDY_NAMES = tuple(study.name for study in STUDIES) + (THEORY.name,)

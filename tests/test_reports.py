@@ -25,6 +25,7 @@ from reports.build import build_report
 from reports.studies import COMPLETE_MARKER, STUDY_NAMES, cache_folder, study
 from simulations.coefficients import CoefficientsConfig
 from simulations.gradient_damping import GradientDampingConfig
+from simulations.structured_masks import StructuredMasksConfig
 from simulations.toy_optimisation import ToyOptimisationConfig
 from simulations.train_test_mismatch import TrainTestMismatchConfig
 from theory.derivations import CHECKS, Derivation
@@ -60,6 +61,9 @@ def tiny_configs(with_theory: bool = True) -> dict:
         ),
         "train_test_mismatch": TrainTestMismatchConfig(
             ns=(4, 8), drop_ratios=(0.1, 0.5), shapes=("peaked", "vit_like"), n_problems=20, ks=(1, 4, 16)
+        ),
+        "structured_masks": StructuredMasksConfig(
+            grids=((4, 4),), drop_ratios=(0.3,), rows_per_shape=2, num_samples=300
         ),
     }
     if with_theory:

@@ -1,0 +1,295 @@
+"""DropKeyAttention: a drop-in for timm's ``Attention`` with DropKey and its rivals.
+
+Shape contract and parameter names are those of ``timm.models.vision_transformer.Attention``:
+x (B, N, C) -> (B, N, C); ``qkv`` (Linear C -> 3C), ``proj`` (Linear C -> C),
+``proj_drop``; attributes ``num_heads``, ``head_dim``, ``scale``. A timm
+Attention state_dict (``qkv.weight``, ``qkv.bias``, ``proj.weight``,
+``proj.bias``) loads as is. The attention regulariser is picked by ``variant``:
+
+- ``"none"``           plain attention;
+- ``"dropout"``        post-softmax attention dropout, w = b p / (1 - r) (timm's ``attn_drop``);
+- ``"dropattention"``  keys dropped before the softmax, one mask per (batch, head) shared by
+                       all queries, renormalised by the softmax;
+- ``"dropkey"``        keys dropped before the softmax independently per (batch, head, query)
+                       (Li et al., CVPR 2023), renormalised, no 1/(1 - r) rescale;
+- ``"dropkey_block"``  DropKey with square windows of side ``block_side`` on the patch grid;
+- ``"dropkey_cross"``  DropKey with plus-shaped regions of arm ``cross_arm`` on the patch grid.
+
+The regulariser acts in training mode only; eval mode is plain attention.
+All-dropped rows follow ``all_dropped`` (THEORY-NOTES section 1).
+
+Two paths compute the same thing:
+
+- fast (fused): the :mod:`dropkey.functional` kernels; weights are never materialised;
+- reference: logits = (q * scale) @ k^T -> keep mask -> masked softmax (or post-softmax
+  dropout) -> optional Re-attention mixing -> maps @ v, with every intermediate exposed.
+
+The reference path runs when weights are needed: ``forward(x, return_weights=True)``,
+``record_weights=True``, Re-attention, or ``fused_attn=False``. Both paths draw the keep
+mask from the same generator in the same way, so with equal generator states they agree.
+
+Observing the reference path. Three ``nn.Identity`` probes sit on it; forward hooks
+on them (see :mod:`dropkey.diagnostics`) see the tensors without changing them:
+
+- ``logits_probe``   logits (B, H, N, N) before masking (register a tensor hook on the
+                     hook's output for dL/dlogits);
+- ``weights_probe``  post-softmax weights (B, H, N, N), after the drop, before Re-attention;
+- ``maps_probe``     the maps (B, H, N, N) that multiply V (after Re-attention if any).
+
+The probes hold no parameters, so the state_dict keys stay timm's.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dropkey import functional, masks
+from dropkey.reattention import REATTENTION_FORMS, REATTENTION_INITS, build_reattention
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("none", "dropout", "dropattention", "dropkey", "dropkey_block", "dropkey_cross")
+GRID_VARIANTS = ("dropkey_block", "dropkey_cross")
+
+
+def _check_int(value: object, *, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_ratio(value: object, *, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number in [0, 1), got {value!r}")
+    ratio = float(value)
+    if not 0.0 <= ratio < 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must be in [0, 1), got {ratio!r}")
+    return ratio
+
+
+def _check_option(value: object, allowed: tuple[str, ...], *, name: str) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _check_generator(generator: object) -> torch.Generator | int | None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, bool) or not isinstance(generator, numbers.Integral):
+        raise ValueError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")
+    return int(generator)
+
+
+class DropKeyAttention(nn.Module):
+    """Multi-head self-attention with a pluggable attention regulariser (see the module doc)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        drop_ratio: float = 0.0,
+        proj_drop: float = 0.0,
+        *,
+        variant: str = "dropkey",
+        all_dropped: str = "uniform",
+        backend: str = "auto",
+        reattention: str | None = None,
+        reattention_init: str = "default",
+        grid: tuple[int, int] | None = None,
+        num_prefix_tokens: int = 1,
+        block_side: int = 3,
+        cross_arm: int = 1,
+        record_weights: bool = False,
+        fused_attn: bool = True,
+        proj_bias: bool = True,
+        generator: torch.Generator | int | None = None,
+    ) -> None:
+        super().__init__()
+        dim = _check_int(dim, name="dim", minimum=1)
+        num_heads = _check_int(num_heads, name="num_heads", minimum=1)
+        if dim % num_heads != 0:
+            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+        self.variant = _check_option(variant, VARIANTS, name="variant")
+        self.drop_ratio = _check_ratio(drop_ratio, name="drop_ratio")
+        if self.variant == "none" and self.drop_ratio > 0.0:
+            raise ValueError(f"drop_ratio must be 0 for variant='none', got {self.drop_ratio!r}")
+        self.all_dropped = _check_option(
+            all_dropped, tuple(functional.ALL_DROPPED_CONVENTIONS), name="all_dropped"
+        )
+        self.backend = _check_option(backend, tuple(functional.BACKENDS), name="backend")
+        if reattention is not None:
+            _check_option(reattention, REATTENTION_FORMS, name="reattention")
+        _check_option(reattention_init, REATTENTION_INITS, name="reattention_init")
+        self.num_prefix_tokens = _check_int(num_prefix_tokens, name="num_prefix_tokens", minimum=0)
+        self.block_side = _check_int(block_side, name="block_side", minimum=1)
+        self.cross_arm = _check_int(cross_arm, name="cross_arm", minimum=1)
+        if grid is not None:
+            if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+                raise ValueError(f"grid must be a pair (rows, cols) of integers >= 1, got {grid!r}")
+            grid = (_check_int(grid[0], name="grid[0]", minimum=1), _check_int(grid[1], name="grid[1]", minimum=1))
+        if self.variant in GRID_VARIANTS and grid is None:
+            raise ValueError(f"variant={self.variant!r} needs grid=(rows, cols) of the patch tokens")
+        self.grid = grid
+
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = bool(fused_attn)
+        self.record_weights = bool(record_weights)
+        self.set_generator(generator)
+        self.last_weights: Tensor | None = None  # maps of the last forward, if record_weights
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.logits_probe = nn.Identity()  # (B, H, N, N) logits, reference path only
+        self.weights_probe = nn.Identity()  # (B, H, N, N) post-softmax weights after the drop
+        self.reattention = (
+            None if reattention is None else build_reattention(reattention, num_heads, init=reattention_init)
+        )
+        self.maps_probe = nn.Identity()  # (B, H, N, N) maps that multiply V
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(_check_ratio(proj_drop, name="proj_drop"))
+
+    # --- configuration --------------------------------------------------------------
+
+    def set_drop_ratio(self, drop_ratio: float) -> None:
+        """Change the drop ratio (e.g. 0 to fine-tune the last epochs without the regulariser)."""
+        ratio = _check_ratio(drop_ratio, name="drop_ratio")
+        if self.variant == "none" and ratio > 0.0:
+            raise ValueError(f"drop_ratio must be 0 for variant='none', got {ratio!r}")
+        self.drop_ratio = ratio
+
+    def set_generator(self, generator: torch.Generator | int | None) -> None:
+        """Draw this module's masks from ``generator``; None = the global RNG.
+
+        An int seed gives the module its own stream (not a fixed mask): a generator
+        seeded with it is created on the device of the first input (and re-created,
+        reseeded, if the module later sees inputs on another device).
+        """
+        generator = _check_generator(generator)
+        self._seed = generator if isinstance(generator, int) else None
+        self.generator = generator if isinstance(generator, torch.Generator) else None
+
+    def _generator_for(self, device: torch.device) -> torch.Generator | None:
+        if self._seed is not None and (self.generator is None or self.generator.device != device):
+            if self.generator is not None:
+                log.info("mask generator moved to %s and reseeded with %d", device, self._seed)
+            self.generator = torch.Generator(device=device).manual_seed(self._seed)
+        return self.generator
+
+    @property
+    def regularising(self) -> bool:
+        """True when the next forward applies the regulariser (training mode, r > 0)."""
+        return self.training and self.drop_ratio > 0.0 and self.variant != "none"
+
+    @property
+    def uses_reference_path(self) -> bool:
+        """True when a plain forward materialises weights (so the probes see them)."""
+        return not self.fused_attn or self.record_weights or self.reattention is not None
+
+    def extra_repr(self) -> str:
+        text = f"num_heads={self.num_heads}, head_dim={self.head_dim}, variant={self.variant!r}, "
+        text += f"drop_ratio={self.drop_ratio}, all_dropped={self.all_dropped!r}"
+        if self.variant in GRID_VARIANTS:
+            text += f", grid={self.grid}, num_prefix_tokens={self.num_prefix_tokens}"
+        return text
+
+    # --- masks ----------------------------------------------------------------------
+
+    def keep_mask(self, shape: tuple[int, ...], device: torch.device | None = None) -> Tensor:
+        """Draw this variant's keep mask (bool, True = kept) for logits of ``shape`` (..., N, N).
+
+        Independent (dropkey, dropout): (..., N, N); dropattention: (..., 1, N);
+        block/cross: as :mod:`dropkey.masks` returns them (broadcastable to ``shape``).
+        """
+        device = torch.device("cpu") if device is None else torch.device(device)
+        r, gen = self.drop_ratio, self._generator_for(device)
+        if self.variant in ("dropkey", "dropout"):
+            return masks.dropkey_keep_mask(shape, r, generator=gen, device=device)
+        if self.variant == "dropattention":
+            return masks.dropattention_keep_mask(shape, r, generator=gen, device=device)
+        if self.variant in GRID_VARIANTS:
+            expected = self.num_prefix_tokens + self.grid[0] * self.grid[1]
+            if shape[-1] != expected:
+                raise ValueError(
+                    f"{self.variant} expects {expected} tokens ({self.num_prefix_tokens} prefix + "
+                    f"grid {self.grid}), got {shape[-1]}"
+                )
+            if self.variant == "dropkey_block":
+                return masks.block_keep_mask(
+                    shape, r, grid=self.grid, num_prefix_tokens=self.num_prefix_tokens,
+                    side=self.block_side, generator=gen, device=device,
+                )
+            return masks.cross_keep_mask(
+                shape, r, grid=self.grid, num_prefix_tokens=self.num_prefix_tokens,
+                arm=self.cross_arm, generator=gen, device=device,
+            )
+        raise ValueError(f"variant {self.variant!r} has no keep mask")
+
+    # --- attention on per-head tensors ----------------------------------------------
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, *, need_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """q, k (B, H, N, D), v (B, H, N, Dv) -> (output (B, H, N, Dv), maps (B, H, N, N) or None)."""
+        if need_weights or self.uses_reference_path:
+            return self._reference_attention(q, k, v)
+        return self._fused_attention(q, k, v), None
+
+    def _fused_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if not self.regularising:
+            if self.backend == "auto":
+                # timm's fused call verbatim (default scale == self.scale): matches timm bit for bit
+                return F.scaled_dot_product_attention(q, k, v)
+            return functional.plain_attention(q, k, v, scale=self.scale, backend=self.backend)
+        if self.variant == "dropkey":
+            return functional.dropkey_attention(
+                q, k, v, self.drop_ratio, training=True, all_dropped=self.all_dropped,
+                generator=self._generator_for(q.device), backend=self.backend, scale=self.scale,
+            )
+        if self.variant == "dropout":
+            return functional.post_softmax_dropout_attention(
+                q, k, v, self.drop_ratio, training=True, generator=self._generator_for(q.device), scale=self.scale
+            )
+        keep = self.keep_mask(tuple(q.shape[:-1]) + (k.shape[-2],), device=q.device)
+        return functional.attention_from_keep_mask(
+            q, k, v, keep, all_dropped=self.all_dropped, scale=self.scale, backend=self.backend
+        )
+
+    def _reference_attention(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N), timm's order of operations
+        logits = self.logits_probe(logits)
+        if not self.regularising:
+            weights = logits.softmax(dim=-1)
+        elif self.variant == "dropout":  # timm's attn_drop, same mask as the fused path
+            drop = self.keep_mask(tuple(logits.shape), device=logits.device).logical_not_()
+            weights = (logits.softmax(dim=-1) / (1.0 - self.drop_ratio)).masked_fill(drop, 0.0)
+        else:
+            keep = self.keep_mask(tuple(logits.shape), device=logits.device)
+            weights = functional.masked_softmax(logits, keep, all_dropped=self.all_dropped)
+        weights = self.weights_probe(weights)
+        maps = weights if self.reattention is None else self.reattention(weights)
+        maps = self.maps_probe(maps)
+        if self.record_weights:
+            self.last_weights = maps.detach()
+        return maps @ v, maps
+
+    # --- module forward ---------------------------------------------------------------
+
+    def forward(self, x: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """x (B, N, C) -> (B, N, C); with ``return_weights`` also the maps (B, H, N, N)."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, D)
+        out, maps = self.attend(q, k, v, need_weights=return_weights)
+        out = out.transpose(1, 2).reshape(B, N, C)
+        out = self.proj_drop(self.proj(out))
+        if return_weights:
+            return out, maps
+        return out

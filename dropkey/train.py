@@ -1,0 +1,801 @@
+"""Training pipeline: one frozen :class:`TrainConfig` per run, bit-exact resume, DDP, tidy metrics.
+
+>>> from dropkey.train import TrainConfig, train           # doctest: +SKIP
+>>> result = train(TrainConfig(dataset="digits", model="vit_tiny_8", epochs=5, out_dir="runs/x"))
+>>> result.metrics[["epoch", "train_loss", "test_acc"]]
+
+What a run does:
+
+- data from :mod:`dropkey.data` (optionally a seeded class-balanced ``train_subset``),
+  augmented on the fly with :mod:`dropkey.augment` (random crop with padding and/or
+  horizontal flip; dataset defaults: CIFAR-10 pad 4 + flip, Fashion-MNIST pad 2,
+  digits none), normalised with the training split's per-channel mean and std;
+- AdamW (no weight decay on biases, norms, position embedding and class token), learning
+  rate per step: linear warmup over ``warmup_epochs`` then cosine decay to ``min_lr``;
+  label smoothing; gradient clipping by global norm; autocast (``precision``: "auto" is
+  fp32 on CPU, bf16 on CUDA where supported, else fp16 with a GradScaler); optional
+  ``torch.compile``;
+- after every epoch: evaluation on the test split, the per-epoch metrics row, every
+  ``diagnostics_every`` epochs the attention diagnostics of
+  :class:`dropkey.diagnostics.AttentionRecorder` on a fixed batch of test images (the
+  first ``diagnostics_batch``; the model copied into a ``fused_attn=False`` twin in eval
+  mode, loss backpropagated for the gradient metrics; no random numbers are drawn, so
+  diagnostics never change the training run), then a checkpoint, written atomically.
+
+Run folder (``out_dir``): ``config.json``, ``provenance.json``, ``metrics.csv`` (one row per
+epoch), ``diagnostics.csv`` (tidy: epoch, layer, module, head, metric, value, count,
+other_layer; ``metric == "similarity"`` rows are DeepViT's cross-layer similarity between
+``layer`` and ``other_layer``), ``checkpoint.pt``.
+
+Randomness: every stream is derived from ``seed`` with ``numpy.random.SeedSequence`` (model
+init, data order, augmentation, subset, DropKey masks, the global torch RNG used by
+dropout / drop path); the checkpoint stores all of them (torch CPU and CUDA, numpy,
+python ``random``, the data-order and augmentation generators, every attention module's
+mask generator), for every rank, so ``resume=True`` continues bit-exactly. A run seeds the
+process's global RNGs (torch, numpy, ``random``): callers that need theirs untouched can wrap
+the call in ``torch.random.fork_rng()``. The LR
+schedule depends on the total ``epochs``, so a resumed run must have the same config
+(only ``progress`` may differ); anything else is a ValueError.
+
+Distributed: launched with ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) or inside
+an initialised process group, the model is wrapped in DDP; each epoch's permutation (same on
+every rank) is sharded by hand (rank r takes positions r, r + W, ...; the remainder is
+dropped so every rank runs the same number of steps); ``batch_size`` is the global batch
+(must be divisible by the world size); metrics are all-reduced; only rank 0 writes files
+and shows progress. :func:`launch_local` runs W processes on this machine without torchrun.
+
+Library code logs (``logging``) and never prints; the CLI configures logging.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import logging
+import math
+import numbers
+import os
+import random
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dropkey import augment as aug
+from dropkey import data as datasets
+from dropkey.diagnostics import AttentionRecorder
+from dropkey.models import MODEL_CONFIGS, VisionTransformer, ViTConfig
+from dropkey.modules import VARIANTS, DropKeyAttention
+from dropkey.provenance import provenance
+from dropkey.storage import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+CHECKPOINT = "checkpoint.pt"
+RESUME_MUTABLE = ("progress",)  # config fields that may differ between a run and its resumption
+METRIC_COLUMNS = (
+    "epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+    "images_per_s", "epoch_time_s", "wall_time_s",
+)
+DIAGNOSTIC_COLUMNS = ("epoch", "layer", "module", "head", "metric", "value", "count", "other_layer")
+_DATASET_AUGMENT = {"cifar10": (4, True), "fashion_mnist": (2, False), "digits": (0, False)}
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss (or the gradient norm) became NaN or infinite."""
+
+
+def _freeze(value: object) -> object:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    return value
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run; validated on construction (ValueError names the field)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    train_subset: int | None = None  # seeded class-balanced subset of the training split
+    model: str = "vit_tiny_8"
+    attn_variant: str | tuple[str, ...] = "dropkey"
+    drop_ratio: float | tuple[float, ...] = 0.1  # one ratio or one per block (a schedule)
+    model_overrides: tuple[tuple[str, object], ...] = ()  # further ViTConfig fields, (name, value) pairs
+    epochs: int = 10
+    batch_size: int = 64  # global batch (all ranks together)
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 1.0  # max global gradient norm; None = no clipping
+    crop_padding: int | None = None  # None: the dataset's default
+    flip: bool | None = None  # None: the dataset's default
+    precision: str = "auto"
+    compile: bool = False
+    seed: int = 0
+    out_dir: str = "runs/train"
+    diagnostics_every: int = 1  # epochs between diagnostics (0 = never); the last epoch always
+    diagnostics_batch: int = 64
+    eval_batch_size: int = 500
+    device: str = "auto"
+    progress: bool = True
+    verify_data: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("attn_variant", "drop_ratio"):
+            object.__setattr__(self, name, _freeze(getattr(self, name)))
+        object.__setattr__(self, "model_overrides", _freeze(dict(self.model_overrides)))
+        object.__setattr__(self, "out_dir", str(self.out_dir))
+        if self.data_dir is not None:
+            object.__setattr__(self, "data_dir", str(self.data_dir))
+        if self.dataset not in datasets.DATASET_NAMES:
+            raise ValueError(f"dataset must be one of {datasets.DATASET_NAMES}, got {self.dataset!r}")
+        if self.model not in MODEL_CONFIGS:
+            raise ValueError(f"model must be one of {sorted(MODEL_CONFIGS)}, got {self.model!r}")
+        variants = (self.attn_variant,) if isinstance(self.attn_variant, str) else self.attn_variant
+        for variant in variants:
+            if variant not in VARIANTS:
+                raise ValueError(f"attn_variant must be one of {VARIANTS}, got {variant!r}")
+        ratios = (self.drop_ratio,) if not isinstance(self.drop_ratio, tuple) else self.drop_ratio
+        for i, ratio in enumerate(ratios):
+            label = "drop_ratio" if not isinstance(self.drop_ratio, tuple) else f"drop_ratio[{i}]"
+            _check_real(ratio, label, 0.0, 1.0, high_open=True)
+        for name, minimum in (("epochs", 1), ("batch_size", 1), ("diagnostics_batch", 1), ("eval_batch_size", 1),
+                              ("diagnostics_every", 0)):
+            _check_int(getattr(self, name), name, minimum)
+        _check_int(self.seed, "seed", 0)
+        if self.train_subset is not None:
+            _check_int(self.train_subset, "train_subset", 1)
+        if self.crop_padding is not None:
+            _check_int(self.crop_padding, "crop_padding", 0)
+        if self.flip is not None and not isinstance(self.flip, bool):
+            raise ValueError(f"flip must be a bool or None, got {self.flip!r}")
+        _check_real(self.lr, "lr", 0.0, math.inf, low_open=True)
+        _check_real(self.min_lr, "min_lr", 0.0, self.lr)
+        _check_real(self.weight_decay, "weight_decay", 0.0, math.inf)
+        _check_real(self.warmup_epochs, "warmup_epochs", 0.0, float(self.epochs))
+        _check_real(self.label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
+        if self.grad_clip is not None:
+            _check_real(self.grad_clip, "grad_clip", 0.0, math.inf, low_open=True)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
+        for name in ("compile", "progress", "verify_data"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        self.model_config()  # model overrides validated by ViTConfig
+
+    def model_config(self) -> ViTConfig:
+        """The ViTConfig this run trains (named config + variant, drop ratio and overrides)."""
+        overrides = dict(self.model_overrides)
+        fields = {f.name for f in dataclasses.fields(ViTConfig)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"model_overrides has unknown ViTConfig fields {unknown}; allowed: {sorted(fields)}")
+        overrides.setdefault("attn_variant", self.attn_variant)
+        overrides.setdefault("drop_ratio", self.drop_ratio)
+        info = datasets.DATASETS[self.dataset]
+        config = dataclasses.replace(MODEL_CONFIGS[self.model], **overrides)
+        if (config.in_chans, config.image_size, config.image_size) != info.shape or config.num_classes != info.num_classes:
+            raise ValueError(
+                f"model {self.model!r} takes {config.in_chans}x{config.image_size}x{config.image_size} images and "
+                f"{config.num_classes} classes; dataset {self.dataset!r} has {info.shape} and {info.num_classes}"
+            )
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["model_overrides"] = {k: v for k, v in self.model_overrides}
+        return out
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> TrainConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in payload.items() if k in fields})
+
+
+def _check_int(value: object, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_real(value: object, name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    if ok:
+        v = float(value)
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the per-epoch metrics, the diagnostics rows and the trained model."""
+
+    metrics: pd.DataFrame
+    diagnostics: pd.DataFrame
+    model: VisionTransformer
+    out_dir: Path
+    rank: int = 0  # this process's rank (0 when not distributed)
+
+
+def _write_file(path: Path, payload: bytes) -> None:
+    """Every file a run writes goes through here (rank 0 only)."""
+    write_bytes_atomic(path, payload)
+
+
+def _frame_bytes(frame: pd.DataFrame) -> bytes:
+    return frame.to_csv(index=False, lineterminator="\n").encode("utf-8")
+
+
+def _child_seeds(seed: int, rank: int) -> dict[str, int]:
+    names = ("init", "subset", "order", "augment", "masks", "torch")
+    shared = np.random.SeedSequence(seed).spawn(len(names))
+    seeds = {name: int(s.generate_state(1, np.uint32)[0]) for name, s in zip(names, shared)}
+    if rank:  # per-rank streams for what must differ between ranks
+        per_rank = np.random.SeedSequence([seed, rank]).spawn(3)
+        for name, s in zip(("augment", "masks", "torch"), per_rank):
+            seeds[name] = int(s.generate_state(1, np.uint32)[0])
+    return seeds
+
+
+def _resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if config.device == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(config.device)
+
+
+def _resolve_precision(config: TrainConfig, device: torch.device) -> str:
+    if config.precision != "auto":
+        if device.type == "cpu" and config.precision == "fp16":
+            raise ValueError("precision 'fp16' needs CUDA; on CPU use 'bf16' or 'fp32'")
+        return config.precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"  # bf16 autocast rarely pays off on CPU; opt in with precision='bf16'
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or name in ("pos_embed", "cls_token") or name.endswith(".bias"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """LR multiplier at optimiser step ``step`` (0-based): linear warmup, then cosine to ``min_ratio``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _dist_info() -> tuple[bool, int, int, int]:
+    """(distributed, rank, world size, local rank); initialises the group under torchrun."""
+    if not dist.is_available():
+        return False, 0, 1, 0
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        log.info("initialised process group (%s), rank %d of %d", backend, dist.get_rank(), dist.get_world_size())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return True, dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return False, 0, 1, 0
+
+
+def _all_reduce(values: Sequence[float], device: torch.device, distributed: bool) -> list[float]:
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _mask_modules(model: nn.Module) -> list[DropKeyAttention]:
+    return [m for m in model.modules() if isinstance(m, DropKeyAttention)]
+
+
+def _rng_state(order_gen: torch.Generator, augment_gen: torch.Generator, model: nn.Module) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch_cpu": torch.get_rng_state(),
+        "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+        "order": order_gen.get_state(),
+        "augment": augment_gen.get_state(),
+        "masks": [None if m.generator is None else m.generator.get_state() for m in _mask_modules(model)],
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any], order_gen: torch.Generator, augment_gen: torch.Generator,
+                   model: nn.Module, device: torch.device) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if state["torch_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    order_gen.set_state(state["order"])
+    augment_gen.set_state(state["augment"])
+    modules = _mask_modules(model)
+    if len(modules) != len(state["masks"]):
+        raise ValueError(f"checkpoint has {len(state['masks'])} mask generators, the model {len(modules)}")
+    for module, gen_state in zip(modules, state["masks"]):
+        if gen_state is not None:
+            module._generator_for(device).set_state(gen_state)
+
+
+# --- the trainer ----------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run (see the module doc); :func:`train` is the usual entry point."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        resume: bool = False,
+        callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+        command: Sequence[str] | None = None,
+        stop_after_epoch: int | None = None,
+    ) -> None:
+        if not isinstance(config, TrainConfig):
+            raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.config = config
+        self.resume = bool(resume)
+        self.callbacks = list(callbacks)
+        if stop_after_epoch is not None:
+            _check_int(stop_after_epoch, "stop_after_epoch", 1)
+        self.stop_after_epoch = stop_after_epoch
+        self.command = list(command) if command is not None else list(sys.argv)
+        self.out_dir = Path(config.out_dir)
+        self.distributed, self.rank, self.world_size, local_rank = _dist_info()
+        self.is_main = self.rank == 0
+        self.device = _resolve_device(config, local_rank)
+        self.precision = _resolve_precision(config, self.device)
+        if config.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size must be divisible by the world size {self.world_size}, got {config.batch_size}"
+            )
+        self.local_batch = config.batch_size // self.world_size
+        self.seeds = _child_seeds(config.seed, self.rank)
+        self._setup()
+
+    # setup
+
+    def _setup(self) -> None:
+        c = self.config
+        options = {"verify": c.verify_data} if c.dataset != "digits" else {}
+        train_set = datasets.load_dataset(c.dataset, "train", c.data_dir, **options)
+        test_set = datasets.load_dataset(c.dataset, "test", c.data_dir, **options)
+        self.mean, self.std = datasets.channel_stats(train_set.images)
+        if c.train_subset is not None:
+            if c.train_subset > len(train_set):
+                raise ValueError(f"train_subset must be in [1, {len(train_set)}], got {c.train_subset}")
+            index = datasets.balanced_subset_indices(
+                train_set.labels, c.train_subset, seed=self.seeds["subset"], num_classes=train_set.info.num_classes
+            )
+            train_set = train_set.subset(index)
+        self.train_set, self.test_set = train_set, test_set
+        self.steps_per_epoch = len(train_set) // self.world_size // self.local_batch
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"batch_size {c.batch_size} exceeds the {len(train_set)} training images (at least one full step needed)"
+            )
+        self.total_steps = self.steps_per_epoch * c.epochs
+        self.warmup_steps = int(round(c.warmup_epochs * self.steps_per_epoch))
+
+        padding, flip = _DATASET_AUGMENT[c.dataset]
+        padding = padding if c.crop_padding is None else c.crop_padding
+        flip = flip if c.flip is None else c.flip
+        self.augmentation = aug.standard_augmentation(train_set.info.shape[-1], crop_padding=padding, flip=flip)
+        self.normalize = aug.Normalize(self.mean, self.std)
+
+        self.model_config = dataclasses.replace(c.model_config(), mask_seed=self.seeds["masks"]) \
+            if dict(c.model_overrides).get("mask_seed") is None else c.model_config()
+        torch.manual_seed(self.seeds["init"])
+        self.model = VisionTransformer(self.model_config).to(self.device)
+        # diagnostics twin: reference path, weights copied in before each use
+        self.diag_model = VisionTransformer(dataclasses.replace(self.model_config, fused_attn=False)).to(self.device)
+        torch.manual_seed(self.seeds["torch"])
+        np.random.seed(self.seeds["torch"])
+        random.seed(self.seeds["torch"])
+        self.order_gen = torch.Generator().manual_seed(self.seeds["order"])
+        self.augment_gen = torch.Generator().manual_seed(self.seeds["augment"])
+
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, c.weight_decay), lr=c.lr, betas=(0.9, 0.999))
+        min_ratio = c.min_lr / c.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: lr_factor(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, min_ratio=min_ratio),
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.net: nn.Module = self.model
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True)
+        if c.compile:
+            self.net = torch.compile(self.net)
+        self.start_epoch = 0
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.diagnostics: list[dict[str, Any]] = []
+        self.elapsed = 0.0
+        images = self.test_set.images[: c.diagnostics_batch]
+        self.diag_images = self.normalize(images).to(self.device)
+        self.diag_labels = self.test_set.labels[: c.diagnostics_batch].to(self.device)
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+    def _gather(self, obj: object) -> list[object]:
+        if not self.distributed:
+            return [obj]
+        gathered: list[object] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def save_checkpoint(self, epochs_done: int) -> None:
+        rng = self._gather(_rng_state(self.order_gen, self.augment_gen, self.model))
+        if not self.is_main:
+            return
+        state = {
+            "format": 1,
+            "config": self.config.to_dict(),
+            "epochs_done": epochs_done,
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+            "history": self.history,
+            "diagnostics": self.diagnostics,
+            "world_size": self.world_size,
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _write_file(self.checkpoint_path, buffer.getvalue())
+
+    def load_checkpoint(self) -> bool:
+        """Restore the run from ``out_dir/checkpoint.pt``; False if there is none."""
+        if not self.checkpoint_path.is_file():
+            return False
+        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        saved = TrainConfig.from_dict(state["config"]).to_dict()
+        mine = self.config.to_dict()
+        differ = sorted(k for k in mine if k not in RESUME_MUTABLE and _freeze(saved.get(k)) != _freeze(mine[k]))
+        if differ:
+            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in differ)
+            raise ValueError(
+                f"cannot resume {self.checkpoint_path}: config differs in {differ} ({details}). The LR "
+                "schedule and data streams depend on the whole config; start a new out_dir instead."
+            )
+        if state["world_size"] != self.world_size:
+            raise ValueError(
+                f"cannot resume {self.checkpoint_path}: saved with world size {state['world_size']}, now {self.world_size}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"][self.rank], self.order_gen, self.augment_gen, self.model, self.device)
+        self.start_epoch = int(state["epochs_done"])
+        self.step = int(state["step"])
+        self.elapsed = float(state["elapsed"])
+        self.history = list(state["history"])
+        self.diagnostics = list(state["diagnostics"])
+        log.info("resumed %s after epoch %d (step %d)", self.checkpoint_path, self.start_epoch, self.step)
+        return True
+
+    # one epoch
+
+    def _epoch_indices(self) -> Tensor:
+        perm = torch.randperm(len(self.train_set), generator=self.order_gen)
+        usable = self.steps_per_epoch * self.local_batch * self.world_size
+        return perm[:usable][self.rank :: self.world_size]  # hand-made DistributedSampler
+
+    def _forward_loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        with self._autocast():
+            logits = self.net(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config.label_smoothing)
+        return loss, logits
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        with warnings.catch_warnings():
+            # DDP warns once when a gradient's strides differ from its bucket's only in a size-1
+            # dimension (the 1-channel patch convolution's weight): same memory layout, harmless.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            return self._train_epoch_inner(epoch)
+
+    def _train_epoch_inner(self, epoch: int) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        self.net.train()
+        indices = self._epoch_indices()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
+        started = time.perf_counter()
+        bar = tqdm(
+            range(self.steps_per_epoch), desc=f"epoch {epoch + 1}/{c.epochs}", leave=False,
+            disable=not (c.progress and self.is_main), unit="step",
+        )
+        for i in bar:
+            batch = indices[i * self.local_batch : (i + 1) * self.local_batch]
+            images = self.augmentation(self.train_set.images[batch], self.augment_gen)
+            images = self.normalize(images).to(self.device, non_blocking=True)
+            labels = self.train_set.labels[batch].to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss, logits = self._forward_loss(images, labels)
+            finite = torch.isfinite(loss.detach()).item()  # the loss is float32 even under autocast
+            if self.distributed:  # every rank must stop together (a lone raise would hang the others)
+                finite = _all_reduce([float(not finite)], self.device, True)[0] == 0.0
+            if not finite:
+                self._diverged(epoch, i, f"loss {loss.item()}")
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            max_norm = c.grad_clip if c.grad_clip is not None else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if not self.scaler.is_enabled() and not torch.isfinite(grad_norm).item():
+                self._diverged(epoch, i, f"gradient norm {grad_norm.item()}")  # synced: same on all ranks
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            with torch.no_grad():
+                n = labels.numel()
+                sums += torch.tensor([loss.detach().double().item() * n, (logits.argmax(-1) == labels).sum().item(), n],
+                                     dtype=torch.float64)
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        seconds = time.perf_counter() - started
+        loss_sum, correct, count = _all_reduce(sums.tolist(), self.device, self.distributed)
+        return {
+            "train_loss": loss_sum / count, "train_acc": correct / count,
+            "images_per_s": count / seconds, "train_time_s": seconds,
+        }
+
+    def _diverged(self, epoch: int, step_in_epoch: int, what: str) -> None:
+        raise TrainingDiverged(
+            f"training diverged: {what} at epoch {epoch + 1}, step {step_in_epoch + 1} (global step {self.step + 1}), "
+            f"lr {self.scheduler.get_last_lr()[0]:.3g}; lower lr, enable grad_clip or check the data. "
+            f"The last good checkpoint is {self.checkpoint_path}"
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Test loss (no label smoothing) and accuracy, all-reduced over ranks."""
+        self.model.eval()
+        n = len(self.test_set)
+        shard = range(self.rank, n, self.world_size)
+        index = torch.tensor(list(shard), dtype=torch.int64)
+        sums = [0.0, 0.0, 0.0]
+        for start in range(0, index.numel(), self.config.eval_batch_size):
+            batch = index[start : start + self.config.eval_batch_size]
+            images = self.normalize(self.test_set.images[batch]).to(self.device)
+            labels = self.test_set.labels[batch].to(self.device)
+            with self._autocast():
+                logits = self.model(images).float()
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+            sums[1] += (logits.argmax(-1) == labels).sum().item()
+            sums[2] += labels.numel()
+        loss_sum, correct, count = _all_reduce(sums, self.device, self.distributed)
+        return {"test_loss": loss_sum / count, "test_acc": correct / count}
+
+    def collect_diagnostics(self, epoch: int) -> list[dict[str, Any]]:
+        """Attention diagnostics on the fixed batch (eval mode, reference path, no RNG drawn)."""
+        model = self.diag_model
+        model.load_state_dict(self.model.state_dict())
+        model.eval()
+        with AttentionRecorder(model, store_maps=True) as recorder, torch.enable_grad():
+            logits = model(self.diag_images)
+            F.cross_entropy(logits.float(), self.diag_labels).backward()
+        model.zero_grad(set_to_none=True)
+        rows = [dict(row, epoch=epoch, other_layer=None) for row in recorder.to_frame().to_dict("records")]
+        modules = [name for name, _ in recorder.layers]
+        for row in recorder.similarity_frame(pairs="adjacent").to_dict("records"):
+            rows.append({
+                "epoch": epoch, "layer": int(row["block_a"]), "module": modules[int(row["block_a"])],
+                "head": int(row["head"]), "metric": "similarity", "value": float(row["value"]),
+                "count": int(self.diag_images.shape[0]), "other_layer": int(row["block_b"]),
+            })
+        return rows
+
+    # outputs
+
+    def metrics_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.history, columns=list(METRIC_COLUMNS))
+
+    def diagnostics_frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.diagnostics, columns=list(DIAGNOSTIC_COLUMNS))
+        frame["other_layer"] = frame["other_layer"].astype("Int64")
+        return frame
+
+    def _write_run_files(self) -> None:
+        if not self.is_main:
+            return
+        payload = {
+            "train": self.config.to_dict(),
+            "model": dataclasses.asdict(self.model_config),
+            "resolved": {
+                "device": str(self.device), "precision": self.precision, "world_size": self.world_size,
+                "steps_per_epoch": self.steps_per_epoch, "warmup_steps": self.warmup_steps,
+                "train_images": len(self.train_set), "test_images": len(self.test_set),
+                "normalize_mean": self.mean, "normalize_std": self.std,
+                "augmentation": repr(self.augmentation), "seeds": self.seeds,
+            },
+        }
+        _write_file(self.out_dir / "config.json", (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+        record = provenance(self.config.seed, self.command)
+        record["resumed_from_epoch"] = self.start_epoch  # 0: a fresh run
+        _write_file(self.out_dir / "provenance.json", (json.dumps(record, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+    def _write_tables(self) -> None:
+        if self.is_main:
+            _write_file(self.out_dir / "metrics.csv", _frame_bytes(self.metrics_frame()))
+            _write_file(self.out_dir / "diagnostics.csv", _frame_bytes(self.diagnostics_frame()))
+
+    # the loop
+
+    def run(self) -> TrainResult:
+        c = self.config
+        if self.resume:
+            if not self.load_checkpoint():
+                log.info("no checkpoint in %s; starting from scratch", self.out_dir)
+        elif self.checkpoint_path.exists():
+            raise FileExistsError(
+                f"{self.checkpoint_path} exists; pass resume=True (--resume) to continue it, or choose another out_dir"
+            )
+        self._write_run_files()
+        for epoch in range(self.start_epoch, c.epochs):
+            started = time.perf_counter()
+            row: dict[str, Any] = {"epoch": epoch + 1}
+            row.update(self._train_epoch(epoch))
+            row.update(self.evaluate())
+            if c.diagnostics_every and ((epoch + 1) % c.diagnostics_every == 0 or epoch + 1 == c.epochs):
+                if self.is_main:
+                    self.diagnostics.extend(self.collect_diagnostics(epoch + 1))
+            epoch_time = time.perf_counter() - started
+            self.elapsed += epoch_time
+            row.update(step=self.step, lr=self.scheduler.get_last_lr()[0], epoch_time_s=epoch_time, wall_time_s=self.elapsed)
+            row.pop("train_time_s")
+            self.history.append({k: row[k] for k in METRIC_COLUMNS})
+            self.save_checkpoint(epoch + 1)
+            self._write_tables()
+            log.info(
+                "epoch %d/%d: train loss %.4f acc %.4f | test loss %.4f acc %.4f | %.0f img/s | lr %.3g",
+                epoch + 1, c.epochs, row["train_loss"], row["train_acc"], row["test_loss"], row["test_acc"],
+                row["images_per_s"], row["lr"],
+            )
+            for callback in self.callbacks:
+                callback(epoch + 1, dict(row))
+            if self.stop_after_epoch is not None and epoch + 1 >= self.stop_after_epoch and epoch + 1 < c.epochs:
+                log.info("stopping after epoch %d as asked; continue with resume=True", epoch + 1)
+                break
+        if self.start_epoch >= c.epochs:
+            self._write_tables()
+        return TrainResult(self.metrics_frame(), self.diagnostics_frame(), self.model, self.out_dir, self.rank)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+    command: Sequence[str] | None = None,
+    stop_after_epoch: int | None = None,
+) -> TrainResult:
+    """Train per ``config``; ``resume=True`` continues ``out_dir/checkpoint.pt`` bit-exactly.
+
+    ``callbacks`` are called after each epoch's checkpoint as ``callback(epoch, metrics_row)``;
+    an exception there stops the run (the checkpoint of that epoch is kept).
+    ``stop_after_epoch=k`` ends this call after epoch k (checkpointed; the schedule is still the
+    one of ``config.epochs``), e.g. to split a run into time-limited jobs.
+    """
+    return Trainer(
+        config, resume=resume, callbacks=callbacks, command=command, stop_after_epoch=stop_after_epoch
+    ).run()
+
+
+# --- local multi-process launch (no torchrun) ------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _local_worker(rank: int, world_size: int, port: int, backend: str, config: TrainConfig,
+                  resume: bool, report_dir: str | None, stop_after_epoch: int | None) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    written: list[str] = []
+    global _write_file
+    original = _write_file
+
+    def recording_write(path: Path, payload: bytes) -> None:
+        written.append(str(path))
+        original(path, payload)
+
+    _write_file = recording_write
+    dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    try:
+        result = train(config, resume=resume, command=["launch_local", str(world_size)],
+                       stop_after_epoch=stop_after_epoch)
+        if report_dir is not None:
+            report = Path(report_dir)
+            report.mkdir(parents=True, exist_ok=True)
+            buffer = io.BytesIO()
+            torch.save({"state": result.model.state_dict(), "written": written,
+                        "metrics": result.metrics.to_dict("list")}, buffer)
+            write_bytes_atomic(report / f"rank{rank}.pt", buffer.getvalue())
+    finally:
+        _write_file = original
+        dist.destroy_process_group()
+
+
+def launch_local(config: TrainConfig, world_size: int = 2, *, backend: str = "gloo", resume: bool = False,
+                 report_dir: str | os.PathLike[str] | None = None, stop_after_epoch: int | None = None) -> None:
+    """Run ``config`` on ``world_size`` local processes (DDP on 127.0.0.1), without torchrun.
+
+    With ``report_dir`` each rank saves ``rank{r}.pt`` there: its final weights, the files it
+    wrote and its metrics (used by the tests to check that ranks agree and only rank 0 writes).
+    """
+    import torch.multiprocessing as mp
+
+    _check_int(world_size, "world_size", 1)
+    mp.spawn(
+        _local_worker, args=(world_size, _free_port(), backend, copy.deepcopy(config), resume,
+                             None if report_dir is None else str(report_dir), stop_after_epoch),
+        nprocs=world_size, join=True,
+    )

@@ -1,0 +1,416 @@
+"""Tests of dropkey.functional: exactness, agreement of backends, distribution, dtypes, validation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import theory
+from dropkey import functional as fn
+from dropkey.masks import dropattention_keep_mask, dropkey_keep_mask
+
+BACKENDS = ("reference", "sdpa", "fused", "auto")
+FAST_BACKENDS = ("sdpa", "fused", "auto")
+CONVENTIONS = fn.ALL_DROPPED_CONVENTIONS
+
+
+def _qkv(batch=(2, 3), nq=5, nk=4, d=8, dv=6, dtype=torch.float64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*batch, nq, d, generator=g).to(dtype)
+    k = torch.randn(*batch, nk, d, generator=g).to(dtype)
+    v = torch.randn(*batch, nk, dv, generator=g).to(dtype)
+    return tuple(t.requires_grad_(requires_grad) for t in (q, k, v))
+
+
+def _grads(out, inputs):
+    weight = torch.linspace(-1.0, 1.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return torch.autograd.grad((out * weight).sum(), inputs)
+
+
+# --------------------------------------------------------------------------- same mask -> same output
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("nq,nk,r", [(5, 4, 0.6), (3, 2, 0.8), (17, 17, 0.1), (6, 9, 0.3)])
+def test_backend_matches_reference_on_the_same_mask(backend, convention, nq, nk, r):
+    """dropkey_attention(seed) of every backend == reference attention on dropkey_keep_mask(seed): values and grads."""
+    q, k, v = _qkv(nq=nq, nk=nk, requires_grad=True)
+    out = fn.dropkey_attention(q, k, v, r, all_dropped=convention, generator=7, backend=backend)
+    keep = dropkey_keep_mask((2, 3, nq, nk), r, generator=7)
+    ref = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_logits", [1, 50, 1 << 30])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_fused_chunking_is_exact(monkeypatch, chunk_logits, dtype, convention):
+    """The fused backend's chunking (one slice per chunk, a few, all at once) changes nothing: values and grads."""
+    q, k, v = _qkv(batch=(3, 4), nq=3, nk=2, dtype=dtype, requires_grad=True, seed=2)
+    keep = dropkey_keep_mask((3, 4, 3, 2), 0.7, generator=8)
+    assert (~keep.any(-1)).sum() >= 3  # all-dropped rows in several chunks
+    monkeypatch.setattr(fn, "_FUSED_CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(fn, "_FUSED_MIN_CHUNK_LOGITS", chunk_logits)
+    out = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="fused")
+    ref = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="reference")
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out, ref, **tol)
+    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("chunk_logits", [1, 50, 1 << 30])
+@pytest.mark.parametrize("nq,nk,r", [(3, 3, 0.7), (2, 2, 0.9), (5, 4, 0.05), (1, 7, 0.5)])
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_fused_streamed_mask_is_the_reference_mask(monkeypatch, chunk_logits, nq, nk, r, convention):
+    """dropkey_attention(fused) draws its mask chunk by chunk and keeps it bit-packed; whatever the
+    chunking (byte-unaligned Nq * Nk included) it uses exactly dropkey_keep_mask(seed): values and grads."""
+    monkeypatch.setattr(fn, "_FUSED_CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(fn, "_FUSED_MIN_CHUNK_LOGITS", chunk_logits)
+    q, k, v = _qkv(batch=(5, 3), nq=nq, nk=nk, requires_grad=True, seed=4)
+    out = fn.dropkey_attention(q, k, v, r, all_dropped=convention, generator=21, backend="fused")
+    keep = dropkey_keep_mask((5, 3, nq, nk), r, generator=21)
+    ref = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_logits", [1, 40, 100, 1 << 30])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_permuted_qkv_like_timm(monkeypatch, chunk_logits, backend):
+    """q, k, v as timm makes them (a permuted view of one qkv tensor, not flattenable): every chunking
+    (within a batch entry, whole batch entries, all at once) agrees with the reference on contiguous copies."""
+    monkeypatch.setattr(fn, "_FUSED_CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(fn, "_FUSED_MIN_CHUNK_LOGITS", chunk_logits)
+    batch, tokens, heads, dim = 3, 5, 4, 6
+    x = torch.randn(batch, tokens, 3 * heads * dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x.requires_grad_(True)
+    q, k, v = x.reshape(batch, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    out = fn.dropkey_attention(q, k, v, 0.5, generator=3, backend=backend, all_dropped="undropped")
+    ref = fn.dropkey_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), 0.5, generator=3, backend="reference", all_dropped="undropped"
+    )
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    (got,) = torch.autograd.grad((out.transpose(1, 2) * weight.transpose(1, 2)).sum(), x)
+    (want,) = torch.autograd.grad((ref * weight).sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_non_finite_inputs_are_not_hidden():
+    """A NaN logit from a non-finite input stays NaN (only truly all-dropped rows are rewritten)."""
+    q, k, v = _qkv(nq=3, nk=3)
+    q = q.clone()
+    q[0, 0, 1, 0] = float("nan")
+    keep = torch.ones(3, 3, dtype=torch.bool)
+    for backend in ("reference", "fused"):
+        out = fn.attention_from_keep_mask(q, k, v, keep, all_dropped="zero", backend=backend)
+        assert torch.isnan(out[0, 0, 1]).all() and torch.isfinite(out[0, 0, 0]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("keep_shape", ["full", "shared_queries", "unbatched"])
+def test_attention_from_keep_mask_backends_agree(backend, convention, keep_shape):
+    """Every backend of attention_from_keep_mask equals the reference, for broadcast masks too; keep is untouched."""
+    q, k, v = _qkv(nq=4, nk=3, requires_grad=True, seed=1)
+    if keep_shape == "full":
+        keep = dropkey_keep_mask((2, 3, 4, 3), 0.6, generator=3)
+    elif keep_shape == "shared_queries":
+        keep = dropattention_keep_mask((2, 3, 4, 3), 0.6, generator=3)
+    else:
+        keep = dropkey_keep_mask((4, 3), 0.6, generator=3)
+    keep[..., 0, :] = False  # at least one all-dropped row
+    before = keep.clone()
+    out = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend=backend)
+    ref = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="reference")
+    assert torch.equal(keep, before)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_all_dropped_rows_follow_the_convention():
+    q, k, v = _qkv(nq=2, nk=3)
+    keep = torch.tensor([[False, False, False], [True, False, True]])
+    plain = fn.plain_attention(q, k, v, backend="reference")
+    for backend in BACKENDS:
+        zero = fn.attention_from_keep_mask(q, k, v, keep, all_dropped="zero", backend=backend)
+        uniform = fn.attention_from_keep_mask(q, k, v, keep, all_dropped="uniform", backend=backend)
+        undropped = fn.attention_from_keep_mask(q, k, v, keep, all_dropped="undropped", backend=backend)
+        assert torch.equal(zero[..., 0, :], torch.zeros_like(zero[..., 0, :]))
+        torch.testing.assert_close(uniform[..., 0, :], v.mean(dim=-2))
+        torch.testing.assert_close(undropped[..., 0, :], plain[..., 0, :])
+        torch.testing.assert_close(zero[..., 1, :], uniform[..., 1, :])
+
+
+# --------------------------------------------------------------------------- same distribution as the theory
+
+
+def _empirical_weights(backend, convention, n, r, samples, seed):
+    """Empirical weights: v = eye(N) so the output row is the weight row. Returns (p, weights (S, Nq, N))."""
+    g = torch.Generator().manual_seed(100 + n)
+    nq = 3
+    q = torch.randn(1, nq, 4, generator=g, dtype=torch.float64) * 1.5
+    k = torch.randn(1, n, 4, generator=g, dtype=torch.float64) * 1.5
+    v = torch.eye(n, dtype=torch.float64).unsqueeze(0)
+    p = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1)[0].numpy()
+    qs, ks, vs = (t.expand(samples, *t.shape[1:]) for t in (q, k, v))
+    w = fn.dropkey_attention(qs, ks, vs, r, all_dropped=convention, generator=seed, backend=backend)
+    return p, w.numpy()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("n,r", [(2, 0.5), (3, 0.7), (4, 0.4), (8, 0.1), (8, 0.9)])
+def test_expected_weights_match_theory(backend, convention, n, r):
+    """Empirical E[w] over 20000 masks matches theory.expected_attention within 5 standard errors.
+
+    v = I_N makes each output row the weight row. The standard error of each mean is
+    sqrt(Var[w_j] / S) with the exact variance theory.attention_variance (floor 1e-9).
+    Small N with large r makes all-dropped rows frequent (r^N up to 0.34), so the
+    convention matters. Seeds are fixed, so the test is deterministic.
+    """
+    samples = 20000
+    p, w = _empirical_weights(backend, convention, n, r, samples, seed=n * 1000 + int(r * 100))
+    expected = theory.expected_attention(p, r, all_dropped=convention)
+    se = np.sqrt(theory.attention_variance(p, r, all_dropped=convention) / samples)
+    deviation = np.abs(w.mean(axis=0) - expected)
+    assert np.all(deviation <= 5 * se + 1e-9), (deviation / np.maximum(se, 1e-12)).max()
+    if convention != "zero":
+        np.testing.assert_allclose(w.sum(axis=-1), 1.0, atol=1e-12)
+
+
+def test_post_softmax_dropout_is_unbiased_and_plain_in_eval():
+    """timm's attn_drop: E[w] = p (within 5 SE with Var = p^2 r/(1-r)); eval = reference plain path."""
+    samples, n, r = 20000, 5, 0.3
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 2, 4, generator=g, dtype=torch.float64)
+    k = torch.randn(1, n, 4, generator=g, dtype=torch.float64)
+    v = torch.eye(n, dtype=torch.float64).unsqueeze(0)
+    p = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1)[0].numpy()
+    qs, ks, vs = (t.expand(samples, *t.shape[1:]) for t in (q, k, v))
+    w = fn.post_softmax_dropout_attention(qs, ks, vs, r, generator=11).numpy()
+    se = np.sqrt(p**2 * r / (1 - r) / samples)
+    assert np.all(np.abs(w.mean(axis=0) - p) <= 5 * se)
+    assert set(np.unique(np.round(w / p / (1 / (1 - r)), 9))) <= {0.0, 1.0}
+    for training, ratio in ((False, r), (True, 0.0)):
+        out = fn.post_softmax_dropout_attention(q, k, v, ratio, training=training)
+        assert torch.equal(out, fn.plain_attention(q, k, v, backend="reference"))
+
+
+# --------------------------------------------------------------------------- eval / r = 0 exactness
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_eval_and_zero_ratio_are_exactly_plain_attention(backend, dtype):
+    q, k, v = _qkv(batch=(2, 2), nq=7, nk=9, d=16, dv=16, dtype=dtype)
+    plain = fn.plain_attention(q, k, v, backend=backend)
+    assert torch.equal(fn.dropkey_attention(q, k, v, 0.5, training=False, backend=backend), plain)
+    assert torch.equal(fn.dropkey_attention(q, k, v, 0.0, training=True, backend=backend), plain)
+    if backend == "reference":
+        weights = torch.softmax((q @ k.transpose(-2, -1) * 0.25).float(), dim=-1).to(dtype)
+        assert torch.equal(plain, weights @ v)
+    else:
+        assert torch.equal(plain, F.scaled_dot_product_attention(q, k, v))
+
+
+# --------------------------------------------------------------------------- finiteness
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_no_nan_at_high_ratio_small_n(backend, convention, dtype):
+    """r = 0.9, N = 2: 81% of rows all-dropped; output and grads finite in every dtype."""
+    q, k, v = _qkv(batch=(64, 2), nq=2, nk=2, d=8, dv=8, dtype=dtype, requires_grad=True, seed=3)
+    out = fn.dropkey_attention(q, k, v, 0.9, all_dropped=convention, generator=0, backend=backend)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    assert all(torch.isfinite(grad).all() for grad in grads)
+    if dtype != torch.float32:  # agrees with the float32 computation on the same mask
+        q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+        out32 = fn.dropkey_attention(q32, k32, v32, 0.9, all_dropped=convention, generator=0, backend=backend)
+        torch.testing.assert_close(out.float(), out32, rtol=0.05, atol=0.05)
+
+
+def test_masked_softmax_rows_and_dtypes():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [-4.0, 0.0, 4.0]])
+    keep = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])
+    p = torch.softmax(logits, -1)
+    for convention, dead in (("zero", torch.zeros(3)), ("uniform", torch.full((3,), 1 / 3)), ("undropped", p[1])):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            w = fn.masked_softmax(logits.to(dtype), keep, all_dropped=convention)
+            assert w.dtype == dtype and torch.isfinite(w).all()
+            tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-6
+            torch.testing.assert_close(w[1].float(), dead.float(), rtol=tol, atol=tol)
+            torch.testing.assert_close(w[0].float(), torch.tensor([p[0, 0], 0, p[0, 2]]) / (p[0, 0] + p[0, 2]), rtol=tol, atol=tol)
+            torch.testing.assert_close(w[2].float(), p[2], rtol=tol, atol=tol)
+    assert torch.equal(fn.masked_softmax(logits, None), p)
+    x = logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((fn.masked_softmax(x, keep, all_dropped="zero") * torch.arange(3.0)).sum(), x)
+    assert torch.all(grad[~keep] == 0) and torch.isfinite(grad).all()
+
+
+def test_paper_two_line_code_is_nan_in_float16_and_ours_is_not():
+    """-1e12 overflows to -inf in float16, so an all-dropped row is softmax(-inf, ..., -inf) = NaN."""
+    q, k, v = _qkv(batch=(16,), nq=2, nk=2, dtype=torch.float16)
+    assert torch.isnan(fn.paper_dropkey_attention(q, k, v, 0.9, generator=0)).any()
+    for backend in BACKENDS:
+        assert torch.isfinite(fn.dropkey_attention(q, k, v, 0.9, generator=0, backend=backend)).all()
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reproducible_with_seed_and_generator(backend):
+    q, k, v = _qkv(nq=6, nk=6)
+    a = fn.dropkey_attention(q, k, v, 0.3, generator=1, backend=backend)
+    b = fn.dropkey_attention(q, k, v, 0.3, generator=1, backend=backend)
+    c = fn.dropkey_attention(q, k, v, 0.3, generator=2, backend=backend)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    first = [fn.dropkey_attention(q, k, v, 0.3, generator=g1, backend=backend) for _ in range(2)]
+    second = [fn.dropkey_attention(q, k, v, 0.3, generator=g2, backend=backend) for _ in range(2)]
+    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    assert not torch.equal(first[0], first[1])
+    torch.manual_seed(4)
+    d = fn.dropkey_attention(q, k, v, 0.3, backend=backend)
+    torch.manual_seed(4)
+    assert torch.equal(d, fn.dropkey_attention(q, k, v, 0.3, backend=backend))
+
+
+def test_large_mask_uses_bounded_chunks(monkeypatch):
+    """Chunked sampling (forced with a tiny chunk) gives the same distribution and the same seed-determinism."""
+    import dropkey.masks as masks
+
+    monkeypatch.setattr(masks, "_CHUNK", 97)
+    monkeypatch.setattr(masks, "_MIN_CHUNK", 97)
+    q, k, v = _qkv(batch=(8, 4), nq=16, nk=16)
+    for r in (0.05, 0.3, 0.95):
+        out = fn.dropkey_attention(q, k, v, r, generator=5)
+        torch.testing.assert_close(out, fn.dropkey_attention(q, k, v, r, generator=5, backend="reference"))
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def _compiled_matches_eager(compile_backend):
+    torch._dynamo.reset()
+    q, k, v = _qkv(batch=(2, 2), nq=5, nk=5, dtype=torch.float32, requires_grad=True)
+
+    def step(q, k, v):
+        return fn.dropkey_attention(q, k, v, 0.3, generator=3, backend="fused", all_dropped="zero")
+
+    compiled = torch.compile(step, backend=compile_backend)
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, step(q, k, v))
+    got = torch.autograd.grad(out.square().sum(), (q, k, v))
+    want = torch.autograd.grad(step(q, k, v).square().sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_torch_compile_aot_eager():
+    _compiled_matches_eager("aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_inductor():
+    _compiled_matches_eager("inductor")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), float("inf"), "0.1", None, True])
+def test_invalid_drop_ratio(bad):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"drop_ratio.*\[0, 1\)"):
+        fn.dropkey_attention(q, k, v, bad)
+    with pytest.raises(ValueError, match=r"drop_ratio.*\[0, 1\)"):
+        fn.post_softmax_dropout_attention(q, k, v, bad)
+
+
+def test_invalid_arguments_raise_value_errors():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="all_dropped"):
+        fn.dropkey_attention(q, k, v, 0.1, all_dropped="nan")
+    with pytest.raises(ValueError, match="backend"):
+        fn.dropkey_attention(q, k, v, 0.1, backend="triton-please")
+    with pytest.raises(ValueError, match="floating"):
+        fn.dropkey_attention(q.long(), k.long(), v.long(), 0.1)
+    with pytest.raises(ValueError, match="share a dtype"):
+        fn.dropkey_attention(q, k.float(), v, 0.1)
+    with pytest.raises(ValueError, match="feature size"):
+        fn.dropkey_attention(q, k[..., :3], v, 0.1)
+    with pytest.raises(ValueError, match="number of keys"):
+        fn.dropkey_attention(q, k, v[..., :2, :], 0.1)
+    with pytest.raises(ValueError, match="at least one key"):
+        fn.dropkey_attention(q, k[..., :0, :], v[..., :0, :], 0.1)
+    with pytest.raises(ValueError, match="leading"):
+        fn.dropkey_attention(q, k[:1], v[:1], 0.1)
+    with pytest.raises(ValueError, match="scale"):
+        fn.dropkey_attention(q, k, v, 0.1, scale=-1.0)
+    with pytest.raises(ValueError, match="training"):
+        fn.dropkey_attention(q, k, v, 0.1, training="yes")
+    with pytest.raises(ValueError, match="generator"):
+        fn.dropkey_attention(q, k, v, 0.1, generator="seed")
+    with pytest.raises(ValueError, match="keep"):
+        fn.attention_from_keep_mask(q, k, v, torch.ones(2, 3, 5, 4))
+    with pytest.raises(ValueError, match="keep"):
+        fn.attention_from_keep_mask(q, k, v, torch.ones(5, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="all_dropped"):
+        fn.masked_softmax(torch.zeros(3), None, all_dropped="ones")
+    with pytest.raises(ValueError, match="logits"):
+        fn.masked_softmax(torch.zeros(3, dtype=torch.int64), None)
+    with pytest.raises(ValueError, match="keep"):
+        fn.masked_softmax(torch.zeros(2, 3), torch.ones(2, 4, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_backends_agree_and_are_finite(backend, dtype):
+    q, k, v = (t.cuda() for t in _qkv(batch=(4, 2), nq=8, nk=8, d=16, dv=16, dtype=dtype))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = fn.dropkey_attention(q, k, v, 0.9, generator=1, backend=backend)
+    keep = dropkey_keep_mask((4, 2, 8, 8), 0.9, generator=1, device="cuda")
+    ref = fn.attention_from_keep_mask(q, k, v, keep, backend="reference")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0.02, atol=0.02)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert math.isfinite(float(out.float().sum()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_edge_shapes(backend):
+    """Empty query sets, an empty batch and unbatched (N, d) inputs work and agree with the reference."""
+    for q_shape, kv_lead in (((2, 3, 0, 8), (2, 3)), ((0, 3, 5, 8), (0, 3)), ((5, 8), ())):
+        q = torch.randn(*q_shape, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(*kv_lead, 4, 8, dtype=torch.float64, requires_grad=True)
+        v = torch.randn(*kv_lead, 4, 8, dtype=torch.float64, requires_grad=True)
+        out = fn.dropkey_attention(q, k, v, 0.3, generator=0, backend=backend)
+        ref = fn.dropkey_attention(q, k, v, 0.3, generator=0, backend="reference")
+        assert out.shape == (*q_shape[:-1], 8)
+        torch.testing.assert_close(out, ref)
+        out.sum().backward()
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape
