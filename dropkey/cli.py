@@ -40,12 +40,17 @@ def _command_report(args: argparse.Namespace) -> int:
     """Build the HTML report (studies cached under --cache) and print each claim's verdict."""
     from reports.build import build_report
 
+    train_quick = args.size == "quick" and not args.skip_experiments and not args.only
     report = build_report(
         args.out,
         size=args.size,
         seed=args.seed,
         only=[args.only] if args.only else None,
         cache_dir=args.cache,
+        results_dir=args.results_dir,
+        experiment_scale="quick" if train_quick else None,
+        runs_dir=args.runs_dir,
+        jobs=args.jobs,
         progress=True,
         command=["dropkey-lab"] + list(sys.argv[1:]),
     )
@@ -108,6 +113,37 @@ def _train_summary(config, result) -> int:
     return 0
 
 
+def _command_experiment(args: argparse.Namespace) -> int:
+    """Run one experiment (or all) at a scale; print its measurements with their standard errors."""
+    from dropkey.data import DataError
+    from dropkey.experiments import EXPERIMENT_NAMES, run_experiment
+    from dropkey.experiments.analysis import IncompleteRun
+    from dropkey.train import TrainingDiverged
+
+    names = EXPERIMENT_NAMES if args.name == "all" else (args.name,)
+    seeds = None
+    if args.seeds is not None:
+        try:
+            seeds = [int(seed) for seed in args.seeds.split(",")]
+        except ValueError:
+            print(f"dropkey-lab experiment: error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+            return 2
+    for name in names:
+        try:
+            result = run_experiment(
+                name, args.scale, runs_dir=args.runs_dir, results_dir=args.results_dir, data_dir=args.data_dir,
+                device=args.device, seeds=seeds, jobs=args.jobs, progress=not args.no_progress,
+                command=["dropkey-lab"] + list(sys.argv[1:]),
+            )
+        except (DataError, TrainingDiverged, IncompleteRun, ValueError) as error:
+            print(f"dropkey-lab experiment: error in {name}: {error}", file=sys.stderr)
+            return 1
+        print(f"{name} ({args.scale} scale, {result.summary['runs']} runs) -> {result.folder}")
+        for row in result.measurements.itertuples():
+            print(f"  {row.claim_id}: {row.quantity} = {row.value:+.4g} ± {row.standard_error:.2g} (n = {row.n})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dropkey-lab",
@@ -126,14 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="build the self-contained HTML report of every claim")
     report.add_argument("--out", type=Path, default=Path("report"), help="output folder (default report/)")
     sizes = report.add_mutually_exclusive_group()
-    sizes.add_argument("--quick", dest="size", action="store_const", const="quick", help="quick studies (default)")
-    sizes.add_argument("--full", dest="size", action="store_const", const="full", help="full-size studies")
+    sizes.add_argument("--quick", dest="size", action="store_const", const="quick", help="quick studies and the quick real-ViT experiments (default)")
+    sizes.add_argument("--full", dest="size", action="store_const", const="full", help="full-size studies (real-ViT results are read from --results-dir, never trained here)")
     report.set_defaults(size="quick")
     report.add_argument("--seed", type=int, default=0, help="root seed of every study (default 0)")
     report.add_argument("--only", choices=STUDY_NAMES, default=None, help="build only this study's page")
     report.add_argument(
         "--cache", type=Path, default=Path("runs") / "report-cache", help="study cache (default runs/report-cache/)"
     )
+    report.add_argument("--results-dir", type=Path, default=Path("results"),
+                        help="real-ViT experiment results shown in the report (default results/)")
+    report.add_argument("--skip-experiments", action="store_true",
+                        help="with --quick: do not run the quick real-ViT experiments, only show results-dir")
+    report.add_argument("--runs-dir", type=Path, default=Path("runs") / "experiments",
+                        help="training runs of the quick experiments (default runs/experiments)")
+    report.add_argument("--jobs", type=int, default=2, help="quick experiment runs trained in parallel (default 2)")
     report.set_defaults(handler=_command_report)
 
     # choices are checked by TrainConfig (importing torch here would slow every subcommand)
@@ -162,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
     tr.add_argument("--no-verify", action="store_true", help="skip the data checksums")
     tr.set_defaults(handler=_command_train)
+
+    from dropkey.experiments.definitions import EXPERIMENT_NAMES, SCALE_NAMES
+
+    ex = commands.add_parser("experiment", help="run a real-ViT experiment (all its arms and seeds) at a scale")
+    ex.add_argument("name", choices=EXPERIMENT_NAMES + ("all",), help="the experiment, or all of them")
+    ex.add_argument("--scale", choices=SCALE_NAMES, default="quick", help="quick (CPU minutes), medium (CPU ~1 h), full (GPU)")
+    ex.add_argument("--runs-dir", type=Path, default=Path("runs") / "experiments",
+                    help="training runs, shared between experiments (default runs/experiments)")
+    ex.add_argument("--results-dir", type=Path, default=Path("results"), help="result folders (default results/)")
+    ex.add_argument("--data-dir", default=None, help="data folder (default $DROPKEY_DATA, else ../shared/data)")
+    ex.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ex.add_argument("--seeds", default=None, help="comma-separated seeds (default: the scale's)")
+    ex.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (default 1)")
+    ex.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ex.set_defaults(handler=_command_experiment)
     return parser
 
 

@@ -117,6 +117,9 @@ class TrainConfig:
     model: str = "vit_tiny_8"
     attn_variant: str | tuple[str, ...] = "dropkey"
     drop_ratio: float | tuple[float, ...] = 0.1  # one ratio or one per block (a schedule)
+    # train/test alignment by fine-tuning: the last N epochs train with every attention
+    # regulariser switched off (drop ratio 0), so the final model is tuned for plain inference
+    final_epochs_without_drop: int = 0
     model_overrides: tuple[tuple[str, object], ...] = ()  # further ViTConfig fields, (name, value) pairs
     epochs: int = 10
     batch_size: int = 64  # global batch (all ranks together)
@@ -159,8 +162,13 @@ class TrainConfig:
             label = "drop_ratio" if not isinstance(self.drop_ratio, tuple) else f"drop_ratio[{i}]"
             _check_real(ratio, label, 0.0, 1.0, high_open=True)
         for name, minimum in (("epochs", 1), ("batch_size", 1), ("diagnostics_batch", 1), ("eval_batch_size", 1),
-                              ("diagnostics_every", 0)):
+                              ("diagnostics_every", 0), ("final_epochs_without_drop", 0)):
             _check_int(getattr(self, name), name, minimum)
+        if self.final_epochs_without_drop >= self.epochs:
+            raise ValueError(
+                f"final_epochs_without_drop must be in [0, epochs - 1] = [0, {self.epochs - 1}], "
+                f"got {self.final_epochs_without_drop}"
+            )
         _check_int(self.seed, "seed", 0)
         if self.train_subset is not None:
             _check_int(self.train_subset, "train_subset", 1)
@@ -262,7 +270,7 @@ def _child_seeds(seed: int, rank: int) -> dict[str, int]:
     return seeds
 
 
-def _resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
+def resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
     if config.device == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if config.device == "cuda":
@@ -384,7 +392,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir)
         self.distributed, self.rank, self.world_size, local_rank = _dist_info()
         self.is_main = self.rank == 0
-        self.device = _resolve_device(config, local_rank)
+        self.device = resolve_device(config, local_rank)
         self.precision = _resolve_precision(config, self.device)
         if config.batch_size % self.world_size:
             raise ValueError(
@@ -557,6 +565,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         c = self.config
+        self._set_drop_phase(epoch)
         self.net.train()
         indices = self._epoch_indices()
         sums = torch.zeros(3, dtype=torch.float64)  # loss * n, correct, n
@@ -600,6 +609,13 @@ class Trainer:
             "train_loss": loss_sum / count, "train_acc": correct / count,
             "images_per_s": count / seconds, "train_time_s": seconds,
         }
+
+    def _set_drop_phase(self, epoch: int) -> None:
+        """Each block's configured drop ratio, or 0 in the final ``final_epochs_without_drop`` epochs."""
+        off = epoch >= self.config.epochs - self.config.final_epochs_without_drop
+        modules = _mask_modules(self.model)
+        for module, ratio in zip(modules, self.model_config.layer_drop_ratios, strict=True):
+            module.set_drop_ratio(0.0 if off else ratio)
 
     def _diverged(self, epoch: int, step_in_epoch: int, what: str) -> None:
         raise TrainingDiverged(

@@ -1,9 +1,15 @@
 """Build the report: run (or load) the studies, judge every claim, write self-contained HTML pages.
 
 ``build_report(out_dir, size="quick", seed=0)`` writes ``index.html`` (the
-claims table), ``theory.html`` and one page per simulation study. Pages are
-rendered only from cached results (see :mod:`reports.studies`), so rebuilding
-from the same cache gives byte-identical files. Pages are written atomically.
+claims table), ``theory.html``, one page per simulation study and one page per
+real-ViT experiment (``vit_<name>.html``). Pages are rendered only from cached
+results (see :mod:`reports.studies`) and from the experiments' result folders
+(``results/<scale>/<name>/``, see :mod:`dropkey.experiments`), so rebuilding from
+the same results gives byte-identical files. Pages are written atomically.
+
+``experiment_scale="quick"`` (the CLI's default with ``--quick``) first runs every
+experiment at that scale (training runs are cached in ``runs_dir``, so a second
+build trains nothing); the pages show every scale found in ``results_dir``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path("runs") / "report-cache"
 DEFAULT_RESULTS = ROOT / "results"
+DEFAULT_RUNS = Path("runs") / "experiments"
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,26 @@ def page_name(name: str) -> str:
     return f"{name}.html"
 
 
-def _navigation(results: Mapping[str, StudyResult]) -> list[dict[str, str]]:
+def _navigation(results: Mapping[str, StudyResult], experiments: Mapping[str, list]) -> list[dict[str, str]]:
+    from dropkey.experiments import EXPERIMENTS
+
     order = [spec.name for spec in STUDIES + (THEORY,)]
-    return [{"href": page_name(name), "title": study(name).title} for name in order if name in results]
+    links = [{"href": page_name(name), "title": study(name).title} for name in order if name in results]
+    links += [{"href": page_name(registry.VIT_PREFIX + e.name), "title": f"ViT: {e.name.replace('_', ' ')}"}
+              for e in EXPERIMENTS if experiments.get(e.name)]
+    return links
+
+
+def load_experiments(results_dir: Path) -> dict[str, list]:
+    """Every complete experiment result in ``results_dir``: name -> results, largest scale first."""
+    from dropkey.experiments import EXPERIMENT_NAMES, load_result
+
+    found: dict[str, list] = {}
+    for name in EXPERIMENT_NAMES:
+        for scale in reversed(registry.VIT_SCALES):
+            if (Path(results_dir) / scale / name / "provenance.json").is_file():
+                found.setdefault(name, []).append(load_result(results_dir, scale, name))
+    return found
 
 
 def _evidence(results: Mapping[str, StudyResult], results_dir: Path) -> registry.Evidence:
@@ -59,13 +83,18 @@ def _evidence(results: Mapping[str, StudyResult], results_dir: Path) -> registry
     )
 
 
-def _claim_rows(evidence: registry.Evidence, results: Mapping[str, StudyResult]) -> list[dict[str, Any]]:
+def _claim_rows(
+    evidence: registry.Evidence, results: Mapping[str, StudyResult], experiments: Mapping[str, list]
+) -> list[dict[str, Any]]:
     rows = []
     for claim in registry.CLAIMS:
         links = []
         for name in claim.measured_by:
-            if name == registry.REAL_VIT:
-                links.append({"href": "", "title": "real ViT results (results/)"})
+            if name.startswith(registry.VIT_PREFIX):
+                experiment = name[len(registry.VIT_PREFIX):]
+                scales = ", ".join(result.scale for result in experiments.get(experiment, []))
+                links.append({"href": page_name(name) if experiments.get(experiment) else "",
+                              "title": f"ViT experiment {experiment} ({scales or 'not run'})"})
             else:
                 links.append({"href": page_name(name) if name in results else "", "title": study(name).title})
         rows.append({"claim": claim, "verdict": registry.assess(claim, evidence), "links": links})
@@ -99,6 +128,58 @@ def _study_page(result: StudyResult, claim_rows: list[dict[str, Any]], nav: list
     )
 
 
+def _experiment_section(result) -> dict[str, Any]:
+    from dropkey.experiments import scale as scale_settings
+    from reports.vit_figures import experiment_figures
+
+    prefix = f"{result.name}-{result.scale}"
+    figures = []
+    for figure in experiment_figures(result):
+        download = csv_download(figure.data, f"{prefix}-{figure.slug}.csv", figure.title)
+        figures.append({"slug": figure.slug, "title": figure.title, "caption": figure.caption,
+                        "markup": figure.markup, "download": download})
+    tables = {"runs.csv": (result.runs, "per run and epoch: the trainer's metrics"),
+              "attention.csv": (result.attention, "per run, epoch and block: attention diagnostics (mean over heads)"),
+              "finals.csv": (result.finals, "per run: final quantities"),
+              "comparisons.csv": (result.comparisons, "every paired comparison"),
+              "measurements.csv": (result.measurements, "what the claims read")}
+    if len(result.monte_carlo):
+        tables["monte_carlo.csv"] = (result.monte_carlo, "per run and K: Monte-Carlo inference accuracy")
+    shown = ["quantity", "group", "layer", "value", "standard_error", "n", "description"]
+    return {
+        "scale": result.scale,
+        "description": scale_settings(result.scale).description,
+        "runs": result.summary["runs"],
+        "seeds": result.summary["seeds"],
+        "wall_time": f"{result.summary['training_wall_time_s_sum'] / 60:.1f} min",
+        "commit": result.provenance.get("git_commit", "unknown"),
+        "measurements": table_html(result.measurements),
+        "figures": figures,
+        "comparisons": table_html(result.comparisons[shown], max_rows=200),
+        "finals": table_html(result.finals, max_rows=200),
+        "downloads": [csv_download(frame, f"{prefix}-{filename}", title) for filename, (frame, title) in tables.items()],
+        "config": result.config,
+        "provenance": result.provenance,
+        "folder": result.folder.as_posix(),
+    }
+
+
+def _experiment_page(name: str, found: list, claim_rows: list[dict[str, Any]], nav: list[dict[str, str]]) -> str:
+    from dropkey.experiments import experiment
+
+    spec = experiment(name)
+    return render(
+        "experiment.html.j2",
+        page_title=f"ViT: {spec.title}",
+        nav=nav,
+        name=name,
+        title=spec.title,
+        question=spec.question,
+        claims=[row for row in claim_rows if registry.VIT_PREFIX + name in row["claim"].measured_by],
+        scales=[_experiment_section(result) for result in found],
+    )
+
+
 def _theory_page(result: StudyResult, nav: list[dict[str, str]]) -> str:
     return render(
         "theory.html.j2",
@@ -112,7 +193,8 @@ def _theory_page(result: StudyResult, nav: list[dict[str, str]]) -> str:
 
 
 def _index_page(
-    claim_rows: list[dict[str, Any]], results: Mapping[str, StudyResult], nav, size: str, seed: int, vit_found: bool
+    claim_rows: list[dict[str, Any]], results: Mapping[str, StudyResult], nav, size: str, seed: int,
+    experiments: Mapping[str, list],
 ) -> str:
     counts = Counter(row["verdict"].status for row in claim_rows)
     studies = [
@@ -133,8 +215,14 @@ def _index_page(
         claims=claim_rows,
         counts=[(status, counts.get(status, 0)) for status in registry.STATUSES],
         studies=studies,
-        vit_results=f"results/{registry.VIT_RESULTS[0]}",
-        vit_note="found." if vit_found else "not present yet, so those claims are 'not yet measured'.",
+        vit_results=f"results/<scale>/<experiment>/{registry.VIT_MEASUREMENTS}",
+        vit_note="found." if experiments else "not present yet, so those claims are 'not yet measured'.",
+        experiments=[
+            {"href": page_name(registry.VIT_PREFIX + name), "name": name,
+             "scales": ", ".join(f"{r.scale} ({r.summary['runs']} runs)" for r in found),
+             "commit": found[0].provenance.get("git_commit", "unknown")}
+            for name, found in sorted(experiments.items())
+        ],
     )
 
 
@@ -147,6 +235,9 @@ def build_report(
     configs: Mapping[str, Any] | None = None,
     cache_dir: str | Path = DEFAULT_CACHE,
     results_dir: str | Path = DEFAULT_RESULTS,
+    experiment_scale: str | None = None,
+    runs_dir: str | Path = DEFAULT_RUNS,
+    jobs: int = 1,
     progress: bool = False,
     command: Sequence[str] | None = None,
 ) -> BuiltReport:
@@ -154,20 +245,32 @@ def build_report(
 
     ``configs`` (study name -> config) overrides the quick/full configs (tests
     use tiny ones); ``only`` restricts the studies run and rendered; claims whose
-    studies are not in this build are 'not yet measured'.
+    studies are not in this build are 'not yet measured'. ``experiment_scale``
+    (e.g. "quick") first runs every real-ViT experiment at that scale into
+    ``results_dir`` (runs cached in ``runs_dir``, ``jobs`` in parallel); None
+    trains nothing and shows what ``results_dir`` holds.
     """
     out = Path(out_dir)
     chosen = dict(configs) if configs is not None else default_configs(size, seed, only)
     if only:
         chosen = {name: config for name, config in chosen.items() if name in set(only)}
     results = run_studies(chosen, Path(cache_dir), progress=progress, command=command)
+    if experiment_scale is not None:
+        from dropkey.experiments import EXPERIMENT_NAMES, run_experiment
+
+        for name in EXPERIMENT_NAMES:
+            run_experiment(name, experiment_scale, runs_dir=runs_dir, results_dir=results_dir, jobs=jobs,
+                           progress=progress, command=command)
+    experiments = load_experiments(Path(results_dir))
     evidence = _evidence(results, Path(results_dir))
-    claim_rows = _claim_rows(evidence, results)
-    nav = _navigation(results)
+    claim_rows = _claim_rows(evidence, results, experiments)
+    nav = _navigation(results, experiments)
     pages: dict[str, str] = {}
     for name, result in sorted(results.items()):
         pages[page_name(name)] = _theory_page(result, nav) if name == THEORY.name else _study_page(result, claim_rows, nav)
-    pages["index.html"] = _index_page(claim_rows, results, nav, size, seed, bool(evidence.vit))
+    for name, found in sorted(experiments.items()):
+        pages[page_name(registry.VIT_PREFIX + name)] = _experiment_page(name, found, claim_rows, nav)
+    pages["index.html"] = _index_page(claim_rows, results, nav, size, seed, experiments)
     written = {}
     for filename, text in sorted(pages.items()):
         written[filename] = write_text_atomic(out / filename, text)

@@ -16,10 +16,11 @@ claim's formula holds (the DropKey beta-gradient form is exact to leading order
 in M only) makes the verdict "partly" when the measured error of that formula
 exceeds the tolerance stated in the rule.
 
-Real-ViT claims read ``results/real_vit/measurements.csv`` (or ``.json``, a
-list of records) with columns ``claim_id, quantity, value, standard_error``;
-accuracies in percentage points. Until a claim's quantities are there it is
-"not yet measured".
+Real-ViT claims read the experiments' ``results/<scale>/<experiment>/measurements.csv``
+(:mod:`dropkey.experiments`; columns ``claim_id, quantity, value, standard_error, n, scale,
+experiment``; accuracies in percentage points). Each claim is judged at the largest scale
+measured (full > medium > quick) and its key number names that scale and the number of
+seeds. Until a claim's quantities are there it is "not yet measured".
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 STATUSES = ("confirmed", "partly", "not reproduced", "not yet measured")
-VIT_RESULTS = ("real_vit/measurements.csv", "real_vit/measurements.json")
-REAL_VIT = "real-vit"  # the 'measured_by' name of claims measured on real ViTs
+VIT_SCALES = ("quick", "medium", "full")  # smallest to largest; a claim is judged at the largest measured
+VIT_MEASUREMENTS = "measurements.csv"  # in results/<scale>/<experiment>/
+VIT_PREFIX = "vit_"  # 'measured_by' names of real-ViT experiments: vit_<experiment>
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,12 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Measurement:
-    """One real-ViT quantity: a value and its standard error (NaN if unknown)."""
+    """One real-ViT quantity: a value, its standard error over seeds (NaN if unknown), n and scale."""
 
     value: float
     standard_error: float = math.nan
+    n: int = 0
+    scale: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class Claim:
     statement: str
     source: str
     theory: tuple[str, ...]  # derivation keys (theory.derivations)
-    measured_by: tuple[str, ...]  # study names, or REAL_VIT
+    measured_by: tuple[str, ...]  # study names, or vit_<experiment> for real-ViT experiments
     tests: tuple[str, ...]  # pytest node ids
     rule_in_words: str
     measure: Callable[[Evidence], dict[str, Any]]
@@ -434,30 +438,63 @@ def rule_structured_masks(numbers: dict) -> Verdict:
     return Verdict("not reproduced", key, "structure changes the first moment beyond tolerance in every cell")
 
 
-def _vit_gain_rule(quantities: tuple[str, ...], want: str):
-    """Rule for real-ViT differences: want='gain' (significantly > 0) or 'no-gain' (not significantly > 0)."""
+def _scale_label(measurements: list[Measurement]) -> str:
+    scales = sorted({m.scale for m in measurements if m.scale}, key=lambda x: VIT_SCALES.index(x) if x in VIT_SCALES else -1)
+    seeds = sorted({m.n for m in measurements if m.n})
+    label = "/".join(scales) or "unknown scale"
+    return f"[{label} scale, n = {'/'.join(str(n) for n in seeds) or '?'} seeds] "
+
+
+def _missing_vit(quantities: tuple[str, ...], numbers: dict) -> Verdict | None:
+    missing = [q for q in quantities if numbers.get(q) is None]
+    if missing:
+        return _not_measured(
+            f"no real-ViT result yet for {', '.join(missing)} (run `dropkey-lab experiment ...`; results/<scale>/)"
+        )
+    return None
+
+
+DIRECTIONS = ("up", "down", "no-gain")
+
+
+def _vit_sign_rule(directions: Mapping[str, str]):
+    """Rule for real-ViT differences at 2 SE; per quantity the claimed direction: 'up' (significantly
+    > 0), 'down' (< 0) or 'no-gain' (not significantly > 0). All as claimed: confirmed; some: partly;
+    none: not reproduced."""
+    for quantity, want in directions.items():
+        if want not in DIRECTIONS:
+            raise ValueError(f"direction of {quantity!r} must be one of {DIRECTIONS}, got {want!r}")
+    quantities = tuple(directions)
 
     def rule(numbers: dict) -> Verdict:
-        missing = [q for q in quantities if numbers.get(q) is None]
-        if missing:
-            return _not_measured(f"no real-ViT result yet for {', '.join(missing)} (results/{VIT_RESULTS[0]})")
-        signs = [_significance(numbers[q].value, numbers[q].standard_error) for q in quantities]
-        key = "; ".join(f"{q} {numbers[q].value:+.3g} ± {fmt(numbers[q].standard_error, 2)}" for q in quantities)
-        good = [sign > 0 for sign in signs] if want == "gain" else [sign <= 0 for sign in signs]
+        gate = _missing_vit(quantities, numbers)
+        if gate is not None:
+            return gate
+        good = []
+        for quantity, want in directions.items():
+            sign = _significance(numbers[quantity].value, numbers[quantity].standard_error)
+            good.append({"up": sign > 0, "down": sign < 0, "no-gain": sign <= 0}[want])
+        key = _scale_label([numbers[q] for q in quantities]) + "; ".join(
+            f"{q} {numbers[q].value:+.3g} ± {fmt(numbers[q].standard_error, 2)}" for q in quantities
+        )
         if all(good):
             return Verdict("confirmed", key, "as claimed, at 2 SE")
         if any(good):
-            return Verdict("partly", key, "holds for some comparisons only (2 SE)")
-        return Verdict("not reproduced", key, "contradicted at 2 SE" if want == "no-gain" else "no significant gain (2 SE)")
+            return Verdict("partly", key, "holds for some of the comparisons only (2 SE)")
+        if set(directions.values()) == {"no-gain"}:
+            return Verdict("not reproduced", key, "contradicted at 2 SE: structure helps")
+        return Verdict("not reproduced", key, "no significant effect in the claimed direction (2 SE)")
 
     return rule
 
 
 def rule_collapse(numbers: dict) -> Verdict:
-    measurement = numbers.get("top_blocks_similarity_plain")
-    if measurement is None:
-        return _not_measured(f"no real-ViT result yet for top_blocks_similarity_plain (results/{VIT_RESULTS[0]})")
-    key = f"cross-block attention similarity (top blocks, plain deep ViT) {measurement.value:.3f}"
+    gate = _missing_vit(("top_blocks_similarity_plain",), numbers)
+    if gate is not None:
+        return gate
+    measurement = numbers["top_blocks_similarity_plain"]
+    key = (f"{_scale_label([measurement])}top-block cross-layer similarity of the deepest plain ViT "
+           f"{measurement.value:.3f} ± {fmt(measurement.standard_error, 2)}")
     if measurement.value >= 0.9:
         return Verdict("confirmed", key, "top blocks' attention maps are near-identical (≥ 0.9)")
     if measurement.value >= 0.7:
@@ -468,11 +505,13 @@ def rule_collapse(numbers: dict) -> Verdict:
 # --- the registry -------------------------------------------------------------------------------
 
 
-def _vit_claim(claim_id: str, statement: str, source: str, quantities: tuple[str, ...], rule, words: str, tests) -> Claim:
-    measure = _measure_vit(*quantities)
+def _vit_claim(claim_id: str, statement: str, source: str, experiment: str, directions: Mapping[str, str],
+               words: str, tests: tuple[str, ...], rule: Callable[[dict[str, Any]], Verdict] | None = None) -> Claim:
+    """A claim measured by real-ViT experiment ``experiment``; ``directions``: quantity -> claimed direction."""
+    measure = _measure_vit(*directions)
     return Claim(
-        claim_id, statement, source, (), (REAL_VIT,), tests, words,
-        lambda evidence: measure(evidence, claim_id), rule,
+        claim_id, statement, source, (), (VIT_PREFIX + experiment,), tests, words,
+        lambda evidence: measure(evidence, claim_id), rule or _vit_sign_rule(directions),
     )
 
 
@@ -635,59 +674,102 @@ CLAIMS: tuple[Claim, ...] = (
         rule_structured_masks,
     ),
     _vit_claim(
+        "vit-attention-peaks",
+        "Trained with DropKey, a real ViT's attention has lower peak weights and higher entropy than without "
+        "a regulariser (DropKey penalises high attention weights).",
+        "Sec. 3 (DropKey penalises high attention weights, Eq. 4, in training dynamics)",
+        "attention_dynamics",
+        {"peak_dropkey_minus_none": "down", "entropy_dropkey_minus_none": "up"},
+        "final-epoch attention (eval mode, mean over blocks and heads), paired by seed: confirmed if "
+        "peak(DropKey) − peak(none) < −2 SE and entropy(DropKey) − entropy(none) > 2 SE; partly if one; "
+        "not reproduced if neither.",
+        ("tests/test_experiments.py::test_quick_experiments_measure_every_claim",
+         "tests/test_experiments.py::test_paired_difference_and_its_standard_error"),
+    ),
+    _vit_claim(
         "vit-accuracy",
         "DropKey improves ViT top-1 accuracy over no attention dropout and over post-softmax dropout.",
-        "Sec. 4 (experiments)",
-        ("top1_dropkey_minus_none", "top1_dropkey_minus_dropout"),
-        _vit_gain_rule(("top1_dropkey_minus_none", "top1_dropkey_minus_dropout"), "gain"),
-        "confirmed if both differences exceed 2 SE; partly if one; not reproduced if none.",
-        ("tests/test_models.py::test_every_named_config_runs_and_trains",),
+        "Sec. 4 (experiments; small-data regime, Fig. 4)",
+        "accuracy",
+        {"top1_dropkey_minus_none": "up", "top1_dropkey_minus_dropout": "up"},
+        "paired by seed: confirmed if both differences exceed 2 SE; partly if one; not reproduced if none.",
+        ("tests/test_models.py::test_every_named_config_runs_and_trains",
+         "tests/test_experiments.py::test_quick_experiments_measure_every_claim"),
     ),
     _vit_claim(
         "vit-schedule",
         "A drop ratio decreasing with depth beats a constant one at the same mean ratio.",
         "Sec. 3 (how to schedule the drop ratio)",
-        ("top1_decreasing_minus_constant",),
-        _vit_gain_rule(("top1_decreasing_minus_constant",), "gain"),
-        "confirmed if top-1(decreasing) − top-1(constant) > 2 SE; not reproduced otherwise.",
+        "schedules",
+        {"top1_decreasing_minus_constant": "up"},
+        "paired by seed: confirmed if top-1(decreasing) − top-1(constant) > 2 SE; not reproduced otherwise.",
         (
             "tests/test_schedules.py::test_linear_decreasing_is_the_papers_shape",
             "tests/test_schedules.py::test_named_schedules_share_the_mean",
+            "tests/test_experiments.py::test_schedule_arms_share_the_mean_ratio",
         ),
+    ),
+    _vit_claim(
+        "vit-alignment",
+        "Aligning training and inference — Monte-Carlo inference with DropKey masks, or training the last epochs "
+        "without DropKey — improves top-1 over plain inference of a DropKey-trained ViT.",
+        "THEORY-NOTES section 4 (train/test mismatch: the paper's alignment options)",
+        "alignment",
+        {"top1_mc_minus_plain": "up", "top1_finetune_minus_plain": "up"},
+        "paired by seed: confirmed if both top-1(MC, largest K) − top-1(plain) and top-1(fine-tuned) − "
+        "top-1(plain) exceed 2 SE; partly if one; not reproduced if none.",
+        ("tests/test_inference.py::test_average_of_probabilities_and_logits",
+         "tests/test_train.py::test_final_epochs_without_drop_switch_the_regulariser_off"),
     ),
     _vit_claim(
         "vit-structured",
         "Structured DropKey (block, cross) brings no gain over plain DropKey.",
         "Sec. 3 (structured dropout is not essential for ViT)",
-        ("top1_block_minus_dropkey", "top1_cross_minus_dropkey"),
-        _vit_gain_rule(("top1_block_minus_dropkey", "top1_cross_minus_dropkey"), "no-gain"),
-        "confirmed if neither variant beats DropKey by more than 2 SE; partly if one does; not reproduced if both.",
+        "structured",
+        {"top1_block_minus_dropkey": "no-gain", "top1_cross_minus_dropkey": "no-gain"},
+        "paired by seed: confirmed if neither variant beats DropKey by more than 2 SE; partly if one does; "
+        "not reproduced if both.",
         (
             "tests/test_masks.py::test_structured_masks_drop_the_documented_footprints",
             "tests/test_modules.py::test_structured_drops_are_spatially_clustered",
         ),
     ),
     _vit_claim(
-        "vit-mc-inference",
-        "On a real ViT, Monte-Carlo inference with DropKey masks improves top-1 over plain inference.",
-        "ours (beyond the paper)",
-        ("top1_mc_minus_plain",),
-        _vit_gain_rule(("top1_mc_minus_plain",), "gain"),
-        "confirmed if top-1(MC) − top-1(plain) > 2 SE; not reproduced otherwise.",
-        ("tests/test_inference.py::test_average_of_probabilities_and_logits",),
-    ),
-    _vit_claim(
         "deepvit-collapse",
         "Deep plain ViTs show attention collapse: the top blocks' attention maps are near-identical.",
         "DeepViT Sec. 3 (attention collapse, cross-layer similarity figure)",
-        ("top_blocks_similarity_plain",),
-        rule_collapse,
-        "mean cross-block cosine similarity of attention columns among the top blocks: confirmed if ≥ 0.9, "
-        "partly if in [0.7, 0.9), not reproduced if < 0.7.",
+        "collapse",
+        {"top_blocks_similarity_plain": "level"},
+        "mean cross-layer cosine similarity of attention columns over adjacent pairs of the top blocks, deepest "
+        "plain ViT of the sweep: confirmed if ≥ 0.9, partly if in [0.7, 0.9), not reproduced if < 0.7.",
         (
             "tests/test_diagnostics.py::test_column_similarity_is_deepvits_definition",
             "tests/test_diagnostics.py::test_recorder_similarity_frame_over_blocks",
+            "tests/test_experiments.py::test_top_blocks",
         ),
+        rule=rule_collapse,
+    ),
+    _vit_claim(
+        "deepvit-reattention",
+        "Re-attention lowers the cross-layer similarity of the top blocks' attention maps.",
+        "DeepViT Sec. 4 (Re-attention)",
+        "collapse",
+        {"similarity_reattention_minus_plain": "down"},
+        "deepest ViT of the sweep, paired by seed: confirmed if similarity(Re-attention) − similarity(plain) "
+        "< −2 SE; not reproduced otherwise.",
+        ("tests/test_reattention.py::test_conv_bn_matches_einsum_then_batchnorm_in_training",
+         "tests/test_experiments.py::test_quick_experiments_measure_every_claim"),
+    ),
+    _vit_claim(
+        "dropkey-collapse",
+        "DropKey also reduces attention collapse: lower top-block cross-layer similarity than plain, alone and "
+        "with Re-attention.",
+        "ours (no paper measures this)",
+        "collapse",
+        {"similarity_dropkey_minus_plain": "down", "similarity_both_minus_plain": "down"},
+        "deepest ViT of the sweep, paired by seed: confirmed if both similarity(DropKey) − similarity(plain) and "
+        "similarity(DropKey + Re-attention) − similarity(plain) are < −2 SE; partly if one; not reproduced if none.",
+        ("tests/test_experiments.py::test_quick_experiments_measure_every_claim",),
     ),
 )
 
@@ -712,20 +794,24 @@ def assess(target: Claim, evidence: Evidence) -> Verdict:
 
 
 def load_vit_measurements(results_dir: Path) -> dict[str, dict[str, Measurement]]:
-    """Real-ViT measurements from results_dir/real_vit/measurements.{csv,json}; {} if absent."""
-    for name in VIT_RESULTS:
-        path = Path(results_dir) / name
-        if not path.is_file():
-            continue
-        if path.suffix == ".csv":
-            records = pd.read_csv(path).to_dict("records")
-        else:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        table: dict[str, dict[str, Measurement]] = {}
-        for record in records:
-            se = record.get("standard_error")
-            se = math.nan if se is None or pd.isna(se) else float(se)
-            table.setdefault(str(record["claim_id"]), {})[str(record["quantity"])] = Measurement(float(record["value"]), se)
-        log.info("read %d real-ViT measurements from %s", len(records), path)
-        return table
-    return {}
+    """Real-ViT measurements from ``results_dir/<scale>/<experiment>/measurements.csv``; {} if none.
+
+    Per claim, the quantities of the largest scale that measured that claim (full > medium > quick).
+    """
+    table: dict[str, dict[str, Measurement]] = {}
+    for scale in reversed(VIT_SCALES):
+        for path in sorted(Path(results_dir).glob(f"{scale}/*/{VIT_MEASUREMENTS}")):
+            if not (path.parent / "provenance.json").is_file():
+                log.warning("skipping %s: its result folder is incomplete (no provenance.json)", path)
+                continue
+            frame = pd.read_csv(path)
+            for claim_id, rows in frame.groupby("claim_id", sort=True):
+                if claim_id in table and any(m.scale != scale for m in table[claim_id].values()):
+                    continue  # already measured at a larger scale
+                found = table.setdefault(str(claim_id), {})
+                for record in rows.to_dict("records"):
+                    se = record.get("standard_error")
+                    se = math.nan if se is None or pd.isna(se) else float(se)
+                    found[str(record["quantity"])] = Measurement(float(record["value"]), se, int(record["n"]), scale)
+            log.info("read real-ViT measurements from %s", path)
+    return table

@@ -20,6 +20,7 @@ import pytest
 import sympy as sp
 
 from dropkey.cli import build_parser, main
+from dropkey.experiments import EXPERIMENT_NAMES
 from reports import claims as registry
 from reports.build import build_report
 from reports.studies import COMPLETE_MARKER, STUDY_NAMES, cache_folder, study
@@ -45,6 +46,11 @@ REQUIRED = {
     "mc-inference-alignment",
     "vit-structured",
     "deepvit-collapse",
+    "vit-attention-peaks",
+    "vit-accuracy",
+    "vit-alignment",
+    "deepvit-reattention",
+    "dropkey-collapse",
 }
 
 
@@ -138,7 +144,8 @@ def test_every_referenced_derivation_and_study_exists():
     keys = {key for key, _ in CHECKS}
     for claim in registry.CLAIMS:
         assert set(claim.theory) <= keys, claim.id
-        assert set(claim.measured_by) <= set(STUDY_NAMES) | {registry.REAL_VIT}, claim.id
+        experiments = {registry.VIT_PREFIX + name for name in EXPERIMENT_NAMES}
+        assert set(claim.measured_by) <= set(STUDY_NAMES) | experiments, claim.id
 
 
 def test_registry_records_are_frozen():
@@ -208,25 +215,57 @@ def test_rules_together_give_every_status():
         ("vit-schedule", [("top1_decreasing_minus_constant", 0.1, 0.2)], "not reproduced"),
         ("vit-structured", [("top1_block_minus_dropkey", 0.0, 0.2), ("top1_cross_minus_dropkey", 0.9, 0.2)], "partly"),
         ("vit-structured", [("top1_block_minus_dropkey", -0.1, 0.2), ("top1_cross_minus_dropkey", 0.1, 0.2)], "confirmed"),
+        ("vit-structured", [("top1_block_minus_dropkey", 0.9, 0.2), ("top1_cross_minus_dropkey", 0.9, 0.2)], "not reproduced"),
+        ("vit-attention-peaks", [("peak_dropkey_minus_none", -0.05, 0.01), ("entropy_dropkey_minus_none", 0.1, 0.02)], "confirmed"),
+        ("vit-attention-peaks", [("peak_dropkey_minus_none", -0.05, 0.01), ("entropy_dropkey_minus_none", -0.1, 0.02)], "partly"),
+        ("vit-attention-peaks", [("peak_dropkey_minus_none", 0.05, 0.01), ("entropy_dropkey_minus_none", -0.1, 0.02)], "not reproduced"),
+        ("dropkey-collapse", [("similarity_dropkey_minus_plain", -0.01, 0.01), ("similarity_both_minus_plain", -0.5, 0.05)], "partly"),
         ("deepvit-collapse", [("top_blocks_similarity_plain", 0.97, float("nan"))], "confirmed"),
+        ("deepvit-collapse", [("top_blocks_similarity_plain", 0.5, 0.01)], "not reproduced"),
         ("vit-accuracy", [], "not yet measured"),
+        ("vit-accuracy", [("top1_dropkey_minus_none", 2.0, 0.5)], "not yet measured"),  # one of two quantities
     ],
 )
 def test_real_vit_claims_read_the_results_file(tmp_path, claim_id, rows, expected):
     frame = pd.DataFrame(
-        [{"claim_id": claim_id, "quantity": q, "value": v, "standard_error": se} for q, v, se in rows],
-        columns=["claim_id", "quantity", "value", "standard_error"],
+        [{"claim_id": claim_id, "quantity": q, "value": v, "standard_error": se, "n": 3, "scale": "medium",
+          "experiment": "x"} for q, v, se in rows],
+        columns=["claim_id", "quantity", "value", "standard_error", "n", "scale", "experiment"],
     )
-    (tmp_path / "real_vit").mkdir()
-    frame.to_csv(tmp_path / "real_vit" / "measurements.csv", index=False)
+    folder = tmp_path / "medium" / "x"
+    folder.mkdir(parents=True)
+    frame.to_csv(folder / "measurements.csv", index=False)
+    (folder / "provenance.json").write_text("{}")
     evidence = registry.Evidence(vit=registry.load_vit_measurements(tmp_path))
-    assert registry.assess(registry.claim(claim_id), evidence).status == expected
+    verdict = registry.assess(registry.claim(claim_id), evidence)
+    assert verdict.status == expected
+    if rows and expected != "not yet measured":
+        assert verdict.key_number.startswith("[medium scale, n = 3 seeds]")
+
+
+def _write_measurement(root: Path, scale: str, value: float, complete: bool = True) -> None:
+    folder = root / scale / "schedules"
+    folder.mkdir(parents=True)
+    pd.DataFrame([{"claim_id": "vit-schedule", "quantity": "top1_decreasing_minus_constant", "value": value,
+                   "standard_error": 0.1, "n": 3, "scale": scale, "experiment": "schedules"}]).to_csv(
+        folder / "measurements.csv", index=False)
+    if complete:
+        (folder / "provenance.json").write_text("{}")
+
+
+def test_real_vit_claims_are_judged_at_the_largest_complete_scale(tmp_path):
+    _write_measurement(tmp_path, "quick", -5.0)
+    _write_measurement(tmp_path, "medium", 5.0)
+    _write_measurement(tmp_path, "full", -5.0, complete=False)  # incomplete folders are ignored
+    found = registry.load_vit_measurements(tmp_path)
+    assert found["vit-schedule"]["top1_decreasing_minus_constant"].scale == "medium"
+    assert registry.assess(registry.claim("vit-schedule"), registry.Evidence(vit=found)).status == "confirmed"
 
 
 def test_absent_results_mean_not_yet_measured(tmp_path):
     assert registry.load_vit_measurements(tmp_path) == {}
     for claim in registry.CLAIMS:
-        if registry.REAL_VIT in claim.measured_by:
+        if any(name.startswith(registry.VIT_PREFIX) for name in claim.measured_by):
             assert registry.assess(claim, registry.Evidence()).status == "not yet measured"
 
 

@@ -184,3 +184,31 @@ def test_bf16_autocast_on_cpu_and_fp16_needs_cuda(tmp_path):
 def test_compiled_model_trains(tmp_path):
     result = train(tiny(tmp_path, epochs=1, train_subset=64, diagnostics_every=1, compile=True))
     assert math.isfinite(result.metrics["train_loss"].iloc[0])
+
+
+def test_final_epochs_without_drop_switch_the_regulariser_off(tmp_path):
+    """Fine-tuning alignment: DropKey in epochs 1-2, drop ratio 0 in the final epoch (and back on resume)."""
+    seen: list[list[float]] = []
+    config = tiny(tmp_path, drop_ratio=(0.3, 0.2, 0.1), final_epochs_without_drop=1, diagnostics_every=0)
+    trainer = Trainer(config)
+    original = trainer._set_drop_phase
+
+    def spy(epoch):
+        original(epoch)
+        seen.append([m.drop_ratio for m in training._mask_modules(trainer.model)])
+
+    trainer._set_drop_phase = spy
+    trainer.run()
+    assert seen == [[0.3, 0.2, 0.1], [0.3, 0.2, 0.1], [0.0, 0.0, 0.0]]
+    # the schedule is a function of the epoch: a run resumed in the off phase is the same run
+    resumed = train(tiny(tmp_path, "again", drop_ratio=(0.3, 0.2, 0.1), final_epochs_without_drop=1,
+                         diagnostics_every=0), stop_after_epoch=2)
+    assert len(resumed.metrics) == 2
+    final = train(tiny(tmp_path, "again", drop_ratio=(0.3, 0.2, 0.1), final_epochs_without_drop=1,
+                       diagnostics_every=0), resume=True)
+    pd.testing.assert_frame_equal(
+        final.metrics.drop(columns=["images_per_s", "epoch_time_s", "wall_time_s"]),
+        pd.read_csv(tmp_path / "run" / "metrics.csv").drop(columns=["images_per_s", "epoch_time_s", "wall_time_s"]),
+    )
+    with pytest.raises(ValueError, match=r"final_epochs_without_drop must be in \[0, epochs - 1\]"):
+        tiny(tmp_path, final_epochs_without_drop=3)

@@ -1,0 +1,239 @@
+"""What the real-ViT experiments train: the three scales and, per experiment, its arms.
+
+An *arm* is one training recipe (attention regulariser, drop ratio or schedule, model
+overrides); an experiment trains every arm with every seed of the scale. Arms are
+identified by their full :class:`~dropkey.train.TrainConfig`, so two experiments that need
+the same run (e.g. DropKey at the matched ratio, used by the dynamics, accuracy, schedule,
+alignment and structured-mask experiments) share one training run.
+
+Scales (choices are ours; the paper's exact recipes are not published for these sizes):
+
+- ``quick``: scikit-learn's bundled digits (8x8, 1,437 training images), a 3-block tiny ViT,
+  15 epochs, 3 seeds. Minutes on a 2-core CPU; runs in CI and in the README's main command.
+  It shows the pipeline works and the direction of the effects, not their size.
+- ``medium``: Fashion-MNIST, a class-balanced 5,000-image training subset (the small-data
+  regime), the full 10,000-image test set, a 4-block ViT with 50 tokens, 15 epochs, 3 seeds;
+  the collapse sweep uses 7x7 patches (17 tokens) to afford 12 blocks. About an hour on a
+  2-core CPU.
+- ``full``: CIFAR-10, a class-balanced 10,000-image training subset (the paper's small-data
+  regime, Fig. 4 spirit), a 6-block ViT, 200 epochs, 5 seeds; collapse sweep up to 24 blocks.
+  Needs a GPU.
+
+The matched drop ratio is ``scale.drop_ratio`` for DropKey and for post-softmax dropout; the
+schedules share its mean (linear from ``r + spread/2`` at the first block to ``r - spread/2``
+at the last, constant, or the reverse).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dropkey import schedules
+
+SCALE_NAMES = ("quick", "medium", "full")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big an experiment runs: data, model, optimisation, seeds (frozen)."""
+
+    name: str
+    description: str
+    dataset: str
+    model: str
+    train_subset: int | None
+    epochs: int
+    batch_size: int
+    lr: float
+    warmup_epochs: float
+    seeds: tuple[int, ...]
+    drop_ratio: float  # the matched ratio of every comparison
+    schedule_spread: float  # r_max - r_min of the linear schedules
+    finetune_epochs: int  # alignment: final epochs trained without DropKey
+    mc_samples: tuple[int, ...]  # alignment: numbers of Monte-Carlo passes K evaluated
+    collapse_model: str
+    collapse_depths: tuple[int, ...]
+    collapse_epochs: int
+    eval_batch_size: int = 500
+
+
+SCALES: dict[str, Scale] = {
+    "quick": Scale(
+        name="quick",
+        description="scikit-learn digits (8x8, all 1,437 training images), 3-block tiny ViT (17 tokens), "
+        "15 epochs, 3 seeds; collapse sweep at depth 2 and 6 (10 epochs); a pipeline check on a 2-core CPU (minutes)",
+        dataset="digits", model="vit_tiny_8", train_subset=None, epochs=15, batch_size=64, lr=2e-3,
+        warmup_epochs=1.0, seeds=(0, 1, 2), drop_ratio=0.2, schedule_spread=0.2, finetune_epochs=3,
+        mc_samples=(1, 2, 4, 8), collapse_model="vit_tiny_8", collapse_depths=(2, 6), collapse_epochs=10,
+    ),
+    "medium": Scale(
+        name="medium",
+        description="Fashion-MNIST, 5,000-image class-balanced training subset, full 10,000-image test set, "
+        "4-block ViT (50 tokens), 15 epochs, 3 seeds; collapse sweep with 7x7 patches (17 tokens) at depth 4, 8, 12 "
+        "(about an hour on a 2-core CPU)",
+        dataset="fashion_mnist", model="vit_tiny_28", train_subset=5000, epochs=15, batch_size=64, lr=1e-3,
+        warmup_epochs=1.0, seeds=(0, 1, 2), drop_ratio=0.2, schedule_spread=0.2, finetune_epochs=3,
+        mc_samples=(1, 2, 4, 8, 16), collapse_model="vit_tiny_28_p7", collapse_depths=(4, 8, 12), collapse_epochs=10,
+    ),
+    "full": Scale(
+        name="full",
+        description="CIFAR-10, 10,000-image class-balanced training subset (small-data regime), full test set, "
+        "6-block ViT (65 tokens), 200 epochs, 5 seeds; collapse sweep at depth 6, 12, 24 (a GPU)",
+        dataset="cifar10", model="vit_small_32", train_subset=10000, epochs=200, batch_size=128, lr=1e-3,
+        warmup_epochs=10.0, seeds=(0, 1, 2, 3, 4), drop_ratio=0.1, schedule_spread=0.2, finetune_epochs=20,
+        mc_samples=(1, 2, 4, 8, 16, 32), collapse_model="vit_deep_32", collapse_depths=(6, 12, 24), collapse_epochs=100,
+    ),
+}
+
+
+def scale(name: str) -> Scale:
+    """The named scale (ValueError naming the allowed names otherwise)."""
+    if name not in SCALES:
+        raise ValueError(f"scale must be one of {SCALE_NAMES}, got {name!r}")
+    return SCALES[name]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training recipe of an experiment; ``group`` labels sweeps (e.g. ``depth=12``)."""
+
+    name: str
+    variant: str = "none"
+    drop_ratio: float | tuple[float, ...] = 0.0
+    model: str | None = None  # None: the scale's model
+    model_overrides: tuple[tuple[str, object], ...] = ()
+    final_epochs_without_drop: int = 0
+    epochs: int | None = None  # None: the scale's epochs
+    group: str = ""
+
+
+def _depth(s: Scale) -> int:
+    from dropkey.models import MODEL_CONFIGS  # torch: imported only when arms are built
+
+    return MODEL_CONFIGS[s.model].depth
+
+
+def _regulariser_arms(s: Scale) -> tuple[Arm, ...]:
+    """No regulariser, post-softmax dropout and DropKey at the same ratio."""
+    r = s.drop_ratio
+    return (Arm("none"), Arm("dropout", "dropout", r), Arm("dropkey", "dropkey", r))
+
+
+def _schedule_arms(s: Scale) -> tuple[Arm, ...]:
+    depth, r = _depth(s), s.drop_ratio
+    spread = s.schedule_spread
+    return (
+        Arm("constant", "dropkey", r),  # the same run as the other experiments' DropKey arm
+        Arm("decreasing", "dropkey", schedules.schedule("linear_decreasing", depth, mean=r, spread=spread)),
+        Arm("increasing", "dropkey", schedules.schedule("linear_increasing", depth, mean=r, spread=spread)),
+    )
+
+
+def _alignment_arms(s: Scale) -> tuple[Arm, ...]:
+    r = s.drop_ratio
+    return (
+        Arm("dropkey", "dropkey", r),
+        Arm("finetune", "dropkey", r, final_epochs_without_drop=s.finetune_epochs),
+    )
+
+
+def _structured_arms(s: Scale) -> tuple[Arm, ...]:
+    r = s.drop_ratio
+    return (Arm("dropkey", "dropkey", r), Arm("block", "dropkey_block", r), Arm("cross", "dropkey_cross", r))
+
+
+def _collapse_arms(s: Scale) -> tuple[Arm, ...]:
+    """Plain, Re-attention (second half of the blocks), DropKey, both: at every depth of the sweep."""
+    arms = []
+    for depth in s.collapse_depths:
+        base = (("depth", depth),)
+        reattention = base + (("reattention_blocks", tuple(range(depth // 2, depth))),)
+        common = dict(model=s.collapse_model, epochs=s.collapse_epochs, group=f"depth={depth}")
+        arms += [
+            Arm("plain", model_overrides=base, **common),
+            Arm("reattention", model_overrides=reattention, **common),
+            Arm("dropkey", "dropkey", s.drop_ratio, model_overrides=base, **common),
+            Arm("dropkey+reattention", "dropkey", s.drop_ratio, model_overrides=reattention, **common),
+        ]
+    return tuple(arms)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment: what it asks, the claims it measures, and its arms at a given scale."""
+
+    name: str
+    title: str
+    question: str
+    claims: tuple[str, ...]
+    arms: Callable[[Scale], tuple[Arm, ...]]
+    monte_carlo_arms: tuple[str, ...] = ()  # arms also evaluated with Monte-Carlo inference
+
+
+EXPERIMENTS: tuple[Experiment, ...] = (
+    Experiment(
+        "attention_dynamics",
+        "Attention dynamics on a real ViT: peaks, entropy and the gradient on the peak",
+        "Does DropKey's gradient dynamics shrink attention peaks in a trained ViT, compared with no regulariser "
+        "and with post-softmax dropout at the same ratio?",
+        ("vit-attention-peaks",),
+        _regulariser_arms,
+    ),
+    Experiment(
+        "accuracy",
+        "Accuracy: no regulariser vs post-softmax dropout vs DropKey",
+        "Does DropKey improve top-1 accuracy over no attention regulariser and over post-softmax dropout "
+        "(the paper's small-data setting)?",
+        ("vit-accuracy",),
+        _regulariser_arms,
+    ),
+    Experiment(
+        "schedules",
+        "Drop-ratio schedules over depth at the same mean ratio",
+        "Does a drop ratio that decreases with depth beat a constant (and an increasing) one at the same mean?",
+        ("vit-schedule",),
+        _schedule_arms,
+    ),
+    Experiment(
+        "alignment",
+        "Train/test alignment: plain inference, Monte-Carlo inference, fine-tuning without DropKey",
+        "Does aligning training and inference (averaging K DropKey passes, or training the last epochs without "
+        "DropKey) beat plain inference of a DropKey-trained ViT?",
+        ("vit-alignment",),
+        _alignment_arms,
+        monte_carlo_arms=("dropkey",),
+    ),
+    Experiment(
+        "structured",
+        "Structured masks: DropKey vs DropKey-Block vs DropKey-Cross",
+        "Do structured (block, cross) DropKey masks at the same expected drop ratio bring any gain?",
+        ("vit-structured",),
+        _structured_arms,
+    ),
+    Experiment(
+        "collapse",
+        "Attention collapse across depth (DeepViT) with Re-attention and DropKey",
+        "Do the attention maps of a deep plain ViT's top blocks collapse to near-identical ones, and do "
+        "Re-attention and DropKey (alone or together) reduce that cross-layer similarity?",
+        ("deepvit-collapse", "deepvit-reattention", "dropkey-collapse"),
+        _collapse_arms,
+    ),
+)
+EXPERIMENT_NAMES = tuple(e.name for e in EXPERIMENTS)
+
+
+def experiment(name: str) -> Experiment:
+    """The named experiment (ValueError naming the allowed names otherwise)."""
+    for candidate in EXPERIMENTS:
+        if candidate.name == name:
+            return candidate
+    raise ValueError(f"experiment must be one of {EXPERIMENT_NAMES}, got {name!r}")
+
+
+def arm_record(arm: Arm) -> dict[str, object]:
+    """An arm as JSON-ready data."""
+    record = dataclasses.asdict(arm)
+    record["model_overrides"] = {k: v for k, v in arm.model_overrides}
+    return record

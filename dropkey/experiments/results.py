@@ -1,0 +1,158 @@
+"""Run an experiment end to end and write / read its result folder (see :mod:`dropkey.experiments`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dropkey.experiments import analysis
+from dropkey.experiments.definitions import arm_record, experiment, scale
+from dropkey.experiments.runner import RunSpec, execute_all, train_config
+from dropkey.provenance import provenance
+from dropkey.storage import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_RESULTS_DIR", "DEFAULT_RUNS_DIR", "ExperimentResult", "load_result", "result_folder",
+           "run_experiment", "run_specs"]
+
+DEFAULT_RUNS_DIR = Path("runs") / "experiments"
+DEFAULT_RESULTS_DIR = Path("results")
+COMPLETE_MARKER = "provenance.json"
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """A finished experiment as read back from its result folder."""
+
+    name: str
+    scale: str
+    folder: Path
+    runs: pd.DataFrame
+    attention: pd.DataFrame
+    finals: pd.DataFrame
+    monte_carlo: pd.DataFrame
+    comparisons: pd.DataFrame
+    measurements: pd.DataFrame
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    provenance: dict[str, Any]
+
+
+def result_folder(results_dir: str | os.PathLike[str], scale_name: str, name: str) -> Path:
+    return Path(results_dir) / scale_name / name
+
+
+def run_specs(
+    name: str, scale_name: str, *, runs_dir: str | os.PathLike[str] = DEFAULT_RUNS_DIR,
+    data_dir: str | os.PathLike[str] | None = None, device: str = "auto", seeds: Sequence[int] | None = None,
+) -> list[RunSpec]:
+    """Every run of the experiment at that scale (arm-major, then seed)."""
+    spec, s = experiment(name), scale(scale_name)
+    chosen = tuple(s.seeds if seeds is None else seeds)
+    if not chosen:
+        raise ValueError("seeds must name at least one seed")
+    specs = []
+    for arm in spec.arms(s):
+        monte_carlo = s.mc_samples if arm.name in spec.monte_carlo_arms else ()
+        for seed in chosen:
+            config = train_config(s, arm, seed, runs_dir=runs_dir, data_dir=data_dir, device=device)
+            specs.append(RunSpec(arm, seed, config, monte_carlo))
+    return specs
+
+
+def _csv(frame: pd.DataFrame) -> str:
+    return frame.to_csv(index=False, float_format="%.10g", lineterminator="\n")
+
+
+def run_experiment(
+    name: str,
+    scale_name: str,
+    *,
+    runs_dir: str | os.PathLike[str] = DEFAULT_RUNS_DIR,
+    results_dir: str | os.PathLike[str] = DEFAULT_RESULTS_DIR,
+    data_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    seeds: Sequence[int] | None = None,
+    jobs: int = 1,
+    progress: bool = False,
+    command: Sequence[str] | None = None,
+) -> ExperimentResult:
+    """Train what is missing, analyse every run, write the result folder; return it as read back."""
+    spec, s = experiment(name), scale(scale_name)
+    specs = run_specs(name, scale_name, runs_dir=runs_dir, data_dir=data_dir, device=device, seeds=seeds)
+    started = time.perf_counter()
+    execute_all(specs, jobs=jobs, progress=progress, command=command)
+    elapsed = time.perf_counter() - started
+
+    metrics, attention, monte_carlo = analysis.run_tables(specs)
+    finals = analysis.final_quantities(specs, metrics, attention)
+    table = analysis.comparisons(name, finals, attention, monte_carlo)
+    measured = analysis.measurements(spec.claims, table, scale=scale_name, experiment=name)
+    headline = {row.quantity: {"value": row.value, "standard_error": row.standard_error, "n": row.n}
+                for row in measured.itertuples()}
+    summary = {
+        "experiment": name, "scale": scale_name, "question": spec.question, "claims": list(spec.claims),
+        "measurements": headline, "runs": len(specs), "seeds": sorted({x.seed for x in specs}),
+        "median_images_per_s": analysis.throughput(finals),
+        "training_wall_time_s_sum": float(metrics.groupby("run_key")["wall_time_s"].max().sum()),
+    }
+    config = {
+        "experiment": name, "scale": vars(s) | {"seeds": list(s.seeds)},
+        "arms": [arm_record(arm) for arm in dict.fromkeys(x.arm for x in specs)],
+        "runs": [{"arm": x.arm.name, "group": x.arm.group, "seed": x.seed, "run_key": x.folder.name,
+                  "monte_carlo": list(x.monte_carlo), "train_config": x.config.to_dict()} for x in specs],
+    }
+    for run in config["runs"]:  # where a run's files lived on this machine is not part of the result
+        run["train_config"].pop("out_dir"), run["train_config"].pop("data_dir")
+    folder = result_folder(results_dir, scale_name, name)
+    (folder / COMPLETE_MARKER).unlink(missing_ok=True)  # incomplete until provenance.json is rewritten
+    files = {"runs.csv": metrics, "attention.csv": attention, "finals.csv": finals, "comparisons.csv": table,
+             "measurements.csv": measured}
+    if len(monte_carlo):
+        files["monte_carlo.csv"] = monte_carlo
+    for filename, frame in files.items():
+        write_text_atomic(folder / filename, _csv(frame))
+    write_json_atomic(folder / "summary.json", analysis.json_ready(summary))
+    write_json_atomic(folder / "config.json", analysis.json_ready(config))
+    record = provenance(None, list(command) if command is not None else None)
+    record.update(seeds=summary["seeds"], scale=scale_name, experiment=name, wall_time_s=elapsed,
+                  jobs=jobs, device=device)
+    write_json_atomic(folder / COMPLETE_MARKER, analysis.json_ready(record))
+    log.info("%s at %s scale: %d runs, results in %s", name, scale_name, len(specs), folder)
+    return load_result(results_dir, scale_name, name)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A result table; the empty ``group`` label (no sweep) reads back as "" rather than NaN."""
+    missing = {column: ["", "nan", "NaN"] for column in pd.read_csv(path, nrows=0).columns if column != "group"}
+    return pd.read_csv(path, dtype={"group": str}, keep_default_na=False, na_values=missing)
+
+
+def load_result(results_dir: str | os.PathLike[str], scale_name: str, name: str) -> ExperimentResult:
+    """Read a complete result folder (FileNotFoundError naming it if incomplete or absent)."""
+    import json
+
+    folder = result_folder(results_dir, scale_name, name)
+    if not (folder / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(
+            f"no complete {name} result at {scale_name} scale in {folder}: run "
+            f"`dropkey-lab experiment {name} --scale {scale_name}`"
+        )
+    read = lambda filename: json.loads((folder / filename).read_text(encoding="utf-8"))  # noqa: E731
+    mc_path = folder / "monte_carlo.csv"
+    return ExperimentResult(
+        name=name, scale=scale_name, folder=folder,
+        runs=_read_csv(folder / "runs.csv"), attention=_read_csv(folder / "attention.csv"),
+        finals=_read_csv(folder / "finals.csv"),
+        monte_carlo=_read_csv(mc_path) if mc_path.is_file() else pd.DataFrame(),
+        comparisons=_read_csv(folder / "comparisons.csv"), measurements=_read_csv(folder / "measurements.csv"),
+        summary=read("summary.json"), config=read("config.json"), provenance=read(COMPLETE_MARKER),
+    )

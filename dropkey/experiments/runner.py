@@ -1,0 +1,211 @@
+"""Train (or reuse) the runs of an experiment, then evaluate Monte-Carlo inference where asked.
+
+Runs live in ``runs_dir/<key>/``, ``key`` a hash of the run's whole :class:`TrainConfig`
+(except where its files go and whether bars are shown), so a run needed by several
+experiments is trained once. A run folder is the trainer's (``config.json``,
+``provenance.json``, ``metrics.csv``, ``diagnostics.csv``, ``checkpoint.pt``) plus, for
+Monte-Carlo arms, ``monte_carlo.csv``, and finally ``complete.json`` (written last,
+atomically): a folder with it is done and is never recomputed. An interrupted run resumes
+from its last epoch checkpoint, bit-exactly (:func:`dropkey.train.train` with
+``resume=True``), so a crashed experiment loses at most one epoch per run.
+
+Runs are independent, so ``jobs > 1`` trains them in that many worker processes (spawned,
+each with ``cpu_count // jobs`` torch threads): on a 2-core CPU two single-threaded tiny
+ViTs train faster together than one after the other with two threads each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dropkey.experiments.definitions import Arm, Scale
+from dropkey.storage import write_json_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "complete.json"
+MONTE_CARLO_FILE = "monte_carlo.csv"
+# TrainConfig fields that do not change what a run computes (where files go, bars, checks)
+_NOT_IN_KEY = ("out_dir", "progress", "data_dir", "verify_data")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of an experiment: the arm, the seed and the full config."""
+
+    arm: Arm
+    seed: int
+    config: Any  # dropkey.train.TrainConfig (Any: keeps this module importable without torch work)
+    monte_carlo: tuple[int, ...] = ()  # K values to evaluate (empty: none)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.config.out_dir)
+
+
+def run_key(config: Any) -> str:
+    """16 hex digits identifying what a run computes (its config without the output-only fields)."""
+    record = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY}
+    text = json.dumps(record, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def train_config(
+    s: Scale,
+    arm: Arm,
+    seed: int,
+    *,
+    runs_dir: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+) -> Any:
+    """The TrainConfig of ``arm`` at scale ``s`` with ``seed``; ``out_dir`` is its run folder."""
+    from dropkey.train import TrainConfig
+
+    config = TrainConfig(
+        dataset=s.dataset, data_dir=None if data_dir is None else str(data_dir), train_subset=s.train_subset,
+        model=arm.model or s.model, attn_variant=arm.variant, drop_ratio=arm.drop_ratio,
+        model_overrides=arm.model_overrides, final_epochs_without_drop=arm.final_epochs_without_drop,
+        epochs=arm.epochs or s.epochs, batch_size=s.batch_size, lr=s.lr, warmup_epochs=s.warmup_epochs,
+        seed=seed, eval_batch_size=s.eval_batch_size, device=device, progress=False, out_dir="pending",
+    )
+    return dataclasses.replace(config, out_dir=str(Path(runs_dir) / run_key(config)))
+
+
+def is_complete(folder: Path) -> bool:
+    return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
+def _load_trained_model(folder: Path, config: Any, device: torch.device) -> tuple[torch.nn.Module, Any]:
+    """The run's final model (weights from its checkpoint) and its input normalisation."""
+    from dropkey.augment import Normalize
+    from dropkey.models import VisionTransformer
+    from dropkey.train import CHECKPOINT
+
+    state = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
+    resolved = json.loads((folder / "config.json").read_text(encoding="utf-8"))["resolved"]
+    # Monte-Carlo masks: a stream of their own, derived from the run's seed
+    mask_seed = int(np.random.SeedSequence([config.seed, 1]).generate_state(1, np.uint32)[0])
+    model_config = dataclasses.replace(config.model_config(), mask_seed=mask_seed)
+    model = VisionTransformer(model_config).to(device)
+    model.load_state_dict(state["model"])
+    return model, Normalize(resolved["normalize_mean"], resolved["normalize_std"])
+
+
+def monte_carlo_accuracy(folder: Path, config: Any, ks: Sequence[int], device: torch.device) -> pd.DataFrame:
+    """Test accuracy of plain inference (k = 0) and of the mean of k DropKey passes' probabilities.
+
+    One pass of max(ks) samples per test batch; the running mean is scored at every k.
+    The DropKey masks come from the model's own per-block generators, seeded from the
+    run's seed, so the numbers are reproducible.
+    """
+    from dropkey import data as datasets
+    from dropkey.inference import monte_carlo_predict
+
+    model, normalize = _load_trained_model(folder, config, device)
+    options = {"verify": config.verify_data} if config.dataset != "digits" else {}
+    test = datasets.load_dataset(config.dataset, "test", config.data_dir, **options)
+    ks = sorted(set(int(k) for k in ks))
+    correct = dict.fromkeys([0, *ks], 0)
+    model.eval()
+    for start in range(0, len(test), config.eval_batch_size):
+        images = normalize(test.images[start : start + config.eval_batch_size]).to(device)
+        labels = test.labels[start : start + config.eval_batch_size].to(device)
+        with torch.no_grad():
+            correct[0] += int((model(images).argmax(-1) == labels).sum())
+        total = None
+        for k in range(1, ks[-1] + 1):
+            sample = monte_carlo_predict(model, images, 1)
+            total = sample if total is None else total + sample
+            if k in correct:
+                correct[k] += int((total.argmax(-1) == labels).sum())
+    return pd.DataFrame(
+        {"k": list(correct), "test_acc": [c / len(test) for c in correct.values()]}
+    )
+
+
+def _final_row(folder: Path) -> dict[str, Any]:
+    metrics = pd.read_csv(folder / "metrics.csv")
+    return {key: (value.item() if hasattr(value, "item") else value) for key, value in metrics.iloc[-1].items()}
+
+
+def _has_monte_carlo(folder: Path, ks: Sequence[int]) -> bool:
+    path = Path(folder) / MONTE_CARLO_FILE
+    return path.is_file() and set(ks) <= set(pd.read_csv(path)["k"])
+
+
+def needs_work(spec: RunSpec) -> bool:
+    """True unless the run is complete and has every Monte-Carlo evaluation it asks for."""
+    return not is_complete(spec.folder) or bool(spec.monte_carlo and not _has_monte_carlo(spec.folder, spec.monte_carlo))
+
+
+def execute(spec: RunSpec, command: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train ``spec`` (resuming its checkpoint if any) and evaluate it; a no-op if already done."""
+    from dropkey.train import resolve_device, train
+
+    folder = spec.folder
+    with torch.random.fork_rng():  # the trainer seeds the global RNGs; leave the caller's alone
+        if not is_complete(folder):
+            train(spec.config, resume=True, command=list(command or ["dropkey-lab", "experiment"]))
+        if spec.monte_carlo and not _has_monte_carlo(folder, spec.monte_carlo):
+            frame = monte_carlo_accuracy(folder, spec.config, spec.monte_carlo, resolve_device(spec.config, 0))
+            write_text_atomic(folder / MONTE_CARLO_FILE, frame.to_csv(index=False, lineterminator="\n"))
+    if not is_complete(folder):
+        record = {"run_key": folder.name, "arm": spec.arm.name, "seed": spec.seed, "final": _final_row(folder)}
+        write_json_atomic(folder / COMPLETE_MARKER, record)
+    return json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def execute_all(
+    specs: Sequence[RunSpec], *, jobs: int = 1, progress: bool = False, command: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Run every spec not yet complete (in ``jobs`` processes); return their completion records in order."""
+    from tqdm.auto import tqdm
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    unique: dict[Path, RunSpec] = {}
+    for spec in specs:
+        if spec.folder in unique and unique[spec.folder].monte_carlo != spec.monte_carlo:
+            # the same run asked with and without Monte-Carlo evaluation: evaluate it
+            spec = dataclasses.replace(spec, monte_carlo=tuple(sorted(set(spec.monte_carlo) | set(unique[spec.folder].monte_carlo))))
+        unique[spec.folder] = spec
+    pending = [spec for spec in unique.values() if needs_work(spec)]
+    log.info("%d runs, %d already complete, %d to train", len(unique), len(unique) - len(pending), len(pending))
+    bar = tqdm(total=len(pending), desc="training runs", unit="run", disable=not progress)
+    try:
+        if jobs == 1 or len(pending) <= 1:
+            for spec in pending:
+                bar.set_postfix_str(f"{spec.arm.group or ''} {spec.arm.name} seed {spec.seed}".strip())
+                execute(spec, command)
+                bar.update()
+        else:
+            import multiprocessing
+
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+                futures = [pool.submit(execute, spec, command) for spec in pending]
+                for future in as_completed(futures):
+                    future.result()  # re-raise a worker's error here
+                    bar.update()
+    finally:
+        bar.close()
+    return [execute(unique[spec.folder], command) for spec in specs]
