@@ -10,14 +10,26 @@ attention layers) and every module whose class name contains ``DropKey``,
 only, *not recursively*, so a non-stochastic child (e.g. a norm layer inside an
 attention block) stays in eval. Every module's ``training`` flag is restored
 afterwards, whatever happens. The passes run under :func:`torch.no_grad`.
+
+Reproducibility (``generator=``): the passes run inside :func:`torch.random.fork_rng`
+seeded from ``generator`` (for modules drawing from the global RNG), and every module
+that owns its mask generator (``owns_generator``, e.g. a DropKeyAttention built with
+``generator=`` or a model's ``mask_seed``) draws from a child seed instead
+(:class:`numpy.random.SeedSequence` of the seed, one child per such module, in
+``model.modules()`` order) through its ``generator_override``. Its own generator is set
+aside, untouched, and comes back on return, so the model's training stream goes on
+exactly where it was. Without ``generator`` the passes draw from the module generators
+and the global RNG as a training forward would (and advance them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,6 +63,16 @@ def _seed_from(generator: GeneratorLike) -> Optional[int]:
     return int(generator)
 
 
+def _owns_generator(module: nn.Module) -> bool:
+    return bool(getattr(module, "owns_generator", False)) and callable(getattr(module, "generator_override", None))
+
+
+def _child_seeds(seed: int, count: int) -> list[int]:
+    """``count`` independent 63-bit seeds derived from ``seed`` (numpy SeedSequence children)."""
+    children = np.random.SeedSequence(seed % 2**64).spawn(count)
+    return [int(child.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)) for child in children]
+
+
 def monte_carlo_predict(
     model: nn.Module,
     x: torch.Tensor,
@@ -68,8 +90,10 @@ def monte_carlo_predict(
     ``stochastic`` (see the module doc) run in training mode; all others are in
     eval; every module's mode is restored on return. ``generator`` (a
     :class:`torch.Generator` or int seed) makes the result reproducible: the passes
-    run inside :func:`torch.random.fork_rng` seeded from it, so the caller's global
-    RNG state is left untouched. Returns a float tensor (B, C).
+    run inside :func:`torch.random.fork_rng` seeded from it, and modules with their
+    own mask generator draw from child seeds of it (see the module doc), so the same
+    seed gives the same result, and neither the caller's global RNG state nor the
+    modules' own generators are changed. Returns a float tensor (B, C).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -86,13 +110,18 @@ def monte_carlo_predict(
     if not selected:
         logger.warning("monte_carlo_predict: no stochastic module found; all %d passes are identical", num_samples)
     devices = [x.device] if x.device.type == "cuda" else []
+    owners = [module for module in model.modules() if _owns_generator(module)] if seed is not None else []
     try:
         model.eval()
         for module in selected:
             module.training = True  # this module only, not its children
-        with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(torch.random.fork_rng(devices=devices, enabled=seed is not None))
             if seed is not None:
                 torch.manual_seed(seed)
+                for module, child in zip(owners, _child_seeds(seed, len(owners)), strict=True):
+                    stack.enter_context(module.generator_override(child))
             total: Optional[torch.Tensor] = None
             for _ in range(int(num_samples)):
                 logits = model(x)

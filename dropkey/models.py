@@ -328,6 +328,7 @@ MODEL_CONFIGS: dict[str, ViTConfig] = {
     ),
     # Fashion-MNIST (28x28x1)
     "vit_tiny_28": ViTConfig(**_FASHION, dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
+    "vit_small_28": ViTConfig(**_FASHION, dim=128, depth=6, num_heads=4, mlp_ratio=2.0),
     "vit_tiny_28_p7": ViTConfig(**{**_FASHION, "patch_size": 7}, dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
     "deepvit_tiny_28": ViTConfig(**_FASHION, dim=64, depth=4, num_heads=4, mlp_ratio=2.0, reattention_blocks=(2, 3)),
     # scikit-learn digits (8x8x1)

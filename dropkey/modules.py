@@ -37,12 +37,43 @@ on them (see :mod:`dropkey.diagnostics`) see the tensors without changing them:
 - ``maps_probe``     the maps (B, H, N, N) that multiply V (after Re-attention if any).
 
 The probes hold no parameters, so the state_dict keys stay timm's.
+
+timm compatibility (``timm.layers.Attention``, checked against timm's current source):
+
+- the constructor takes timm's keywords ``qk_norm`` (``q_norm``/``k_norm``: ``norm_layer``
+  over ``head_dim``, applied to q and k of every head; ``nn.Identity`` when off),
+  ``scale_norm`` (``norm``: ``norm_layer`` over the attention output before ``proj``),
+  ``proj_bias``, ``attn_drop``, ``proj_drop``, ``norm_layer`` (default: ``nn.LayerNorm``
+  when a norm is asked for), ``attn_head_dim``, ``dim_out``, ``device`` and ``dtype``, with
+  timm's submodule names, so timm's ``state_dict`` loads as is in every configuration;
+- ``attn_drop`` is timm's post-softmax attention dropout. It is another name for the rate
+  of ``variant="dropout"``: with ``variant`` not given (or ``"dropout"``) and
+  ``drop_ratio == 0``, ``attn_drop=r`` gives ``variant="dropout"``, ``drop_ratio=r``
+  (what timm does). Giving ``attn_drop > 0`` together with ``drop_ratio > 0``, or with
+  another explicit ``variant``, raises ValueError (a regulariser is picked by ``variant``
+  and its rate is ``drop_ratio``; use those for DropKey);
+- ``forward(x, attn_mask=None, is_causal=False, *, return_weights=False)``: ``attn_mask``
+  is a bool mask (True = takes part) or an additive float mask (of the inputs' dtype),
+  broadcastable to (B, H, N, N), as in ``F.scaled_dot_product_attention``; ``is_causal``
+  masks the keys after each query; the two exclude each other (ValueError), as in SDPA.
+  Without a regulariser (eval mode, ``drop_ratio == 0``, ``variant="none"``) the result is
+  timm's, bit for bit (fused: the same SDPA call; reference: logits + additive mask,
+  softmax). With one, the caller's mask is added to the logits and the regulariser's keep
+  mask is combined with it before the softmax (reference path): a key takes part iff the
+  caller allows it and the regulariser keeps it. ``all_dropped`` then applies to rows where
+  the caller allows keys but the regulariser dropped all of them: ``zero`` -> 0,
+  ``uniform`` -> 1 / n over the n keys the caller allows, ``undropped`` -> the softmax with
+  the caller's mask only. Rows the caller's mask leaves empty get weights 0 under the
+  DropKey-family variants (plain attention and ``"dropout"`` give what timm gives there:
+  SDPA's output, or NaN on the reference path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import numbers
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +109,53 @@ def _check_option(value: object, allowed: tuple[str, ...], *, name: str) -> str:
     return value
 
 
+def _check_bool(value: object, *, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _resolve_variant(variant: object, drop_ratio: float, attn_drop: float) -> tuple[str, float]:
+    """(variant, drop_ratio) from the arguments, with timm's ``attn_drop`` mapped (see the module doc)."""
+    if variant is not None:
+        variant = _check_option(variant, VARIANTS, name="variant")
+    if attn_drop == 0.0:
+        return ("dropkey" if variant is None else variant), drop_ratio
+    if drop_ratio > 0.0:
+        raise ValueError(
+            f"give the attention regulariser's rate once: drop_ratio={drop_ratio!r} (for variant) or "
+            f"timm's attn_drop={attn_drop!r} (post-softmax dropout), not both"
+        )
+    if variant not in (None, "dropout"):
+        raise ValueError(
+            f"attn_drop is timm's post-softmax dropout and needs variant None or 'dropout', got "
+            f"variant={variant!r}; give that variant's rate as drop_ratio instead"
+        )
+    return "dropout", attn_drop
+
+
+def _attn_bias(logits: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor | None:
+    """The caller's mask as an additive bias for ``logits`` (-inf = excluded), or None (timm's rule)."""
+    if is_causal:
+        return logits.new_full(logits.shape[-2:], float("-inf")).triu_(1)
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros_like(attn_mask, dtype=logits.dtype).masked_fill_(~attn_mask, float("-inf"))
+
+
+def _masked_softmax_within(logits: Tensor, keep: Tensor, allowed: Tensor, all_dropped: str) -> Tensor:
+    """Softmax over the keys both masks keep; ``all_dropped`` among the caller-``allowed`` keys."""
+    kept = keep & allowed
+    # finite logits outside `allowed` (excluded anyway): rows left empty get 0, not NaN, in backward too
+    logits = logits.masked_fill(~allowed, 0.0)
+    weights = functional.masked_softmax(logits, kept, all_dropped="zero")
+    if all_dropped == "zero":
+        return weights
+    source = logits if all_dropped == "undropped" else torch.zeros_like(logits)  # uniform: equal logits
+    fallback = functional.masked_softmax(source, allowed, all_dropped="zero")
+    return torch.where(kept.any(dim=-1, keepdim=True), weights, fallback)
+
+
 def _check_generator(generator: object) -> torch.Generator | int | None:
     if generator is None or isinstance(generator, torch.Generator):
         return generator
@@ -97,7 +175,7 @@ class DropKeyAttention(nn.Module):
         drop_ratio: float = 0.0,
         proj_drop: float = 0.0,
         *,
-        variant: str = "dropkey",
+        variant: str | None = None,
         all_dropped: str = "uniform",
         backend: str = "auto",
         reattention: str | None = None,
@@ -110,14 +188,40 @@ class DropKeyAttention(nn.Module):
         fused_attn: bool = True,
         proj_bias: bool = True,
         generator: torch.Generator | int | None = None,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        attn_drop: float = 0.0,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        attn_head_dim: int | None = None,
+        dim_out: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        """``variant=None`` means ``"dropkey"`` (``"dropout"`` when only timm's ``attn_drop`` is given).
+
+        The keywords after ``generator`` are timm's (see the module doc).
+        """
         super().__init__()
         dim = _check_int(dim, name="dim", minimum=1)
         num_heads = _check_int(num_heads, name="num_heads", minimum=1)
-        if dim % num_heads != 0:
-            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
-        self.variant = _check_option(variant, VARIANTS, name="variant")
-        self.drop_ratio = _check_ratio(drop_ratio, name="drop_ratio")
+        if attn_head_dim is None:
+            if dim % num_heads != 0:
+                raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+            head_dim = dim // num_heads
+        else:
+            head_dim = _check_int(attn_head_dim, name="attn_head_dim", minimum=1)
+        dim_out = dim if dim_out is None else _check_int(dim_out, name="dim_out", minimum=1)
+        qk_norm = _check_bool(qk_norm, name="qk_norm")
+        scale_norm = _check_bool(scale_norm, name="scale_norm")
+        if norm_layer is None:
+            norm_layer = nn.LayerNorm
+        elif not callable(norm_layer):
+            raise ValueError(
+                f"norm_layer must be a callable building a norm module (e.g. nn.LayerNorm) or None, got {norm_layer!r}"
+            )
+        self.variant, self.drop_ratio = _resolve_variant(
+            variant, _check_ratio(drop_ratio, name="drop_ratio"), _check_ratio(attn_drop, name="attn_drop")
+        )
         if self.variant == "none" and self.drop_ratio > 0.0:
             raise ValueError(f"drop_ratio must be 0 for variant='none', got {self.drop_ratio!r}")
         self.all_dropped = _check_option(
@@ -139,21 +243,30 @@ class DropKeyAttention(nn.Module):
         self.grid = grid
 
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim
+        self.attn_dim = num_heads * head_dim
         self.scale = self.head_dim**-0.5
         self.fused_attn = bool(fused_attn)
         self.record_weights = bool(record_weights)
         self.set_generator(generator)
         self.last_weights: Tensor | None = None  # maps of the last forward, if record_weights
 
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        factory = {"device": device, "dtype": dtype}
+        norm_factory = {k: v for k, v in factory.items() if v is not None}  # timm's norms take them; others may not
+        # registration order = timm's state_dict order: qkv, q_norm, k_norm, norm, proj
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **factory)
+        self.q_norm = norm_layer(head_dim, **norm_factory) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(head_dim, **norm_factory) if qk_norm else nn.Identity()
         self.logits_probe = nn.Identity()  # (B, H, N, N) logits, reference path only
         self.weights_probe = nn.Identity()  # (B, H, N, N) post-softmax weights after the drop
         self.reattention = (
             None if reattention is None else build_reattention(reattention, num_heads, init=reattention_init)
         )
+        if self.reattention is not None and norm_factory:
+            self.reattention.to(**norm_factory)
         self.maps_probe = nn.Identity()  # (B, H, N, N) maps that multiply V
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.norm = norm_layer(self.attn_dim, **norm_factory) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **factory)
         self.proj_drop = nn.Dropout(_check_ratio(proj_drop, name="proj_drop"))
 
     # --- configuration --------------------------------------------------------------
@@ -182,6 +295,26 @@ class DropKeyAttention(nn.Module):
                 log.info("mask generator moved to %s and reseeded with %d", device, self._seed)
             self.generator = torch.Generator(device=device).manual_seed(self._seed)
         return self.generator
+
+    @property
+    def owns_generator(self) -> bool:
+        """True when masks come from this module's own generator (int seed or torch.Generator), not the global RNG."""
+        return self._seed is not None or self.generator is not None
+
+    @contextlib.contextmanager
+    def generator_override(self, generator: torch.Generator | int | None) -> Iterator[DropKeyAttention]:
+        """Draw masks from ``generator`` inside the ``with`` block, as :meth:`set_generator` would.
+
+        On exit the module's own generator comes back untouched: the same object in the
+        same state (it is set aside, not reseeded), so its training stream goes on exactly
+        where it was. Used by :func:`dropkey.inference.monte_carlo_predict`.
+        """
+        saved = (self._seed, self.generator)
+        self.set_generator(generator)
+        try:
+            yield self
+        finally:
+            self._seed, self.generator = saved
 
     @property
     def regularising(self) -> bool:
@@ -234,16 +367,63 @@ class DropKeyAttention(nn.Module):
 
     # --- attention on per-head tensors ----------------------------------------------
 
-    def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, *, need_weights: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
-        """q, k (B, H, N, D), v (B, H, N, Dv) -> (output (B, H, N, Dv), maps (B, H, N, N) or None)."""
-        if need_weights or self.uses_reference_path:
-            return self._reference_attention(q, k, v)
-        return self._fused_attention(q, k, v), None
+    def _check_attn_mask(self, attn_mask: object, is_causal: object, q: Tensor, k: Tensor) -> None:
+        if not isinstance(is_causal, bool):
+            raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
+        if attn_mask is None:
+            return
+        if not isinstance(attn_mask, Tensor):
+            raise ValueError(
+                "attn_mask must be a torch.Tensor (bool: True = takes part, or an additive float mask) "
+                f"or None, got {type(attn_mask).__name__} (return_weights is keyword-only)"
+            )
+        if is_causal:
+            raise ValueError("attn_mask and is_causal=True exclude each other (as in scaled_dot_product_attention)")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            raise ValueError(
+                f"attn_mask must be torch.bool or of the inputs' dtype ({q.dtype}), got {attn_mask.dtype}"
+            )
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask must be on the inputs' device ({q.device}), got {attn_mask.device}")
+        target = (*q.shape[:-1], k.shape[-2])
+        try:
+            fits = torch.broadcast_shapes(attn_mask.shape, target) == torch.Size(target)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} must be broadcastable to (B, H, N, N) = {target}"
+            )
 
-    def _fused_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        need_weights: bool = False,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """q, k (B, H, N, D), v (B, H, N, Dv) -> (output (B, H, N, Dv), maps (B, H, N, N) or None).
+
+        ``attn_mask`` / ``is_causal``: the caller's mask, as in :meth:`forward`.
+        """
+        self._check_attn_mask(attn_mask, is_causal, q, k)
+        masked = attn_mask is not None or is_causal
+        if need_weights or self.uses_reference_path or (masked and self.regularising):
+            return self._reference_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self._fused_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal), None
+
+    def _fused_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Tensor:
         if not self.regularising:
+            if attn_mask is not None or is_causal:
+                if self.backend == "reference":
+                    return self._reference_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)[0]
+                # timm's fused call verbatim (every other backend's plain attention is SDPA)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
             if self.backend == "auto":
                 # timm's fused call verbatim (default scale == self.scale): matches timm bit for bit
                 return F.scaled_dot_product_attention(q, k, v)
@@ -262,9 +442,14 @@ class DropKeyAttention(nn.Module):
             q, k, v, keep, all_dropped=self.all_dropped, scale=self.scale, backend=self.backend
         )
 
-    def _reference_attention(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def _reference_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> tuple[Tensor, Tensor]:
         logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N), timm's order of operations
         logits = self.logits_probe(logits)
+        bias = _attn_bias(logits, attn_mask, is_causal)
+        if bias is not None:
+            logits = logits + bias  # timm's maybe_add_mask
         if not self.regularising:
             weights = logits.softmax(dim=-1)
         elif self.variant == "dropout":  # timm's attn_drop, same mask as the fused path
@@ -272,7 +457,10 @@ class DropKeyAttention(nn.Module):
             weights = (logits.softmax(dim=-1) / (1.0 - self.drop_ratio)).masked_fill(drop, 0.0)
         else:
             keep = self.keep_mask(tuple(logits.shape), device=logits.device)
-            weights = functional.masked_softmax(logits, keep, all_dropped=self.all_dropped)
+            if bias is None:
+                weights = functional.masked_softmax(logits, keep, all_dropped=self.all_dropped)
+            else:
+                weights = _masked_softmax_within(logits, keep, ~torch.isneginf(bias), self.all_dropped)
         weights = self.weights_probe(weights)
         maps = weights if self.reattention is None else self.reattention(weights)
         maps = self.maps_probe(maps)
@@ -282,14 +470,26 @@ class DropKeyAttention(nn.Module):
 
     # --- module forward ---------------------------------------------------------------
 
-    def forward(self, x: Tensor, return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """x (B, N, C) -> (B, N, C); with ``return_weights`` also the maps (B, H, N, N)."""
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """x (B, N, C) -> (B, N, dim_out); with ``return_weights`` also the maps (B, H, N, N).
+
+        ``attn_mask`` (bool, True = takes part, or additive float; broadcastable to
+        (B, H, N, N)) and ``is_causal`` as in timm's Attention (see the module doc).
+        """
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, D)
-        out, maps = self.attend(q, k, v, need_weights=return_weights)
-        out = out.transpose(1, 2).reshape(B, N, C)
-        out = self.proj_drop(self.proj(out))
+        q, k = self.q_norm(q), self.k_norm(k)
+        out, maps = self.attend(q, k, v, need_weights=return_weights, attn_mask=attn_mask, is_causal=is_causal)
+        out = out.transpose(1, 2).reshape(B, N, self.attn_dim)
+        out = self.proj_drop(self.proj(self.norm(out)))
         if return_weights:
             return out, maps
         return out

@@ -165,3 +165,29 @@ def test_recorder_similarity_frame_over_blocks():
     assert set(recorder.to_frame()["metric"]) == {"entropy", "peak"}
     with pytest.raises(ValueError, match="store_maps=True"):
         AttentionRecorder(model).similarity_frame()
+
+
+def test_timm_style_module_with_a_caller_mask_records_tidy_pandas_rows():
+    # qk_norm and an attn_mask (as timm's Block passes it): hooks still change nothing,
+    # and the recorder's result is a tidy pandas frame, one row per (layer, head, metric)
+    import pandas as pd
+
+    def build() -> DropKeyAttention:
+        torch.manual_seed(0)
+        return DropKeyAttention(16, 2, qkv_bias=True, qk_norm=True, drop_ratio=0.3, fused_attn=False, generator=2)
+
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    plain, observed = build().train(), build().train()
+    expected = plain(x, attn_mask=mask)
+    with AttentionRecorder(observed) as recorder:
+        out, weights = observed(x, attn_mask=mask, return_weights=True)
+    assert torch.equal(out, expected)
+    frame = recorder.to_frame()
+    assert isinstance(frame, pd.DataFrame)
+    assert list(frame.columns) == ["layer", "module", "head", "metric", "value", "count"]
+    assert len(frame) == len(frame.drop_duplicates(["layer", "head", "metric"])) == 2 * 2  # entropy, peak
+    entropy = frame.set_index(["metric", "head"])["value"]
+    by_hand = torch.special.entr(weights.double()).sum(-1).mean(dim=(0, 2))
+    torch.testing.assert_close(torch.tensor([entropy["entropy", 0], entropy["entropy", 1]]), by_hand)
+    assert (weights.masked_select(~mask.expand_as(weights)) == 0).all()

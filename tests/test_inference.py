@@ -105,6 +105,57 @@ def test_reproducible_and_global_rng_untouched():
     assert not torch.equal(a, monte_carlo_predict(model, x, 3, generator=6))
 
 
+def _seeded_vit():
+    """A real dropkey ViT whose attention layers own their mask generators (mask_seed)."""
+    from dropkey.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_8", attn_variant="dropkey", drop_ratio=0.5, mask_seed=3)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    return model, x
+
+
+@pytest.mark.parametrize("seed", [5, "generator"])
+def test_reproducible_for_models_with_their_own_mask_generators(seed):
+    model, x = _seeded_vit()
+    assert all(attn.owns_generator for attn in model.attention_modules)
+    make = (lambda: torch.Generator().manual_seed(5)) if seed == "generator" else (lambda: 5)
+    model.train()(x)  # the training stream has started: the module generators exist and moved on
+    a = monte_carlo_predict(model, x, 3, generator=make())
+    b = monte_carlo_predict(model, x, 3, generator=make())
+    assert torch.equal(a, b)
+    assert not torch.equal(a, monte_carlo_predict(model, x, 3, generator=6))
+    # and the passes are really stochastic (DropKey acts): K = 1 passes differ between seeds
+    assert not torch.equal(monte_carlo_predict(model, x, 1, generator=1), monte_carlo_predict(model, x, 1, generator=2))
+
+
+def test_seeded_passes_leave_the_modules_training_stream_as_it_was():
+    model, x = _seeded_vit()
+    twin, _ = _seeded_vit()
+    model.train(), twin.train()
+    assert torch.equal(model(x), twin(x))  # both streams started, in step
+    states = [attn.generator.get_state() for attn in model.attention_modules]
+    generators = [attn.generator for attn in model.attention_modules]
+    monte_carlo_predict(model, x, 3, generator=5)
+    assert [attn.generator for attn in model.attention_modules] == generators  # the same objects ...
+    assert all(torch.equal(a.generator.get_state(), s) for a, s in zip(model.attention_modules, states, strict=True))
+    assert all(attn._seed == 3 + i for i, attn in enumerate(model.attention_modules))  # ... and seeds
+    assert model.training and all(m.training for m in model.modules())
+    # the next training steps draw exactly the masks the twin (never MC-evaluated) draws
+    torch.manual_seed(9)
+    after = model(x)
+    torch.manual_seed(9)
+    assert torch.equal(after, twin(x))
+
+
+def test_unseeded_passes_draw_from_the_module_generators():
+    model, x = _seeded_vit()
+    before = [attn.generator for attn in model.attention_modules]
+    monte_carlo_predict(model, x, 2)
+    assert all(attn.generator is not None for attn in model.attention_modules)  # created and used
+    assert before == [None] * len(before)
+
+
 def test_deterministic_model_gives_one_pass(caplog):
     model = nn.Sequential(nn.Linear(3, 2))
     x = torch.randn(4, 3)

@@ -37,6 +37,19 @@ def test_every_named_config_runs_and_trains(name):
     assert tokens.shape == (4, config.num_prefix_tokens + config.num_patches, config.dim)
 
 
+def test_tiny_and_small_configs_exist_for_32x32_rgb_and_28x28_grey():
+    # the "tiny and small for 32x32 and 28x28 input"
+    for size, chans in ((32, 3), (28, 1)):
+        tiny, small = MODEL_CONFIGS[f"vit_tiny_{size}"], MODEL_CONFIGS[f"vit_small_{size}"]
+        for config in (tiny, small):
+            assert (config.image_size, config.in_chans, config.num_classes) == (size, chans, 10)
+        assert (small.dim, small.depth) == (128, 6) and (tiny.dim, tiny.depth) == (64, 4)
+    small_28 = create_model("vit_small_28")
+    assert small_28(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    tiny_28 = create_model("vit_tiny_28")
+    assert sum(p.numel() for p in small_28.parameters()) > 2 * sum(p.numel() for p in tiny_28.parameters())
+
+
 def test_tiny_configs_are_tiny():
     for name in ("vit_tiny_32", "vit_tiny_28", "vit_tiny_8", "deepvit_tiny_32"):
         params = sum(p.numel() for p in create_model(name).parameters())

@@ -10,6 +10,7 @@ are deterministic; for a correct implementation a 5-SE miss has probability
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import pytest
@@ -29,29 +30,68 @@ SE_TOLERANCE = 5.0
 
 
 class TimmAttention(nn.Module):
-    """timm's ``vision_transformer.Attention`` forward (default options), written out for reference."""
+    """timm's current ``timm.layers.Attention`` (``timm/layers/attention.py``), written out for reference.
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, fused_attn: bool) -> None:
+    Constructor: dim, num_heads, attn_head_dim, dim_out, qkv_bias, qk_norm, scale_norm,
+    proj_bias, attn_drop, proj_drop, norm_layer (+ device, dtype); submodules qkv, q_norm,
+    k_norm, attn_drop, norm, proj, proj_drop. Forward (x, attn_mask, is_causal): fused =
+    one SDPA call; otherwise (q * scale) @ k^T plus the mask as an additive bias (bool:
+    0 / -inf; float: as is; is_causal: -inf above the diagonal), softmax, dropout, @ v,
+    then norm, proj, proj_drop. ``fused_attn`` stands for timm's ``use_fused_attn()``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        attn_head_dim: int | None = None,
+        dim_out: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        fused_attn: bool = True,
+    ) -> None:
         super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.scale = self.head_dim**-0.5
+        head_dim = attn_head_dim or dim // num_heads
+        assert norm_layer is not None or not (qk_norm or scale_norm)
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.attn_dim = num_heads * head_dim
+        self.scale = head_dim**-0.5
         self.fused_attn = fused_attn
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim, bias=qkv_bias)
+        self.q_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(self.attn_dim) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(self.attn_dim, dim_out or dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+            p = self.attn_drop.p if self.training else 0.0
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal)
         else:
-            q = q * self.scale
-            attn = q @ k.transpose(-2, -1)
-            attn = attn.softmax(dim=-1)
-            x = attn @ v
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj(x)
+            scores = (q * self.scale) @ k.transpose(-2, -1)
+            if is_causal:
+                bias = scores.new_full((N, N), float("-inf")).triu_(1)
+            elif attn_mask is not None and attn_mask.dtype == torch.bool:
+                bias = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill_(~attn_mask, float("-inf"))
+            else:
+                bias = attn_mask
+            if bias is not None:
+                scores = scores + bias
+            x = self.attn_drop(scores.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        return self.proj_drop(self.proj(x))
 
 
 def _module(variant: str = "dropkey", drop_ratio: float = 0.3, **kwargs) -> DropKeyAttention:
@@ -108,6 +148,209 @@ def test_return_weights_in_eval_are_the_softmax():
     torch.testing.assert_close(out, module(x), rtol=1e-5, atol=1e-6)  # vs the fused path
 
 
+# --- timm's current Attention: constructor keywords, attn_mask, is_causal, qk_norm --------
+
+NORMS = {  # name -> (qk_norm, scale_norm)
+    "plain": (False, False),
+    "qk_norm": (True, False),
+    "qk_and_scale_norm": (True, True),
+}
+MASK_KINDS = ("none", "causal", "bool_rows", "bool_full", "float")
+
+
+def _caller_mask(kind: str, batch: int = 3, dtype: torch.dtype = torch.float32):
+    """(attn_mask, is_causal) of a kind; every row allows key 0 (no row is empty)."""
+    g = torch.Generator().manual_seed(42)
+    if kind == "none":
+        return None, False
+    if kind == "causal":
+        return None, True
+    if kind == "bool_rows":  # (N, N), shared by batch and heads
+        mask = torch.rand(TOKENS, TOKENS, generator=g) > 0.4
+    elif kind == "bool_full":  # (B, H, N, N)
+        mask = torch.rand(batch, HEADS, TOKENS, TOKENS, generator=g) > 0.4
+    else:  # additive (B, 1, N, N): a finite bias plus -inf entries
+        bias = 0.5 * torch.randn(batch, 1, TOKENS, TOKENS, generator=g, dtype=dtype)
+        mask = bias.masked_fill(torch.rand(batch, 1, TOKENS, TOKENS, generator=g) < 0.4, float("-inf"))
+        mask[..., 0] = bias[..., 0]
+        return mask, False
+    mask[..., 0] = True
+    return mask, False
+
+
+def _timm_pair(norms: str = "plain", *, fused: bool = True, **kwargs):
+    """(TimmAttention with random weights, DropKeyAttention built with the same keywords and loaded from it)."""
+    qk_norm, scale_norm = NORMS[norms]
+    timm_kwargs = dict(qkv_bias=True, qk_norm=qk_norm, scale_norm=scale_norm, norm_layer=nn.LayerNorm)
+    timm_kwargs |= {k: kwargs.pop(k) for k in ("attn_head_dim", "dim_out", "proj_bias") if k in kwargs}
+    torch.manual_seed(0)
+    timm_attn = TimmAttention(DIM, HEADS, fused_attn=fused, **timm_kwargs)
+    with torch.no_grad():  # norms away from their identity init, so that they matter
+        for param in timm_attn.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    module = DropKeyAttention(DIM, num_heads=HEADS, fused_attn=fused, **timm_kwargs, **kwargs)
+    module.load_state_dict(timm_attn.state_dict())  # strict
+    return timm_attn, module
+
+
+@pytest.mark.parametrize("proj_bias", [True, False])
+@pytest.mark.parametrize("norms", sorted(NORMS))
+def test_state_dict_keys_match_current_timm_in_every_configuration(norms, proj_bias):
+    timm_attn, module = _timm_pair(norms, proj_bias=proj_bias)
+    expected = {name: tuple(t.shape) for name, t in timm_attn.state_dict().items()}
+    assert list(module.state_dict()) == list(expected)  # same names, same order
+    assert {name: tuple(t.shape) for name, t in module.state_dict().items()} == expected
+    assert ("q_norm.weight" in expected) == NORMS[norms][0] and ("norm.weight" in expected) == NORMS[norms][1]
+    timm_attn.load_state_dict(module.state_dict())  # and back
+
+
+@pytest.mark.parametrize("mode", ["eval", "train_zero_ratio"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("norms", sorted(NORMS))
+@pytest.mark.parametrize("fused", [True, False])
+def test_unregularised_outputs_are_current_timms_bit_for_bit(fused, norms, mask_kind, mode):
+    """Eval mode (r = 0.3) and training at r = 0: timm's output exactly, with every kind of caller mask."""
+    ratio = 0.3 if mode == "eval" else 0.0
+    timm_attn, module = _timm_pair(norms, fused=fused, drop_ratio=ratio, variant="dropkey")
+    timm_attn.train(mode != "eval")
+    module.train(mode != "eval")
+    x = _tokens()
+    attn_mask, is_causal = _caller_mask(mask_kind)
+    expected = timm_attn(x, attn_mask=attn_mask, is_causal=is_causal)
+    assert torch.isfinite(expected).all()
+    assert torch.equal(module(x, attn_mask=attn_mask, is_causal=is_causal), expected)
+    if mask_kind != "none":  # the mask really acts
+        assert not torch.equal(expected, timm_attn(x))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attn_head_dim_and_dim_out_follow_timm(fused):
+    timm_attn, module = _timm_pair(fused=fused, attn_head_dim=4, dim_out=24)
+    assert (module.head_dim, module.attn_dim, module.scale) == (4, 4 * HEADS, 0.5)
+    x = _tokens()
+    attn_mask, _ = _caller_mask("bool_full")
+    out = module.eval()(x, attn_mask=attn_mask)
+    assert out.shape == (3, TOKENS, 24)
+    assert torch.equal(out, timm_attn.eval()(x, attn_mask=attn_mask))
+
+
+def test_constructs_from_timm_blocks_keywords_and_takes_its_forward_call():
+    # timm's Block builds its attention layer with these keywords, then calls
+    # attn(norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+    attn = DropKeyAttention(
+        DIM, num_heads=HEADS, qkv_bias=True, qk_norm=True, scale_norm=True, proj_bias=True,
+        attn_drop=0.0, proj_drop=0.0, norm_layer=nn.LayerNorm, device=None, dtype=None,
+    )
+    assert (attn.variant, attn.drop_ratio) == ("dropkey", 0.0)
+    x = _tokens()
+    assert torch.equal(attn(x, attn_mask=None, is_causal=False), attn(x))
+    assert attn(x, None, True).shape == x.shape  # timm's positional order: (x, attn_mask, is_causal)
+    default = DropKeyAttention(DIM, HEADS, qk_norm=True, scale_norm=True)  # norm_layer None -> LayerNorm
+    assert isinstance(default.q_norm, nn.LayerNorm) and default.q_norm.normalized_shape == (DIM // HEADS,)
+    assert isinstance(default.norm, nn.LayerNorm) and default.norm.normalized_shape == (DIM,)
+
+
+def test_device_and_dtype_keywords_build_the_parameters_there():
+    attn = DropKeyAttention(
+        DIM, HEADS, qk_norm=True, scale_norm=True, reattention="conv_bn", dtype=torch.float64, device="cpu"
+    )
+    assert {p.dtype for p in attn.parameters()} == {torch.float64}
+    x = _tokens().double()
+    assert attn.train()(x).dtype == torch.float64
+
+
+def test_attn_drop_is_timms_post_softmax_dropout():
+    attn = DropKeyAttention(DIM, HEADS, attn_drop=0.2)
+    assert (attn.variant, attn.drop_ratio) == ("dropout", 0.2)
+    explicit = DropKeyAttention(DIM, HEADS, attn_drop=0.2, variant="dropout")
+    assert (explicit.variant, explicit.drop_ratio) == ("dropout", 0.2)
+    assert (DropKeyAttention(DIM, HEADS).variant, DropKeyAttention(DIM, HEADS).drop_ratio) == ("dropkey", 0.0)
+    # and it acts like timm's attn_drop: post-softmax, rescaled by 1 / (1 - r), eval = plain
+    attn.set_generator(4)
+    _, weights = attn.train()(_tokens(), return_weights=True)
+    rows = weights.sum(-1)
+    assert (weights == 0).any() and rows.max() > 1.0  # not renormalised
+    with pytest.raises(ValueError, match="not both"):
+        DropKeyAttention(DIM, HEADS, drop_ratio=0.1, attn_drop=0.2)
+    with pytest.raises(ValueError, match="attn_drop is timm's post-softmax dropout"):
+        DropKeyAttention(DIM, HEADS, attn_drop=0.2, variant="dropkey")
+
+
+def _expected_masked_weights(logits: torch.Tensor, keep: torch.Tensor, allowed: torch.Tensor, all_dropped: str):
+    """By hand: softmax over keys kept AND allowed; rows with none follow all_dropped among allowed keys."""
+    kept = (keep & allowed).double()
+    logits = logits.double().masked_fill(~allowed, 0.0)  # -inf entries are outside `allowed` anyway
+    shifted = torch.exp(logits - logits.amax(dim=-1, keepdim=True))
+    numer = shifted * kept
+    total = numer.sum(-1, keepdim=True)
+    weights = numer / total.clamp_min(1e-300)
+    dead = kept.sum(-1, keepdim=True) == 0
+    if all_dropped == "uniform":
+        fallback = allowed.double() / allowed.double().sum(-1, keepdim=True)
+    elif all_dropped == "undropped":
+        fallback = shifted * allowed / (shifted * allowed).sum(-1, keepdim=True)
+    else:
+        fallback = torch.zeros_like(weights)
+    return torch.where(dead, fallback, weights), dead
+
+
+@pytest.mark.parametrize("all_dropped", functional.ALL_DROPPED_CONVENTIONS)
+@pytest.mark.parametrize("mask_kind", ["causal", "bool_full", "float"])
+@pytest.mark.parametrize("variant", ["dropkey", "dropattention", "dropkey_block"])
+def test_regulariser_combines_with_the_callers_mask_before_the_softmax(variant, mask_kind, all_dropped):
+    module = _module(variant, drop_ratio=0.8, all_dropped=all_dropped).train()
+    x = _tokens()
+    attn_mask, is_causal = _caller_mask(mask_kind)
+    module.set_generator(17)
+    out, weights = module(x, attn_mask=attn_mask, is_causal=is_causal, return_weights=True)
+    module.set_generator(17)
+    assert torch.equal(module(x, attn_mask=attn_mask, is_causal=is_causal), out)  # without weights: same path
+    # by hand, from the same keep mask
+    module.set_generator(17)
+    keep = module.keep_mask((3, HEADS, TOKENS, TOKENS))
+    q, k, _ = module.qkv(x).reshape(3, TOKENS, 3, HEADS, -1).permute(2, 0, 3, 1, 4)
+    logits = (q * module.scale) @ k.transpose(-2, -1)
+    if is_causal:
+        allowed = torch.ones(TOKENS, TOKENS, dtype=torch.bool).tril()
+    elif attn_mask.dtype == torch.bool:
+        allowed = attn_mask
+    else:
+        allowed, logits = attn_mask > float("-inf"), logits + attn_mask
+    expected, dead = _expected_masked_weights(logits, keep, allowed, all_dropped)
+    assert dead.any() and not dead.all()  # both kinds of rows occur
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-5, atol=1e-6)
+    assert (weights.masked_select(~allowed.expand_as(weights)) == 0).all()  # masked keys never take part
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("all_dropped", functional.ALL_DROPPED_CONVENTIONS)
+def test_rows_the_caller_empties_get_zero_weights_and_no_nan(all_dropped):
+    module = _module("dropkey", drop_ratio=0.5, all_dropped=all_dropped).train()
+    attn_mask = torch.ones(TOKENS, TOKENS, dtype=torch.bool)
+    attn_mask[3] = False
+    x = _tokens().requires_grad_()
+    out, weights = module(x, attn_mask=attn_mask, return_weights=True)
+    assert (weights[:, :, 3] == 0).all()
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda m, x: m(x, True), "attn_mask must be a torch.Tensor"),
+        (lambda m, x: m(x, attn_mask=torch.ones(TOKENS, TOKENS, dtype=torch.int64)), "attn_mask must be torch.bool"),
+        (lambda m, x: m(x, attn_mask=torch.zeros(TOKENS, TOKENS, dtype=torch.float64)), "attn_mask must be torch.bool"),
+        (lambda m, x: m(x, attn_mask=torch.ones(TOKENS, 5, dtype=torch.bool)), "must be broadcastable"),
+        (lambda m, x: m(x, attn_mask=torch.ones(TOKENS, TOKENS).bool(), is_causal=True), "exclude each other"),
+        (lambda m, x: m(x, is_causal=1), "is_causal must be a bool"),
+    ],
+)
+def test_invalid_masks_raise_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(_module("dropkey").train(), _tokens())
+
+
 # --- fast path vs reference path --------------------------------------------------------
 
 
@@ -128,7 +371,8 @@ def test_fast_and_reference_paths_agree_with_the_same_mask(variant, all_dropped)
     assert (weights == 0).any()  # the regulariser really acted
 
 
-@pytest.mark.parametrize("backend", functional.BACKENDS)
+# "triton" (CUDA, or the Triton interpreter) is covered in tests/test_triton_kernel.py.
+@pytest.mark.parametrize("backend", [b for b in functional.BACKENDS if b != "triton"])
 @pytest.mark.parametrize("variant", ["dropkey", "dropkey_block"])
 def test_every_backend_agrees_with_the_reference_path(variant, backend):
     module = _module(variant, drop_ratio=0.5, backend=backend).train()
@@ -191,7 +435,7 @@ def _sampled_weights(variant: str, drop_ratio: float, all_dropped: str, *, fused
 
 
 def _assert_within_standard_errors(samples: torch.Tensor, expected: np.ndarray) -> None:
-    flat = samples.reshape(samples.shape[0], -1, KEYS).numpy()  # (M, rows, keys)
+    flat = samples.reshape(samples.shape[0], -1, samples.shape[-1]).numpy()  # (M, rows, keys)
     mean = flat.mean(axis=0)
     se = flat.std(axis=0, ddof=1) / np.sqrt(flat.shape[0])
     deviation = np.abs(mean - expected)
@@ -272,6 +516,104 @@ def test_structured_drops_are_spatially_clustered(variant):
     assert conditional.item() > r + 0.2
 
 
+# --- structured variants: exact expected attention by enumerating seed patterns ----------
+#
+# On a 2 x 3 patch grid plus a class token (Nk = 7) every mask of DropKey-Block / -Cross
+# is one of 2^6 seed patterns (each patch position a seed independently with the
+# calibrated rate gamma = masks.calibrated_seed_rate) times 2 class-token states (dropped
+# independently w.p. r). Summing the masked-softmax weights of each pattern times its
+# probability gives E[w] exactly; the footprints are written out here from their
+# definitions, independently of dropkey.masks. The module's mean weights over M draws
+# (rows read off the output with V = identity) must lie within 5 SE of it, per entry,
+# SE = sample standard deviation / sqrt(M) (see _assert_within_standard_errors).
+
+STRUCT_GRID = (2, 3)
+STRUCT_KEYS = 1 + STRUCT_GRID[0] * STRUCT_GRID[1]
+STRUCT_SAMPLES = 20_000
+STRUCT_CASES = {  # name -> (variant, footprint size keyword, size)
+    "block_side3": ("dropkey_block", "block_side", 3),
+    "block_side2": ("dropkey_block", "block_side", 2),
+    "cross_arm1": ("dropkey_cross", "cross_arm", 1),
+}
+
+
+def _covers(case: str, seed: tuple[int, int], cell: tuple[int, int]) -> bool:
+    """Does a seed at ``seed`` drop patch ``cell``? (the definitions in dropkey.masks' doc)"""
+    _, _, size = STRUCT_CASES[case]
+    dy, dx = cell[0] - seed[0], cell[1] - seed[1]
+    if case.startswith("block"):  # side x side window; an even side extends one more cell after the seed
+        low = -((size - 1) // 2)
+        return low <= dy < low + size and low <= dx < low + size
+    return (dy == 0 and abs(dx) <= size) or (dx == 0 and abs(dy) <= size)  # plus of arm `size`
+
+
+def _exact_structured_expectation(case: str, p: np.ndarray, r: float, all_dropped: str) -> np.ndarray:
+    """E[w] (rows, Nk) for softmax rows p (rows, Nk), summing over all 2^(H W) x 2 masks."""
+    variant, _, size = STRUCT_CASES[case]
+    kind = "block" if variant == "dropkey_block" else "cross"
+    gamma = masks.calibrated_seed_rate(r, STRUCT_GRID, kind=kind, side=size, arm=size)
+    cells = [(y, x) for y in range(STRUCT_GRID[0]) for x in range(STRUCT_GRID[1])]
+    expected, total_probability = np.zeros_like(p), 0.0
+    for pattern in itertools.product((False, True), repeat=len(cells)):
+        seeds = [cell for cell, is_seed in zip(cells, pattern) if is_seed]
+        seed_probability = gamma ** len(seeds) * (1 - gamma) ** (len(cells) - len(seeds))
+        patch_kept = [not any(_covers(case, seed, cell) for seed in seeds) for cell in cells]
+        for class_dropped in (False, True):
+            probability = seed_probability * (r if class_dropped else 1 - r)
+            keep = np.array([not class_dropped, *patch_kept], dtype=float)
+            mass = (p * keep).sum(axis=-1, keepdims=True)  # > 0: every p_j > 0
+            if keep.any():
+                weights = p * keep / mass
+            elif all_dropped == "zero":
+                weights = np.zeros_like(p)
+            elif all_dropped == "uniform":
+                weights = np.full_like(p, 1.0 / p.shape[-1])
+            else:
+                weights = p
+            expected += probability * weights
+            total_probability += probability
+    assert abs(total_probability - 1.0) < 1e-12
+    return expected
+
+
+def _structured_samples(case: str, r: float, all_dropped: str, *, fused: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """(STRUCT_SAMPLES, 2, Nk, Nk) weight rows of the module (V = identity) and the rows p (2 Nk, Nk)."""
+    variant, keyword, size = STRUCT_CASES[case]
+    module = DropKeyAttention(
+        2 * HEAD_DIM, 2, drop_ratio=r, variant=variant, all_dropped=all_dropped, fused_attn=fused,
+        grid=STRUCT_GRID, num_prefix_tokens=1, generator=21, **{keyword: size},
+    ).train()
+    g = torch.Generator().manual_seed(4)
+    q = 1.5 * torch.randn(1, 2, STRUCT_KEYS, HEAD_DIM, generator=g, dtype=torch.float64)
+    k = 1.5 * torch.randn(1, 2, STRUCT_KEYS, HEAD_DIM, generator=g, dtype=torch.float64)
+    p = (q @ k.transpose(-2, -1) * HEAD_DIM**-0.5).softmax(-1).reshape(-1, STRUCT_KEYS).numpy()
+    v = torch.eye(STRUCT_KEYS, dtype=torch.float64).expand(STRUCT_SAMPLES, 2, STRUCT_KEYS, STRUCT_KEYS)
+    out, _ = module.attend(q.expand(STRUCT_SAMPLES, -1, -1, -1), k.expand(STRUCT_SAMPLES, -1, -1, -1), v)
+    return out, p
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("all_dropped", functional.ALL_DROPPED_CONVENTIONS)
+@pytest.mark.parametrize("case", sorted(STRUCT_CASES))
+def test_structured_expected_attention_matches_exact_enumeration(case, all_dropped, fused):
+    r = 0.5
+    samples, p = _structured_samples(case, r, all_dropped, fused=fused)
+    _assert_within_standard_errors(samples, _exact_structured_expectation(case, p, r, all_dropped))
+
+
+@pytest.mark.parametrize("case", sorted(STRUCT_CASES))
+def test_structured_enumeration_test_has_power(case):
+    # the same samples are > 5 SE away from (a) independent DropKey's exact expectation and
+    # (b) the enumeration under another all_dropped convention: the test tells them apart
+    r = 0.5
+    samples, p = _structured_samples(case, r, "zero", fused=True)
+    _assert_within_standard_errors(samples, _exact_structured_expectation(case, p, r, "zero"))
+    with pytest.raises(AssertionError):
+        _assert_within_standard_errors(samples, theory.expected_attention(p, r, all_dropped="zero"))
+    with pytest.raises(AssertionError):
+        _assert_within_standard_errors(samples, _exact_structured_expectation(case, p, r, "uniform"))
+
+
 # --- Re-attention composed with DropKey ------------------------------------------------
 
 
@@ -327,7 +669,7 @@ def test_set_drop_ratio_turns_the_regulariser_off():
         (dict(drop_ratio="0.1"), "drop_ratio must be a real number"),
         (dict(variant="none", drop_ratio=0.1), "drop_ratio must be 0 for variant='none'"),
         (dict(all_dropped="nan"), "all_dropped must be one of"),
-        (dict(backend="triton"), "backend must be one of"),
+        (dict(backend="flash"), "backend must be one of"),
         (dict(variant="dropkey_block"), "needs grid"),
         (dict(variant="dropkey_cross", grid=(4,)), "grid must be a pair"),
         (dict(variant="dropkey_block", grid=(4, 0)), r"grid\[1\] must be an integer >= 1"),
@@ -338,6 +680,13 @@ def test_set_drop_ratio_turns_the_regulariser_off():
         (dict(cross_arm=0), "cross_arm must be an integer >= 1"),
         (dict(proj_drop=1.0), r"proj_drop must be in \[0, 1\)"),
         (dict(generator="seed"), "generator must be a torch.Generator"),
+        (dict(qk_norm="yes"), "qk_norm must be a bool"),
+        (dict(scale_norm=1), "scale_norm must be a bool"),
+        (dict(attn_drop=1.0), r"attn_drop must be in \[0, 1\)"),
+        (dict(attn_head_dim=0), "attn_head_dim must be an integer >= 1"),
+        (dict(dim_out=0), "dim_out must be an integer >= 1"),
+        (dict(qk_norm=True, norm_layer="layernorm"), "norm_layer must be a callable"),
+        (dict(variant="dropkey_cross", attn_drop=0.1), "attn_drop is timm's post-softmax dropout"),
     ],
 )
 def test_invalid_arguments_raise_value_error(kwargs, message):
