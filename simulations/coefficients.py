@@ -39,6 +39,7 @@ from scipy import stats
 from tqdm import tqdm
 
 import theory
+from simulations.cli import run_cli
 from simulations.common import (
     ALL_DROPPED,
     ROW_SHAPES,
@@ -56,7 +57,6 @@ from simulations.common import (
     frame_from_columns,
     generator,
     positive_drop_ratio_check,
-    run_cli,
 )
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def _headline(summary: dict) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m simulations.coefficients [--full] [--seed S] [--out DIR]``."""
+    """The command line ``python -m simulations.coefficients [--full] [--seed S] [--out DIR]`` (:mod:`simulations.cli`)."""
     return run_cli(
         name="coefficients",
         description=__doc__.splitlines()[0],

@@ -14,21 +14,20 @@ key 0 is the largest weight.
 Masks. :func:`sample_dropkey_weights` draws DropKey weights for many masks and
 many rows in one array operation (the batched sampler the studies build on).
 
-Frames and CLI. :func:`check_tidy` asserts the tidy-data contract (one row per
-observation, identified by its key columns); :func:`run_cli` is the shared
-``python -m simulations.NAME`` entry point that writes ``results.csv``,
-``summary.json`` and ``config.json`` (with provenance) atomically.
+Frames and outputs. :func:`check_tidy` asserts the tidy-data contract (one row per
+observation, identified by its key columns); :func:`write_study_outputs` writes a
+study's ``results.csv``, ``summary.json`` and ``config.json`` (with provenance)
+atomically. This module is library code: it logs and never prints. The command
+line (argument parsing, logging configuration, printing) is :mod:`simulations.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import logging
 import math
 import numbers
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,14 +37,17 @@ import pandas as pd
 
 from dropkey.provenance import provenance
 from dropkey.storage import write_json_atomic, write_text_atomic
+from theory.rows import softmax_gaussian_rows
+from theory.validation import ALL_DROPPED_CONVENTIONS
 
 log = logging.getLogger(__name__)
 
 #: Names of the attention-row shapes understood by :func:`attention_row`.
 ROW_SHAPES = ("flat", "peaked", "power_law", "vit_like")
 
-#: Conventions for rows whose keys are all dropped (THEORY-NOTES section 1).
-ALL_DROPPED = ("zero", "uniform", "undropped")
+#: Conventions for rows whose keys are all dropped (THEORY-NOTES section 1): the
+#: theory's tuple itself, under the name the studies use.
+ALL_DROPPED = ALL_DROPPED_CONVENTIONS
 
 #: Upper bound on float64 entries materialised per sampling chunk (~32 MB).
 MAX_CHUNK_ENTRIES = 4_000_000
@@ -112,11 +114,6 @@ def check_choice(value: object, name: str, allowed: Sequence[str]) -> str:
     return value
 
 
-def drop_ratio_check(value: object, name: str) -> float:
-    """A drop ratio in [0, 1) (used for grids that may include r = 0)."""
-    return check_float(value, name, 0.0, 1.0, high_open=True)
-
-
 def positive_drop_ratio_check(value: object, name: str) -> float:
     """A drop ratio in (0, 1)."""
     return check_float(value, name, 0.0, 1.0, low_open=True, high_open=True)
@@ -162,7 +159,8 @@ def attention_row(
 
     flat: 1/N.  peaked: one key holds ``peak_mass``, the rest share the remainder.
     power_law: p_j proportional to j^-a (j = 1..N, a = ``power_exponent``).
-    vit_like: softmax of N(0, logit_std^2) logits (needs ``rng``).
+    vit_like: softmax of N(0, logit_std^2) logits (needs ``rng``; drawn by
+    :func:`theory.rows.softmax_gaussian_rows`, the suite's one definition).
     """
     check_choice(shape, "shape", ROW_SHAPES)
     n = check_int(n_keys, "n_keys", 1)
@@ -176,18 +174,14 @@ def attention_row(
     else:
         if rng is None:
             raise ValueError("rng is required for shape 'vit_like'")
-        logits = rng.normal(0.0, logit_std, size=n)
-        row = np.exp(logits - logits.max())
+        row = softmax_gaussian_rows(rng, 1, n, logit_std)[0]
     row = np.sort(row)[::-1] / row.sum()
     return np.ascontiguousarray(row)
 
 
 def vit_like_rows(rng: np.random.Generator, rows: int, n_keys: int, logit_std: float) -> np.ndarray:
-    """``rows`` softmax-of-Gaussian rows (R, N), each sorted in decreasing order."""
-    logits = rng.normal(0.0, logit_std, size=(rows, n_keys))
-    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
-    weights = -np.sort(-weights, axis=1)
-    return weights / weights.sum(axis=1, keepdims=True)
+    """``rows`` ViT-like rows (R, N) (:func:`theory.rows.softmax_gaussian_rows`), each sorted decreasingly."""
+    return -np.sort(-softmax_gaussian_rows(rng, rows, n_keys, logit_std), axis=1)
 
 
 def all_dropped_weights(p: np.ndarray, all_dropped: str) -> np.ndarray:
@@ -327,52 +321,35 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-# --- command line ---------------------------------------------------------------------------------
+# --- study outputs ---------------------------------------------------------------------------------
 
 
-def run_cli(
+def write_study_outputs(
+    out: Path,
     *,
     name: str,
-    description: str,
-    config_class: type,
-    run: Callable[..., pd.DataFrame],
-    summarise: Callable[[pd.DataFrame], dict],
-    headline: Callable[[dict], list[str]],
-    argv: Sequence[str] | None,
-) -> int:
-    """The shared ``python -m simulations.NAME [--full] [--seed S] [--out DIR]`` entry point."""
-    parser = argparse.ArgumentParser(prog=f"python -m simulations.{name}", description=description)
-    parser.add_argument("--full", action="store_true", help="run the full-size config (default: quick)")
-    parser.add_argument("--seed", type=int, default=None, help="root seed (default: the config's)")
-    parser.add_argument(
-        "--out", type=Path, default=Path("results") / "simulations" / name, help="output folder"
-    )
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    config = config_class.full() if args.full else config_class.quick()
-    if args.seed is not None:
-        config = dataclasses.replace(config, seed=args.seed)
-    frame = run(config, progress=True)
-    summary = to_jsonable(summarise(frame))
-    out: Path = args.out
+    size: str,
+    config: Any,
+    frame: pd.DataFrame,
+    summary: dict,
+    command: Sequence[str],
+) -> None:
+    """Write a study's ``results.csv``, ``summary.json`` and ``config.json`` (with provenance) atomically.
+
+    ``config`` is the study's config dataclass (its ``seed`` goes into the provenance);
+    ``size`` is "quick" or "full"; ``command`` is the command line that produced the run.
+    """
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False, float_format="%.12g")
     write_text_atomic(out / "results.csv", buffer.getvalue())
-    write_json_atomic(out / "summary.json", summary)
-    command = [f"python -m simulations.{name}"] + list(sys.argv[1:] if argv is None else argv)
+    write_json_atomic(out / "summary.json", to_jsonable(summary))
     write_json_atomic(
         out / "config.json",
         {
             "study": name,
-            "size": "full" if args.full else "quick",
+            "size": size,
             "config": to_jsonable(dataclasses.asdict(config)),
-            "provenance": provenance(config.seed, command),
+            "provenance": provenance(config.seed, list(command)),
         },
     )
-    print(f"{name}: {len(frame)} rows -> {out}")
-    for line in headline(summary):
-        print(f"  {line}")
-    return 0
+    log.info("%s: %d rows written to %s", name, len(frame), out)

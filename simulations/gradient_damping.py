@@ -36,6 +36,7 @@ import pandas as pd
 from tqdm import tqdm
 
 import theory
+from simulations.cli import run_cli
 from simulations.common import (
     ALL_DROPPED,
     ROW_SHAPES,
@@ -53,7 +54,6 @@ from simulations.common import (
     frame_from_columns,
     generator,
     positive_drop_ratio_check,
-    run_cli,
     vit_like_rows,
 )
 
@@ -372,7 +372,7 @@ def _headline(summary: dict) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m simulations.gradient_damping [--full] [--seed S] [--out DIR]``."""
+    """The command line ``python -m simulations.gradient_damping [--full] [--seed S] [--out DIR]`` (:mod:`simulations.cli`)."""
     return run_cli(
         name="gradient_damping",
         description=__doc__.splitlines()[0],

@@ -88,6 +88,7 @@ from tqdm import tqdm
 
 import theory
 from dropkey.masks import block_keep_mask, calibrated_seed_rate, coverage_counts, cross_keep_mask, dropkey_keep_mask
+from simulations.cli import run_cli
 from simulations.common import (
     ALL_DROPPED,
     check_choice,
@@ -103,7 +104,6 @@ from simulations.common import (
     frame_from_columns,
     generator,
     positive_drop_ratio_check,
-    run_cli,
     torch_seed,
 )
 
@@ -610,7 +610,7 @@ def _headline(summary: dict) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m simulations.structured_masks [--full] [--seed S] [--out DIR]``."""
+    """The command line ``python -m simulations.structured_masks [--full] [--seed S] [--out DIR]`` (:mod:`simulations.cli`)."""
     return run_cli(
         name="structured_masks",
         description=__doc__.splitlines()[0],

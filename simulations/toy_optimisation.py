@@ -56,6 +56,7 @@ import torch
 from tqdm import tqdm
 
 import theory
+from simulations.cli import run_cli
 from simulations.common import (
     check_choice,
     check_float,
@@ -68,7 +69,6 @@ from simulations.common import (
     frame_from_columns,
     generator,
     positive_drop_ratio_check,
-    run_cli,
     torch_seed,
 )
 
@@ -611,7 +611,7 @@ def _headline(summary: dict) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m simulations.toy_optimisation [--full] [--seed S] [--out DIR]``."""
+    """The command line ``python -m simulations.toy_optimisation [--full] [--seed S] [--out DIR]`` (:mod:`simulations.cli`)."""
     return run_cli(
         name="toy_optimisation",
         description=__doc__.splitlines()[0],

@@ -35,6 +35,7 @@ import pandas as pd
 from tqdm import tqdm
 
 import theory
+from simulations.cli import run_cli
 from simulations.common import (
     ALL_DROPPED,
     ROW_SHAPES,
@@ -51,7 +52,6 @@ from simulations.common import (
     frame_from_columns,
     generator,
     positive_drop_ratio_check,
-    run_cli,
     sample_dropkey_weights,
     vit_like_rows,
 )
@@ -252,7 +252,7 @@ def _headline(summary: dict) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m simulations.train_test_mismatch [--full] [--seed S] [--out DIR]``."""
+    """The command line ``python -m simulations.train_test_mismatch [--full] [--seed S] [--out DIR]`` (:mod:`simulations.cli`)."""
     return run_cli(
         name="train_test_mismatch",
         description=__doc__.splitlines()[0],

@@ -23,13 +23,14 @@ from theory import (
 )
 
 PUBLIC_ROW_FUNCTIONS = [expected_attention, smoothing_coefficients, attention_variance]
+DROPOUT_FUNCTIONS = [dropout_expected_attention, dropout_attention_variance]
 ROW = np.array([0.6, 0.3, 0.1])
 
 
 # --- input validation ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("function", PUBLIC_ROW_FUNCTIONS + [dropout_expected_attention])
+@pytest.mark.parametrize("function", PUBLIC_ROW_FUNCTIONS + DROPOUT_FUNCTIONS)
 @pytest.mark.parametrize(
     ("p", "message"),
     [
@@ -51,7 +52,7 @@ def test_invalid_rows_raise_naming_p(function, p, message):
     assert str(error.value).startswith("p ") or "of p" in str(error.value)
 
 
-@pytest.mark.parametrize("function", PUBLIC_ROW_FUNCTIONS + [dropout_attention_variance])
+@pytest.mark.parametrize("function", PUBLIC_ROW_FUNCTIONS + DROPOUT_FUNCTIONS)
 @pytest.mark.parametrize("drop_ratio", [1.0, -0.1, 1.5, math.nan, math.inf, True, "0.1", None])
 def test_invalid_drop_ratio_raises_with_range(function, drop_ratio):
     with pytest.raises(ValueError, match=r"drop_ratio .*\[0, 1\)"):
@@ -210,6 +211,35 @@ def test_post_softmax_dropout_has_no_first_moment_smoothing():
     p = rng.dirichlet(np.ones(9))
     np.testing.assert_array_equal(dropout_expected_attention(p, 0.7), p)
     np.testing.assert_allclose(dropout_attention_variance(p, 0.7), 0.7 / 0.3 * p**2, rtol=1e-15)
+
+
+@pytest.mark.parametrize("drop_ratio", [0.0, 1e-300, 0.5, np.float32(0.25), 1 - 1e-16])
+def test_post_softmax_dropout_accepts_the_whole_drop_ratio_range(drop_ratio):
+    """r in [0, 1) (numpy scalars too): E[w] = p; the variance r/(1-r) p^2 is 0 at r = 0."""
+    p = np.array([0.6, 0.3, 0.1])
+    np.testing.assert_array_equal(dropout_expected_attention(p, drop_ratio), p)
+    r = float(drop_ratio)
+    np.testing.assert_allclose(dropout_attention_variance(p, drop_ratio), r / (1 - r) * p**2, rtol=1e-15)
+    assert np.all(dropout_attention_variance(p, 0.0) == 0.0)
+
+
+@pytest.mark.parametrize("function", DROPOUT_FUNCTIONS)
+def test_post_softmax_dropout_batch_of_rows(function):
+    """A 2-D batch (one row per query) gives one output row per input row, as row by row; 1-D stays 1-D."""
+    rng = np.random.default_rng(10)
+    batch = rng.dirichlet(np.ones(7), size=4)
+    stacked = function(batch, 0.4)
+    assert stacked.shape == batch.shape and stacked.dtype == np.float64
+    for row, result in zip(batch, stacked):
+        single = function(row, 0.4)
+        assert single.shape == row.shape
+        np.testing.assert_array_equal(single, result)
+    if function is dropout_expected_attention:
+        np.testing.assert_array_equal(stacked, batch)
+        stacked[0, 0] = -1.0  # the result is a copy: the caller's rows are untouched
+        assert batch[0, 0] > 0
+    with pytest.raises(ValueError, match="row 2 sums"):
+        function(np.vstack([batch[:2], [0.5, 0.6, 0, 0, 0, 0, 0]]), 0.4)
 
 
 # --- variance ---------------------------------------------------------------------------

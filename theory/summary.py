@@ -1,7 +1,8 @@
 """A short numeric summary of DropKey's smoothing on one ViT-like attention row.
 
 The row: N = 197 keys (a ViT-B/16 sequence), p = softmax of Gaussian logits with
-standard deviation 2, drawn from a generator seeded by ``SeedSequence(seed)``.
+standard deviation 2, drawn from a generator seeded by ``SeedSequence(seed)``
+(:func:`theory.rows.vit_like_row`, the suite's one definition of such rows).
 For each drop ratio we report the range of the smoothing coefficients c, how the
 peak and the entropy of the normalised expected attention q = E[w]/sum E[w]
 compare with p's, that sum E[w] = 1 - r^N (zero convention), and how long the
@@ -15,21 +16,12 @@ import time
 
 import numpy as np
 
+from theory.rows import LOGIT_STD, VIT_KEYS, vit_like_row
 from theory.smoothing import smoothing_coefficients
 
 log = logging.getLogger(__name__)
 
-VIT_KEYS = 197
-LOGIT_STD = 2.0
 DROP_RATIOS = (0.1, 0.3)
-
-
-def vit_like_row(seed: int = 0, n_keys: int = VIT_KEYS, logit_std: float = LOGIT_STD) -> np.ndarray:
-    """softmax(logit_std * z), z ~ N(0, I_N), from a SeedSequence-derived generator."""
-    rng = np.random.default_rng(np.random.SeedSequence(seed))
-    logits = logit_std * rng.standard_normal(n_keys)
-    weights = np.exp(logits - logits.max())
-    return weights / weights.sum()
 
 
 def _entropy(weights: np.ndarray) -> float:

@@ -14,12 +14,12 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import sympy as sp
 
+from theory.validation import ALL_DROPPED_CONVENTIONS  # the one definition; the derivations import it from here
+
 #: The drop ratio r (each key is dropped independently with probability r).
 DROP_RATIO = sp.Symbol("r", positive=True)
 #: The variable of the integral representation 1/x = integral_0^oo exp(-t x) dt.
 INTEGRATION_VARIABLE = sp.Symbol("t", positive=True)
-
-ALL_DROPPED_CONVENTIONS = ("zero", "uniform", "undropped")
 
 
 def key_weights(n_keys: int) -> tuple[sp.Symbol, ...]:
@@ -95,15 +95,6 @@ def cancel_by_denominator(expression: sp.Expr) -> sp.Expr:
 def rng_for(seed: int, key: str) -> np.random.Generator:
     """A generator for one derivation: independent of the order in which checks run."""
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(key.encode())]))
-
-
-def random_attention_rows(
-    rng: np.random.Generator, n_rows: int, n_keys: int, logit_std: float = 2.0
-) -> np.ndarray:
-    """Softmax rows of Gaussian logits with standard deviation ``logit_std``, (n_rows, n_keys)."""
-    logits = logit_std * rng.standard_normal((n_rows, n_keys))
-    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return weights / weights.sum(axis=1, keepdims=True)
 
 
 def equation(lhs: sp.Expr, rhs: sp.Expr) -> sp.Eq:

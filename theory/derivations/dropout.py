@@ -20,8 +20,9 @@ import numpy as np
 import sympy as sp
 
 import theory
-from theory.derivations.common import DROP_RATIO, equation, random_attention_rows, rng_for
+from theory.derivations.common import DROP_RATIO, equation, rng_for
 from theory.derivations.result import Derivation
+from theory.rows import softmax_gaussian_rows
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def check_dropout_moments(*, seed: int = 0, claimed_variance: sp.Expr | None = N
     covariance_ok = moments["Cov[w_i, w_j]"] == 0
 
     rng = rng_for(seed, KEY)
-    rows = random_attention_rows(rng, 16, 197)
+    rows = softmax_gaussian_rows(rng, 16, 197)
     variance_formula = sp.lambdify([_WEIGHT, DROP_RATIO], moments["Var[w_j]"], "numpy")
     numeric_error = 0.0  # largest relative error
     for drop_ratio in (0.1, 0.3, 0.9):

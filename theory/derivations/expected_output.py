@@ -47,11 +47,11 @@ from theory.derivations.common import (
     kept_sum,
     key_weights,
     mask_probability,
-    random_attention_rows,
     rng_for,
     value_vectors,
 )
 from theory.derivations.result import Derivation
+from theory.rows import softmax_gaussian_rows
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def product_expansion_residual(n_others: int) -> sp.Expr:
 def _numeric_convention_errors(seed: int) -> dict[str, float]:
     """Largest |closed form - theory.expected_attention| per convention on random rows."""
     rng = rng_for(seed, KEY)
-    rows = random_attention_rows(rng, n_rows=20, n_keys=NUMERIC_SIZE)
+    rows = softmax_gaussian_rows(rng, n_rows=20, n_keys=NUMERIC_SIZE)
     weights = key_weights(NUMERIC_SIZE)
     errors = {}
     for convention in ALL_DROPPED_CONVENTIONS:

@@ -38,12 +38,12 @@ from theory.derivations.common import (
     kept_sum,
     key_weights,
     mask_probability,
-    random_attention_rows,
     rng_for,
     with_keep_symbol,
 )
 from theory.derivations.expected_output import smoothing_coefficient_closed_form
 from theory.derivations.result import Derivation
+from theory.rows import softmax_gaussian_rows
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _numeric_order_violations(seed: int) -> int:
     rng = rng_for(seed, KEY)
     violations = 0
     for n_keys, method in ((8, "enumerate"), (197, "integral")):
-        rows = random_attention_rows(rng, n_rows=4, n_keys=n_keys)
+        rows = softmax_gaussian_rows(rng, n_rows=4, n_keys=n_keys)
         order = np.argsort(rows, axis=1)  # increasing p
         for convention in ALL_DROPPED_CONVENTIONS:
             for drop_ratio in (0.1, 0.5):
