@@ -24,6 +24,7 @@ from typing import Any
 
 from dropkey.storage import write_text_atomic
 from reports import claims as registry
+from reports.equations import page_equations
 from reports.figures import study_figures
 from reports.html import csv_download, flatten, render, table_html
 from reports.studies import ROOT, STUDIES, THEORY, StudyResult, default_configs, run_studies, study
@@ -101,6 +102,12 @@ def _claim_rows(
     return rows
 
 
+def _derivation_keys(claim_rows: list[dict[str, Any]], page: str) -> list[str]:
+    """The derivations behind the claims a page measures, in registry order, each once."""
+    keys = [key for row in claim_rows if page in row["claim"].measured_by for key in row["claim"].theory]
+    return list(dict.fromkeys(keys))
+
+
 def _study_page(result: StudyResult, claim_rows: list[dict[str, Any]], nav: list[dict[str, str]]) -> str:
     name = result.study.name
     figures = []
@@ -118,6 +125,8 @@ def _study_page(result: StudyResult, claim_rows: list[dict[str, Any]], nav: list
         title=result.study.title,
         description=(module.__doc__ or "").strip(),
         claims=[row for row in claim_rows if name in row["claim"].measured_by],
+        equations=page_equations(name),
+        derivation_keys=_derivation_keys(claim_rows, name),
         figures=figures,
         summary_rows=flatten(result.summary),
         downloads=[csv_download(result.frame, f"{name}-results.csv", "every row of the study")],
@@ -176,6 +185,8 @@ def _experiment_page(name: str, found: list, claim_rows: list[dict[str, Any]], n
         title=spec.title,
         question=spec.question,
         claims=[row for row in claim_rows if registry.VIT_PREFIX + name in row["claim"].measured_by],
+        equations=page_equations(registry.VIT_PREFIX + name),
+        derivation_keys=_derivation_keys(claim_rows, registry.VIT_PREFIX + name),
         scales=[_experiment_section(result) for result in found],
     )
 

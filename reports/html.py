@@ -7,7 +7,9 @@ only URIs produced are ``data:`` URIs.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
+import re
 import logging
 import math
 from collections.abc import Mapping
@@ -22,8 +24,11 @@ from sympy.printing.mathml import mathml
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-#: Raw CSVs larger than this are not embedded (browsers cap data: URIs near 2 MB).
+#: Raw CSVs up to this size are plain ``data:`` links (browsers cap data: URIs near 2 MB); larger
+#: ones are embedded gzip-compressed and decompressed on click by the page's script.
 MAX_EMBEDDED_CSV_BYTES = 1_500_000
+#: Compressed CSVs larger than this are not embedded at all (the page would become unwieldy).
+MAX_EMBEDDED_GZIP_BYTES = 25_000_000
 
 
 def expression_record(name: str, expression: sp.Basic) -> dict[str, str]:
@@ -46,15 +51,26 @@ def csv_bytes(frame: pd.DataFrame) -> bytes:
 
 
 def csv_download(frame: pd.DataFrame, filename: str, title: str) -> dict[str, Any]:
-    """A download entry for the template: the CSV as a data: URI, or a note if too large."""
+    """A download entry for the templates' ``download`` macro.
+
+    Up to :data:`MAX_EMBEDDED_CSV_BYTES` the CSV is a ``data:text/csv`` link (works without
+    JavaScript). Larger, it is embedded gzip-compressed (``gzip`` key, base64; ``mtime=0`` so the
+    bytes are deterministic) and the page's script decompresses it into a download on click.
+    """
     payload = csv_bytes(frame)
-    entry = {"title": title, "filename": filename, "rows": len(frame), "columns": len(frame.columns), "bytes": len(payload)}
-    if len(payload) > MAX_EMBEDDED_CSV_BYTES:
-        entry["uri"] = ""
-        entry["note"] = f"{len(payload) / 1e6:.1f} MB: too large to embed; it is results.csv in the study's cache folder"
-    else:
+    entry = {"title": title, "filename": filename, "rows": len(frame), "columns": len(frame.columns),
+             "bytes": len(payload), "uri": "", "gzip": "", "element_id": "", "note": ""}
+    if len(payload) <= MAX_EMBEDDED_CSV_BYTES:
         entry["uri"] = data_uri(payload, "text/csv")
-        entry["note"] = ""
+        return entry
+    packed = gzip.compress(payload, compresslevel=9, mtime=0)
+    if len(packed) > MAX_EMBEDDED_GZIP_BYTES:
+        entry["note"] = f"{len(payload) / 1e6:.1f} MB: too large to embed; it is results.csv in the result folder"
+        return entry
+    entry["gzip"] = base64.b64encode(packed).decode("ascii")
+    entry["element_id"] = "csv-" + re.sub(r"[^A-Za-z0-9_-]", "-", filename)
+    entry["note"] = (f"{len(payload) / 1e6:.1f} MB of CSV embedded gzip-compressed ({len(packed) / 1e6:.1f} MB); "
+                     "the link decompresses it in the browser")
     return entry
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import gzip
 import html
 import io
 import json
@@ -308,8 +309,30 @@ def test_pages_make_no_network_reference(built):
 
 
 def _downloads(text: str) -> dict[str, bytes]:
+    """Every embedded CSV of a page: plain data: links and gzip-compressed script elements."""
     found = re.findall(r'<a download="([^"]+)" href="data:text/csv;base64,([^"]*)"', text)
-    return {name: base64.b64decode(payload) for name, payload in found}
+    downloads = {name: base64.b64decode(payload) for name, payload in found}
+    for name, element in re.findall(r'<a download="([^"]+)" href="#[^"]*" data-gzip-csv="([^"]+)"', text):
+        payload = re.search(rf'<script type="text/plain" id="{re.escape(element)}">([^<]*)</script>', text).group(1)
+        downloads[name] = gzip.decompress(base64.b64decode(payload))
+    return downloads
+
+
+def test_large_csvs_are_embedded_gzip_compressed_and_deterministic(monkeypatch):
+    from reports import html as report_html
+
+    frame = pd.DataFrame({"x": range(500), "y": [0.5] * 500})
+    small = report_html.csv_download(frame, "a b.csv", "t")
+    assert small["uri"].startswith("data:text/csv;base64,") and not small["gzip"]
+    monkeypatch.setattr(report_html, "MAX_EMBEDDED_CSV_BYTES", 100)
+    large = report_html.csv_download(frame, "a b.csv", "t")
+    assert not large["uri"] and large["element_id"] == "csv-a-b-csv"
+    assert gzip.decompress(base64.b64decode(large["gzip"])) == report_html.csv_bytes(frame)
+    assert report_html.csv_download(frame, "a b.csv", "t") == large  # mtime=0: the same bytes every build
+    page = report_html.render("macros.html.j2")  # the macro file renders on its own
+    assert page.strip() == ""
+    monkeypatch.setattr(report_html, "MAX_EMBEDDED_GZIP_BYTES", 10)
+    assert "too large to embed" in report_html.csv_download(frame, "a.csv", "t")["note"]
 
 
 def test_csv_data_is_embedded_and_parses_back(built):
@@ -333,6 +356,19 @@ def test_study_pages_embed_figures_tables_and_provenance(built):
         plain = html.unescape(text)
         assert "git_commit" in plain and '"seed": 0' in plain and '"versions"' in plain, name
     assert "data:image/png;base64," in (built["base"] / "a" / "coefficients.html").read_text(encoding="utf-8")
+
+
+def test_every_study_page_renders_its_equations_as_mathml(built):
+    from reports.equations import page_equations
+
+    for name in tiny_configs(with_theory=False):
+        text = (built["base"] / "a" / f"{name}.html").read_text(encoding="utf-8")
+        expected = page_equations(name)
+        assert expected, name
+        assert text.count('<math display="block">') == len(expected), name
+        assert "<msub>" in text or "<msubsup>" in text, name
+    coefficients = (built["base"] / "a" / "coefficients.html").read_text(encoding="utf-8")
+    assert '<a href="theory.html#smoothing-gap">' in coefficients  # a claim's derivation is linked
 
 
 def test_theory_page_renders_mathml(built):

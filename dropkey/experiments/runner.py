@@ -97,9 +97,7 @@ def _load_trained_model(folder: Path, config: Any, device: torch.device) -> tupl
 
     state = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
     resolved = json.loads((folder / "config.json").read_text(encoding="utf-8"))["resolved"]
-    # Monte-Carlo masks: a stream of their own, derived from the run's seed
-    mask_seed = int(np.random.SeedSequence([config.seed, 1]).generate_state(1, np.uint32)[0])
-    model_config = dataclasses.replace(config.model_config(), mask_seed=mask_seed)
+    model_config = dataclasses.replace(config.model_config(), mask_seed=0)  # per-pass seeds override it
     model = VisionTransformer(model_config).to(device)
     model.load_state_dict(state["model"])
     return model, Normalize(resolved["normalize_mean"], resolved["normalize_std"])
@@ -109,8 +107,9 @@ def monte_carlo_accuracy(folder: Path, config: Any, ks: Sequence[int], device: t
     """Test accuracy of plain inference (k = 0) and of the mean of k DropKey passes' probabilities.
 
     One pass of max(ks) samples per test batch; the running mean is scored at every k.
-    The DropKey masks come from the model's own per-block generators, seeded from the
-    run's seed, so the numbers are reproducible.
+    Every pass gets its own seed (derived from the run's seed, the batch and k), which
+    seeds the DropKey layers' generators and any other stochastic layer, so the numbers
+    are reproducible.
     """
     from dropkey import data as datasets
     from dropkey.inference import monte_carlo_predict
@@ -121,14 +120,15 @@ def monte_carlo_accuracy(folder: Path, config: Any, ks: Sequence[int], device: t
     ks = sorted(set(int(k) for k in ks))
     correct = dict.fromkeys([0, *ks], 0)
     model.eval()
-    for start in range(0, len(test), config.eval_batch_size):
+    for batch, start in enumerate(range(0, len(test), config.eval_batch_size)):
         images = normalize(test.images[start : start + config.eval_batch_size]).to(device)
         labels = test.labels[start : start + config.eval_batch_size].to(device)
         with torch.no_grad():
             correct[0] += int((model(images).argmax(-1) == labels).sum())
         total = None
+        seeds = np.random.SeedSequence([config.seed, 2, batch]).generate_state(ks[-1], np.uint32)
         for k in range(1, ks[-1] + 1):
-            sample = monte_carlo_predict(model, images, 1)
+            sample = monte_carlo_predict(model, images, 1, generator=int(seeds[k - 1]))
             total = sample if total is None else total + sample
             if k in correct:
                 correct[k] += int((total.argmax(-1) == labels).sum())
