@@ -24,8 +24,12 @@ Without Re-attention, softmax gradients sum to 0 over a row, so the signed
 Cross-layer similarity (DeepViT, arXiv 2103.11886, section 3): for blocks p, q,
 head h and token t, the cosine similarity between column t of block p's map and
 column t of block q's map (the attention token t receives from every query),
-averaged over batch and tokens. Maps are the ones that multiply V (after
-Re-attention, where it is used). Rows: block_a, block_b, head, value.
+averaged over batch and tokens. By default the maps are the ones that multiply V
+(after Re-attention, where it is used: DeepViT's definition); ``source="weights"``
+uses the softmax weights before any mixing instead. The two agree without
+Re-attention; with it the mixed maps are BatchNorm-normalised over heads (signed,
+roughly zero-mean), so their cosine is not comparable with a softmax map's and the
+weights give the like-for-like comparison. Rows: block_a, block_b, head, value.
 
 The recorder needs the weights, i.e. the reference path. A module configured for
 the fused path would have to switch paths, which may change outputs at the level
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 ROW_METRICS = ("entropy", "peak")
 GRADIENT_METRICS = ("grad_top", "grad_rest", "abs_grad_top", "abs_grad_rest")
 SIMILARITY_PAIRS = ("adjacent", "all")
+SIMILARITY_SOURCES = ("maps", "weights")
 
 
 # --- per-row quantities ---------------------------------------------------------------
@@ -119,8 +124,8 @@ class AttentionRecorder:
     ...     model(images).logsumexp(-1).sum().backward()
     >>> recorder.to_frame()                             # layer, module, head, metric, value, count
 
-    store_maps: keep every forward's maps (memory: B x H x N x N per layer and call) for
-    :meth:`similarity_frame`. switch_to_reference: see the module doc.
+    store_maps: keep every forward's maps and softmax weights (memory: 2 x B x H x N x N per
+    layer and call) for :meth:`similarity_frame`. switch_to_reference: see the module doc.
     """
 
     def __init__(self, model: nn.Module, *, store_maps: bool = False, switch_to_reference: bool = False) -> None:
@@ -183,6 +188,7 @@ class AttentionRecorder:
         self._counts: dict[tuple[int, str], Tensor] = {}
         self._pending: dict[int, dict[str, Tensor]] = {}
         self.maps: dict[int, list[Tensor]] = defaultdict(list)
+        self.weights: dict[int, list[Tensor]] = defaultdict(list)
 
     # hooks (read-only: they return None and touch only detached tensors)
 
@@ -227,6 +233,8 @@ class AttentionRecorder:
                 state = self._pending.pop(layer, None)
                 if state is not None:
                     state["weights"] = w
+                if self.store_maps:
+                    self.weights[layer].append(w)
 
         return hook
 
@@ -251,12 +259,19 @@ class AttentionRecorder:
                 })
         return pd.DataFrame(rows, columns=["layer", "module", "head", "metric", "value", "count"])
 
-    def similarity_frame(self, *, pairs: str = "adjacent") -> pd.DataFrame:
-        """DeepViT cross-layer similarity of the stored maps (needs ``store_maps=True``)."""
+    def similarity_frame(self, *, pairs: str = "adjacent", source: str = "maps") -> pd.DataFrame:
+        """DeepViT cross-layer similarity of the stored maps or softmax weights (needs ``store_maps=True``).
+
+        source: ``"maps"`` (what multiplies V, after Re-attention: DeepViT's definition) or
+        ``"weights"`` (the softmax weights before any mixing); see the module doc.
+        """
         if not self.store_maps:
             raise ValueError("similarity_frame needs AttentionRecorder(..., store_maps=True)")
-        layers = sorted(self.maps)
+        if source not in SIMILARITY_SOURCES:
+            raise ValueError(f"source must be one of {SIMILARITY_SOURCES}, got {source!r}")
+        recorded = self.maps if source == "maps" else self.weights
+        layers = sorted(recorded)
         if layers != list(range(len(self.layers))):
             raise ValueError("no maps recorded for some layers; run a forward pass inside the recorder")
-        stacked = [torch.cat(self.maps[layer], dim=0) for layer in layers]
+        stacked = [torch.cat(recorded[layer], dim=0) for layer in layers]
         return cross_layer_similarity(stacked, pairs=pairs)

@@ -25,7 +25,8 @@ What a run does:
 Run folder (``out_dir``): ``config.json``, ``provenance.json``, ``metrics.csv`` (one row per
 epoch), ``diagnostics.csv`` (tidy: epoch, layer, module, head, metric, value, count,
 other_layer; ``metric == "similarity"`` rows are DeepViT's cross-layer similarity between
-``layer`` and ``other_layer``), ``checkpoint.pt``.
+``layer`` and ``other_layer`` of the maps that multiply V, ``"similarity_softmax"`` the same of the
+softmax weights before any Re-attention mixing), ``checkpoint.pt``.
 
 Randomness: every stream is derived from ``seed`` with ``numpy.random.SeedSequence`` (model
 init, data order, augmentation, subset, DropKey masks, the global torch RNG used by
@@ -655,12 +656,13 @@ class Trainer:
         model.zero_grad(set_to_none=True)
         rows = [dict(row, epoch=epoch, other_layer=None) for row in recorder.to_frame().to_dict("records")]
         modules = [name for name, _ in recorder.layers]
-        for row in recorder.similarity_frame(pairs="adjacent").to_dict("records"):
-            rows.append({
-                "epoch": epoch, "layer": int(row["block_a"]), "module": modules[int(row["block_a"])],
-                "head": int(row["head"]), "metric": "similarity", "value": float(row["value"]),
-                "count": int(self.diag_images.shape[0]), "other_layer": int(row["block_b"]),
-            })
+        for metric, source in (("similarity", "maps"), ("similarity_softmax", "weights")):
+            for row in recorder.similarity_frame(pairs="adjacent", source=source).to_dict("records"):
+                rows.append({
+                    "epoch": epoch, "layer": int(row["block_a"]), "module": modules[int(row["block_a"])],
+                    "head": int(row["head"]), "metric": metric, "value": float(row["value"]),
+                    "count": int(self.diag_images.shape[0]), "other_layer": int(row["block_b"]),
+                })
         return rows
 
     # outputs

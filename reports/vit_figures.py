@@ -195,6 +195,7 @@ def structured_figures(result) -> list[Figure]:
 def collapse_figures(result) -> list[Figure]:
     finals = result.finals
     by_depth = _mean_se(finals, ["arm", "depth"], "top_similarity")
+    by_depth_softmax = _mean_se(finals, ["arm", "depth"], "top_similarity_softmax")
     deepest = int(finals["depth"].max())
     keys = set(finals[finals["depth"] == deepest]["run_key"])
     last = result.attention[result.attention["run_key"].isin(keys) & (result.attention["metric"] == "similarity")]
@@ -204,12 +205,17 @@ def collapse_figures(result) -> list[Figure]:
         make_figure("similarity-by-depth", "Top-block cross-layer similarity against depth",
                     "Mean cosine similarity of attention columns between adjacent top blocks (band ±1 SE over seeds).",
                     "svg", by_depth, _curves_by_arm(by_depth, "depth", "top-block similarity")),
+        make_figure("softmax-similarity-by-depth", "The same on the softmax weights before Re-attention mixing",
+                    "Like-for-like control: Re-attention's BatchNorm makes its mixed maps signed, which alone lowers "
+                    "their cosine; here every arm is compared on softmax weights (band ±1 SE over seeds).",
+                    "svg", by_depth_softmax, _curves_by_arm(by_depth_softmax, "depth", "top-block similarity (softmax)")),
         make_figure("similarity-by-block", f"Similarity of block b and b + 1 (depth {deepest})",
                     "DeepViT's cross-layer similarity of adjacent blocks at the final epoch (band ±1 SE).",
                     "svg", pairs, _curves_by_arm(pairs, "block", "similarity(b, b+1)")),
         _difference_figure(result, "differences", "Collapse remedies at the deepest depth",
-                           ["similarity_reattention_minus_plain", "similarity_dropkey_minus_plain",
-                            "similarity_both_minus_plain"], "similarity difference"),
+                           ["similarity_reattention_minus_plain", "similarity_softmax_reattention_minus_plain",
+                            "similarity_dropkey_minus_plain", "similarity_softmax_both_minus_reattention"],
+                           "similarity difference"),
     ]
 
 

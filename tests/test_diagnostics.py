@@ -161,6 +161,14 @@ def test_recorder_similarity_frame_over_blocks():
     assert len(frame) == (depth - 1) * heads
     assert frame["value"].between(-1 - 1e-9, 1 + 1e-9).all()
     assert recorder.maps[0][0].shape == (6, heads, 17, 17)
+    # the softmax weights before Re-attention (blocks 2, 3 mix heads): equal to the maps below it only
+    softmax = recorder.similarity_frame(pairs="adjacent", source="weights")
+    assert softmax["value"].between(0.0, 1 + 1e-9).all()  # non-negative weights: cosine >= 0
+    first = (frame["block_a"] == 0).to_numpy()
+    assert softmax["value"].to_numpy()[first] == pytest.approx(frame["value"].to_numpy()[first], abs=1e-12)
+    assert not softmax["value"].to_numpy()[~first] == pytest.approx(frame["value"].to_numpy()[~first], abs=1e-6)
+    with pytest.raises(ValueError, match=r"source must be one of \('maps', 'weights'\)"):
+        recorder.similarity_frame(source="logits")
     # no gradients under no_grad: only the row metrics are recorded
     assert set(recorder.to_frame()["metric"]) == {"entropy", "peak"}
     with pytest.raises(ValueError, match="store_maps=True"):

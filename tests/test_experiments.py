@@ -219,6 +219,8 @@ def test_quick_collapse_sweeps_depth_and_alignment_sweeps_k(quick_results):
     collapse = results["collapse"].finals
     assert sorted(set(collapse["depth"])) == list(SCALES["quick"].collapse_depths)
     assert set(collapse["arm"]) == {"plain", "reattention", "dropkey", "dropkey+reattention"}
+    unmixed = collapse[collapse["arm"].isin(["plain", "dropkey"])]  # no Re-attention: maps are the softmax weights
+    assert unmixed["top_similarity"].to_numpy() == pytest.approx(unmixed["top_similarity_softmax"].to_numpy(), abs=1e-9)
     mc = results["alignment"].monte_carlo
     assert sorted(set(mc["k"])) == [0, *SCALES["quick"].mc_samples]
 

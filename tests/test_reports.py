@@ -220,7 +220,7 @@ def test_rules_together_give_every_status():
         ("vit-attention-peaks", [("peak_dropkey_minus_none", -0.05, 0.01), ("entropy_dropkey_minus_none", 0.1, 0.02)], "confirmed"),
         ("vit-attention-peaks", [("peak_dropkey_minus_none", -0.05, 0.01), ("entropy_dropkey_minus_none", -0.1, 0.02)], "partly"),
         ("vit-attention-peaks", [("peak_dropkey_minus_none", 0.05, 0.01), ("entropy_dropkey_minus_none", -0.1, 0.02)], "not reproduced"),
-        ("dropkey-collapse", [("similarity_dropkey_minus_plain", -0.01, 0.01), ("similarity_both_minus_plain", -0.5, 0.05)], "partly"),
+        ("dropkey-collapse", [("similarity_dropkey_minus_plain", -0.01, 0.01), ("similarity_softmax_both_minus_reattention", -0.5, 0.05)], "partly"),
         ("deepvit-collapse", [("top_blocks_similarity_plain", 0.97, float("nan"))], "confirmed"),
         ("deepvit-collapse", [("top_blocks_similarity_plain", 0.5, 0.01)], "not reproduced"),
         ("vit-accuracy", [], "not yet measured"),

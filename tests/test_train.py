@@ -60,9 +60,13 @@ def test_digits_learns_and_writes_tidy_files(tmp_path):
     assert {"entropy", "peak", "grad_top", "grad_rest", "abs_grad_top", "abs_grad_rest", "similarity"} <= metrics
     one = d[d["epoch"] == 6]
     # 3 layers x 4 heads per attention metric; similarity: 2 adjacent pairs x 4 heads
-    assert (one[one["metric"] != "similarity"].groupby("metric").size() == 12).all()
+    similarities = ["similarity", "similarity_softmax"]
+    assert (one[~one["metric"].isin(similarities)].groupby("metric").size() == 12).all()
     sim = one[one["metric"] == "similarity"]
     assert len(sim) == 8 and (sim["other_layer"] == sim["layer"] + 1).all()
+    # without Re-attention the maps that multiply V are the softmax weights: both similarities agree
+    softmax = one[one["metric"] == "similarity_softmax"]
+    assert softmax["value"].to_numpy() == pytest.approx(sim["value"].to_numpy(), abs=1e-12)
     entropy = one[one["metric"] == "entropy"]["value"]
     assert ((entropy > 0) & (entropy <= math.log(17) + 1e-9)).all()  # 17 tokens
     assert not d.duplicated(["epoch", "layer", "head", "metric", "other_layer"]).any()

@@ -15,7 +15,12 @@ eval mode on a fixed batch of test images, see :mod:`dropkey.diagnostics`):
 - ``grad_ratio``: |dL/ds| on the most-attended logit over the mean |dL/ds| on the other kept
   logits, per block (mean over heads), then mean over blocks;
 - ``top_similarity``: DeepViT's cross-layer similarity of adjacent blocks (mean over heads and
-  tokens), averaged over the adjacent pairs inside the top ``max(2, ceil(depth / 3))`` blocks;
+  tokens), averaged over the adjacent pairs inside the top ``max(2, ceil(depth / 3))`` blocks, of
+  the maps that multiply V (after Re-attention: DeepViT's definition);
+- ``top_similarity_softmax``: the same of the softmax weights before any Re-attention mixing
+  (the like-for-like comparison: Re-attention's BatchNorm makes its maps signed and roughly
+  zero-mean, which alone drives their cosine toward 0); equal to ``top_similarity`` without
+  Re-attention;
 - ``images_per_s``: median training throughput over epochs 2.. (epoch 1 includes warm-up).
 """
 
@@ -31,7 +36,7 @@ import pandas as pd
 
 from dropkey.experiments.runner import MONTE_CARLO_FILE, RunSpec
 
-ATTENTION_METRICS = ("peak", "entropy", "abs_grad_top", "abs_grad_rest", "similarity")
+ATTENTION_METRICS = ("peak", "entropy", "abs_grad_top", "abs_grad_rest", "similarity", "similarity_softmax")
 
 
 class IncompleteRun(RuntimeError):
@@ -79,9 +84,9 @@ def run_tables(specs: Sequence[RunSpec]) -> tuple[pd.DataFrame, pd.DataFrame, pd
     return metrics_frame, attention_frame, mc_frame
 
 
-def _top_similarity(block_rows: pd.DataFrame, depth: int) -> float:
+def _top_similarity(block_rows: pd.DataFrame, depth: int, metric: str = "similarity") -> float:
     top = set(top_blocks(depth))
-    pairs = block_rows[(block_rows["metric"] == "similarity") & block_rows["layer"].isin(top) & block_rows["other_layer"].isin(top)]
+    pairs = block_rows[(block_rows["metric"] == metric) & block_rows["layer"].isin(top) & block_rows["other_layer"].isin(top)]
     return float(pairs["value"].mean()) if len(pairs) else math.nan
 
 
@@ -105,6 +110,7 @@ def final_quantities(specs: Sequence[RunSpec], metrics: pd.DataFrame, attention:
             "entropy": float(per_block["entropy"].mean()),
             "grad_ratio": float((per_block["abs_grad_top"] / per_block["abs_grad_rest"]).mean()),
             "top_similarity": _top_similarity(last, depth),
+            "top_similarity_softmax": _top_similarity(last, depth, "similarity_softmax"),
             "images_per_s": float(later.median() if len(later) else run_metrics["images_per_s"].median()),
         }
         needed = ("top1", "peak", "entropy", "grad_ratio") + (("top_similarity",) if depth > 1 else ())
@@ -232,21 +238,24 @@ def _structured(finals, attention, mc) -> list[dict[str, Any]]:
 
 def _collapse(finals, attention, mc) -> list[dict[str, Any]]:
     rows = []
+    comparisons = (("reattention", "reattention", "plain"), ("dropkey", "dropkey", "plain"),
+                   ("both", "dropkey+reattention", "plain"), ("both", "dropkey+reattention", "reattention"))
     for depth in sorted(set(finals["depth"])):
         group = f"depth={depth}"
         at = finals[finals["depth"] == depth]
-        rows += _means(at, "top_similarity", group=group) + _means(at, "top1", group=group)
-        for name, a, b in (("reattention", "reattention", "plain"), ("dropkey", "dropkey", "plain"),
-                           ("both", "dropkey+reattention", "plain"), ("both_vs_reattention", "dropkey+reattention", "reattention")):
-            stats = paired_difference(at, "top_similarity", a, b)
-            rows.append(_row(f"similarity_{name}_minus_{'reattention' if b == 'reattention' else 'plain'}", stats,
-                             f"top-block similarity({a}) - ({b}) at depth {depth}", group=group))
+        rows += _means(at, "top1", group=group)
+        for column, label in (("top_similarity", "similarity"), ("top_similarity_softmax", "similarity_softmax")):
+            rows += _means(at, column, group=group)
+            for name, a, b in comparisons:
+                rows.append(_row(f"{label}_{name}_minus_{b}", paired_difference(at, column, a, b),
+                                 f"top-block {label}({a}) - ({b}) at depth {depth}", group=group))
     deepest = f"depth={max(finals['depth'])}"
     headline = {
         "top_blocks_similarity_plain": "top_similarity_plain",
         "similarity_reattention_minus_plain": "similarity_reattention_minus_plain",
+        "similarity_softmax_reattention_minus_plain": "similarity_softmax_reattention_minus_plain",
         "similarity_dropkey_minus_plain": "similarity_dropkey_minus_plain",
-        "similarity_both_minus_plain": "similarity_both_minus_plain",
+        "similarity_softmax_both_minus_reattention": "similarity_softmax_both_minus_reattention",
     }
     for quantity, source in headline.items():
         match = next(r for r in rows if r["quantity"] == source and r["group"] == deepest)
@@ -271,8 +280,8 @@ CLAIM_QUANTITIES = {
     "vit-alignment": ("top1_mc_minus_plain", "top1_finetune_minus_plain"),
     "vit-structured": ("top1_block_minus_dropkey", "top1_cross_minus_dropkey"),
     "deepvit-collapse": ("top_blocks_similarity_plain",),
-    "deepvit-reattention": ("similarity_reattention_minus_plain",),
-    "dropkey-collapse": ("similarity_dropkey_minus_plain", "similarity_both_minus_plain"),
+    "deepvit-reattention": ("similarity_reattention_minus_plain", "similarity_softmax_reattention_minus_plain"),
+    "dropkey-collapse": ("similarity_dropkey_minus_plain", "similarity_softmax_both_minus_reattention"),
 }
 
 
