@@ -45,17 +45,32 @@ Backends (one function, several paths, all exact and tested against ``reference`
     ``dlogits = w * (g v^T - rowsum(g * o))`` (dropped entries have w = 0). Under
     :func:`torch.compile` the same maths runs as plain differentiable ops (on a
     materialised bool mask).
+``triton``
+    Fused FlashAttention-2-style Triton kernels (forward and backward, online
+    softmax, recomputation in backward; :mod:`dropkey.kernels.triton_dropkey`). The
+    mask is never stored: each tile recomputes it from a counter-based hash of
+    (seed, slice, query, key) (:mod:`dropkey.kernels.hash_mask`), so this backend
+    always uses ``mask="hash"``. CUDA tensors (or the Triton interpreter on CPU, for
+    tests); float16, bfloat16, float32. Needs ``pip install "dropkey-lab[triton]"``.
 ``auto``
-    ``fused`` on CPU, ``sdpa`` elsewhere (where SDPA has fused masked kernels).
+    ``fused`` on CPU; on CUDA ``triton`` when triton is importable, the dtype is
+    float16/bfloat16/float32 and ``mask`` is not ``"bernoulli"``; else ``sdpa``
+    (where SDPA has fused masked kernels).
 
 ``training=False`` or ``drop_ratio == 0`` returns plain attention computed by
 :func:`plain_attention` with the same backend: bit-identical to
 ``F.scaled_dot_product_attention`` for ``sdpa``/``fused``/``auto`` and to the
 reference plain path for ``reference``.
 
-Masks come from :func:`dropkey.masks.bernoulli_drop_mask`; every backend draws the
-same mask from the same generator state, so ``generator=seed`` makes all backends
-agree (up to float rounding).
+Masks (``mask=``). ``"bernoulli"`` (default of every backend but ``triton``):
+:func:`dropkey.masks.bernoulli_drop_mask`; every such backend draws the same mask
+from the same generator state, so ``generator=seed`` makes them agree (up to float
+rounding). ``"hash"`` (the ``triton`` backend's, and the default when ``auto``
+picks it): :func:`dropkey.kernels.hash_drop_mask` of one seed drawn by
+:func:`dropkey.kernels.hash_seed` from ``generator`` (one ``torch.randint``); the
+``reference``, ``sdpa`` and ``fused`` backends materialise that same mask, so
+``mask="hash"`` makes every backend, ``triton`` included, agree. ``mask=None``
+picks the resolved backend's own; see :func:`resolve_backend`.
 """
 
 from __future__ import annotations
@@ -86,13 +101,18 @@ __all__ = [
     "attention_from_keep_mask",
     "dropkey_attention",
     "masked_softmax",
+    "MASKS",
     "paper_dropkey_attention",
     "plain_attention",
     "post_softmax_dropout_attention",
+    "resolve_backend",
 ]
 
 ALL_DROPPED_CONVENTIONS = ("zero", "uniform", "undropped")
-BACKENDS = ("auto", "reference", "sdpa", "fused")
+BACKENDS = ("auto", "reference", "sdpa", "fused", "triton")
+MASKS = ("bernoulli", "hash")
+# Backends that take a given mask (attention_from_keep_mask): all but triton, which hashes its own.
+_MASK_BACKENDS = ("auto", "reference", "sdpa", "fused")
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -166,10 +186,45 @@ def _check_keep(keep: object, target: tuple[int, ...], device: torch.device) -> 
     return keep
 
 
+def _check_mask(mask: object) -> Optional[str]:
+    if mask is not None and mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS} or None (the backend's own), got {mask!r}")
+    return None if mask is None else str(mask)
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
+    """Backend for a given mask: ``auto`` -> ``fused`` on CPU, ``sdpa`` elsewhere (never ``triton``)."""
     if backend == "auto":
         return "fused" if device.type == "cpu" else "sdpa"
     return backend
+
+
+def resolve_backend(
+    backend: str, device: torch.device | str, dtype: Optional[torch.dtype] = None, mask: Optional[str] = None
+) -> tuple[str, str]:
+    """(backend, mask) that :func:`dropkey_attention` uses for inputs on ``device`` of ``dtype``.
+
+    ``auto`` becomes ``fused`` on CPU; on CUDA ``triton`` when triton is importable,
+    ``dtype`` is None or one the kernel supports (float16, bfloat16, float32) and
+    ``mask`` is not ``"bernoulli"``; else ``sdpa``. ``mask=None`` becomes ``"hash"``
+    for ``triton`` and ``"bernoulli"`` otherwise. ``backend="triton"`` with
+    ``mask="bernoulli"`` raises ValueError (the kernel only hashes).
+    """
+    name = _check_backend(backend)
+    kind = _check_mask(mask)
+    dev = torch.device(device)
+    if name == "auto":
+        name = _resolve_backend(name, dev)
+        if dev.type == "cuda" and kind != "bernoulli" and dtype in (None, torch.float16, torch.bfloat16, torch.float32):
+            from dropkey.kernels import triton_available
+
+            if triton_available():
+                name = "triton"
+    if kind is None:
+        kind = "hash" if name == "triton" else "bernoulli"
+    if name == "triton" and kind != "hash":
+        raise ValueError("mask must be 'hash' (or None) with backend='triton': the kernel computes a hash mask")
+    return name, kind
 
 
 # --------------------------------------------------------------------------- softmax
@@ -588,6 +643,7 @@ def dropkey_attention(
     generator: GeneratorLike = None,
     backend: str = "auto",
     scale: Optional[float] = None,
+    mask: Optional[str] = None,
 ) -> torch.Tensor:
     """DropKey attention: (..., Nq, dv) from q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv).
 
@@ -596,20 +652,31 @@ def dropkey_attention(
     with all keys dropped follow ``all_dropped`` (see the module doc). With
     ``training=False`` or ``drop_ratio == 0`` this is exactly :func:`plain_attention`
     of the same backend. ``generator``: a :class:`torch.Generator`, an int seed (a
-    fresh generator on q's device) or None (global RNG). ``scale`` defaults to
-    ``1 / sqrt(d)``. ``backend``: one of :data:`BACKENDS`.
+    fresh generator on q's device; for ``mask="hash"`` on the CPU) or None (global
+    RNG; for ``mask="hash"`` the CPU one). ``scale`` defaults to ``1 / sqrt(d)``.
+    ``backend``: one of :data:`BACKENDS`. ``mask``: one of :data:`MASKS` or None
+    (the backend's own: ``"hash"`` for ``triton``, else ``"bernoulli"``).
     """
     _check_qkv(q, k, v)
     r = validate_drop_ratio(drop_ratio)
     training = _check_training(training)
     convention = _check_convention(all_dropped)
-    backend = _check_backend(backend)
+    resolved, kind = resolve_backend(backend, q.device, q.dtype, mask)
     scale_value = _check_scale(scale, q)
     if not training or r == 0.0:
         return plain_attention(q, k, v, scale=scale_value, backend=backend)
-    gen = resolve_generator(generator, q.device)
     shape = (*q.shape[:-2], q.shape[-2], k.shape[-2])
-    resolved = _resolve_backend(backend, q.device)
+    if kind == "hash":
+        from dropkey.kernels import hash_drop_mask, hash_seed
+
+        seed = hash_seed(generator)
+        if resolved == "triton":
+            from dropkey.kernels import triton_attention
+
+            return triton_attention(q, k, v, r, seed=seed, all_dropped=convention, scale=scale_value)
+        drop = hash_drop_mask(seed, shape, r, device=q.device)
+        return _dispatch(resolved, q, k, v, drop, convention, scale_value, owned=True)
+    gen = resolve_generator(generator, q.device)
     if resolved == "fused" and q.device.type == "cpu" and not torch.compiler.is_compiling():
         if gen is not None and gen.device.type != "cpu":
             raise ValueError(f"generator is on {gen.device} but q is on {q.device}: pass a generator of that device")
@@ -632,11 +699,12 @@ def attention_from_keep_mask(
     """``masked_softmax(q k^T * scale, keep) @ v`` by the chosen backend: (..., Nq, dv).
 
     keep: bool, True = kept, broadcastable to (..., Nq, Nk) (e.g. (..., 1, Nk) for
-    DropAttention). ``keep`` is never modified.
+    DropAttention). ``keep`` is never modified. ``backend``: one of :data:`BACKENDS`
+    but ``triton`` (which computes its own hash mask); ``auto`` never picks it.
     """
     _check_qkv(q, k, v)
     convention = _check_convention(all_dropped)
-    backend = _check_backend(backend)
+    backend = _check_backend(backend, _MASK_BACKENDS)
     scale_value = _check_scale(scale, q)
     keep = _check_keep(keep, (*q.shape[:-2], q.shape[-2], k.shape[-2]), q.device)
     resolved = _resolve_backend(backend, q.device)

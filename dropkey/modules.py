@@ -20,7 +20,8 @@ All-dropped rows follow ``all_dropped`` (THEORY-NOTES section 1).
 
 Two paths compute the same thing:
 
-- fast (fused): the :mod:`dropkey.functional` kernels; weights are never materialised;
+- fast (fused): the :mod:`dropkey.functional` kernels; weights are never materialised
+  (``backend="auto"`` on CUDA with triton: the Triton kernel and its hash mask);
 - reference: logits = (q * scale) @ k^T -> keep mask -> masked softmax (or post-softmax
   dropout) -> optional Re-attention mixing -> maps @ v, with every intermediate exposed.
 
@@ -335,14 +336,23 @@ class DropKeyAttention(nn.Module):
 
     # --- masks ----------------------------------------------------------------------
 
-    def keep_mask(self, shape: tuple[int, ...], device: torch.device | None = None) -> Tensor:
+    def keep_mask(
+        self, shape: tuple[int, ...], device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> Tensor:
         """Draw this variant's keep mask (bool, True = kept) for logits of ``shape`` (..., N, N).
 
         Independent (dropkey, dropout): (..., N, N); dropattention: (..., 1, N);
         block/cross: as :mod:`dropkey.masks` returns them (broadcastable to ``shape``).
+        For ``dropkey`` the mask is the one the fast path uses for inputs of ``dtype``
+        on ``device``: the hash mask where that path resolves to the ``triton``
+        backend (:func:`dropkey.functional.resolve_backend`), else Bernoulli.
         """
         device = torch.device("cpu") if device is None else torch.device(device)
         r, gen = self.drop_ratio, self._generator_for(device)
+        if self.variant == "dropkey" and functional.resolve_backend(self.backend, device, dtype)[1] == "hash":
+            from dropkey.kernels import hash_drop_mask, hash_seed
+
+            return hash_drop_mask(hash_seed(gen), shape, r, device=device).logical_not_()
         if self.variant in ("dropkey", "dropout"):
             return masks.dropkey_keep_mask(shape, r, generator=gen, device=device)
         if self.variant == "dropattention":
@@ -456,7 +466,7 @@ class DropKeyAttention(nn.Module):
             drop = self.keep_mask(tuple(logits.shape), device=logits.device).logical_not_()
             weights = (logits.softmax(dim=-1) / (1.0 - self.drop_ratio)).masked_fill(drop, 0.0)
         else:
-            keep = self.keep_mask(tuple(logits.shape), device=logits.device)
+            keep = self.keep_mask(tuple(logits.shape), device=logits.device, dtype=logits.dtype)
             if bias is None:
                 weights = functional.masked_softmax(logits, keep, all_dropped=self.all_dropped)
             else:

@@ -1,4 +1,4 @@
-"""Shared pytest configuration: hypothesis profiles and the gpu marker's skip rule.
+"""Shared pytest configuration: hypothesis profiles, the gpu marker's skip rule, the Triton interpreter.
 
 Profiles (select with HYPOTHESIS_PROFILE):
 - ``ci`` (the README's test command): derandomised, so every run tests the same
@@ -9,10 +9,31 @@ Profiles (select with HYPOTHESIS_PROFILE):
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+
+def _triton_interpreter_without_cuda() -> None:
+    """Run Triton kernels through its interpreter (CPU) when there is no CUDA device.
+
+    tests/test_triton_kernel.py runs the fused kernel on CPU tensors this way. Triton
+    reads TRITON_INTERPRET when it is first imported (it decorates its own library
+    functions then) and ``import torch._dynamo`` imports triton, so the variable must
+    be set before any test module is collected. Without CUDA nothing can be compiled
+    for a GPU anyway. An explicit TRITON_INTERPRET in the environment wins.
+    """
+    if "TRITON_INTERPRET" in os.environ or importlib.util.find_spec("triton") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+
+_triton_interpreter_without_cuda()
 
 settings.register_profile(
     "ci",

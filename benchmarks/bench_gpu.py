@@ -1,0 +1,490 @@
+"""Benchmark (GPU only): the fused Triton DropKey kernel against SDPA, FlexAttention, the reference and the paper's code.
+
+For ViT-like shapes B x H x N x d with N in {65, 197, 577, 1024}, d = 64, H = 12,
+bfloat16, drop ratio 0.1 and a batch B = --tokens // N large enough to fill the
+device, this checks every variant's correctness first (on a small batch, against
+the reference backend on the identical mask), then times them all in ONE run,
+interleaved round-robin, with CUDA events:
+
+- forward (inputs require grad, as in a training step) and step = forward +
+  backward: median and min of ``--repeats`` after ``--warmup`` calls (the warm-up
+  also runs Triton's autotuner and torch.compile); backward = step - forward
+  (medians); ratios vs ``sdpa_nomask`` of the same run;
+- peak memory: ``torch.cuda.max_memory_allocated`` during one step above the
+  memory allocated before it;
+- saved for backward: bytes of the tensors autograd saves during the forward
+  (``torch.autograd.graph.saved_tensors_hooks``), split into N x N state (any saved
+  tensor other than q, k, v or the output with at least one bit per logit) and the
+  rest;
+- the fraction of the memory-bandwidth floor reached: a fused kernel must at least
+  read q, k, v and write the output (forward) and, in the backward, read q, k, v,
+  the output and dO and write dq, dk, dv: 12 * B*H*N*d elements per step. Floor =
+  those bytes / the device's bandwidth (a measured device-to-device copy, and the
+  nominal figure where the device is known); fraction = floor / measured time.
+
+Variants:
+``sdpa_nomask``  ``F.scaled_dot_product_attention(q, k, v)`` forced to the flash kernel: the speed of light;
+``triton``       ``dropkey_attention(backend="triton")``: the fused kernel with its hash mask;
+``sdpa_mask``    ``dropkey_attention(backend="sdpa")``: SDPA with a boolean mask (Bernoulli mask drawn per call);
+``flex_hash``    compiled FlexAttention with a ``score_mod`` that computes the same hash mask (int64 ops);
+                 fully dropped rows give 0 there (the ``zero`` convention);
+``reference``    ``dropkey_attention(backend="reference", mask="hash")``: the materialised specification;
+``paper``        :func:`dropkey.functional.paper_dropkey_attention`: the paper's two-line code.
+
+Targets (MET / NOT MET, from medians): ``triton`` step within 1.15x of
+``sdpa_nomask`` at N = 197 and 577; ``triton`` step >= 3x faster than ``paper`` at
+every N; zero bytes of N x N state saved for backward by ``triton``.
+
+Results (device, versions, commit) go to benchmarks/results/attention_gpu.{md,json},
+written atomically. Without CUDA the script says so and exits with status 1.
+Usage: python benchmarks/bench_gpu.py [--quick] [--repeats 20] [--warmup 3] [--ratio 0.1]
+       [--tokens 65536] [--heads 12] [--seq-lens 65,197,577,1024] [--output DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from dropkey.functional import dropkey_attention, paper_dropkey_attention
+from dropkey.kernels import hash_threshold
+from dropkey.kernels import hash_mask as _hash
+from dropkey.provenance import provenance
+from dropkey.storage import write_json_atomic, write_text_atomic
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SEQ_LENS = (65, 197, 577, 1024)
+HEAD_DIM = 64
+VARIANTS = ("sdpa_nomask", "triton", "sdpa_mask", "flex_hash", "reference", "paper")
+BASELINE = "sdpa_nomask"
+FUSED = "triton"
+TARGET_STEP_VS_SDPA = 1.15
+TARGET_STEP_VS_SDPA_AT = (197, 577)
+TARGET_SPEEDUP_VS_PAPER = 3.0
+# elements of B*H*N*d moved by an ideal fused kernel: forward q, k, v, out; backward q, k, v, out, dO, dq, dk, dv
+FLOOR_ELEMENTS = {"forward": 4, "step": 12}
+# nominal HBM bandwidth (GB/s) by device-name substring, for the nominal floor
+NOMINAL_BANDWIDTH_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
+                         "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0, "RTX 4090": 1008.0}
+NO_GPU_MESSAGE = (
+    "bench_gpu.py needs a CUDA device and torch.cuda.is_available() is False here: nothing was measured. "
+    "Run it on a machine with an NVIDIA GPU and triton installed (pip install \"dropkey-lab[triton]\")."
+)
+
+
+# --------------------------------------------------------------------------- CPU-checkable parts
+
+
+def _seq_lens(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seq-lens must be comma-separated positive ints, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--seq-lens must be comma-separated positive ints, got {text!r}")
+    return values
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"--ratio must be in (0, 1), got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a quarter of the tokens, 5 repeats: a smoke run")
+    parser.add_argument("--repeats", type=_positive, default=None, help="timed calls per variant (default 20, quick 5)")
+    parser.add_argument("--warmup", type=_positive, default=3)
+    parser.add_argument("--ratio", type=_ratio, default=0.1, help="drop ratio (default 0.1)")
+    parser.add_argument("--tokens", type=_positive, default=65536, help="B * N per shape (B = tokens // N)")
+    parser.add_argument("--heads", type=_positive, default=12)
+    parser.add_argument("--seq-lens", type=_seq_lens, default=SEQ_LENS, help="comma-separated N (default 65,197,577,1024)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="folder for attention_gpu.{md,json}")
+    args = parser.parse_args(argv)
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or BASELINE not in variants:
+        parser.error(f"--variants must be a subset of {VARIANTS} including {BASELINE!r}, got {args.variants!r}")
+    args.variants = tuple(v for v in VARIANTS if v in variants)
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 20
+    if args.quick:
+        args.tokens = max(1, args.tokens // 4)
+    return args
+
+
+def batch_for(n: int, tokens: int) -> int:
+    """Batch size B = max(1, tokens // N): about the same work per shape."""
+    return max(1, tokens // n)
+
+
+def floor_seconds(shape: tuple[int, int, int, int], element_bytes: int, bandwidth_gbs: float) -> dict[str, float]:
+    """The memory-bandwidth floor (seconds) of forward and step for a (B, H, N, d) problem."""
+    batch, heads, n, d = shape
+    return {mode: count * batch * heads * n * d * element_bytes / (bandwidth_gbs * 1e9) for mode, count in FLOOR_ELEMENTS.items()}
+
+
+def nominal_bandwidth(device_name: str) -> Optional[float]:
+    for key, value in NOMINAL_BANDWIDTH_GBS.items():  # most specific first
+        if key in device_name:
+            return value
+    return None
+
+
+def saved_state(
+    call: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...], logits: int, row_shapes: tuple[tuple[int, int], ...]
+) -> dict[str, int]:
+    """Bytes autograd saves for backward during ``call()`` (a forward), split into N x N state and the rest.
+
+    Saved tensors sharing storage with ``inputs`` or the output are not counted (each
+    storage once). A counted tensor is N x N state when it holds at least one bit per
+    logit (``logits`` = B*H*Nq*Nk: float weights, bool or bit-packed masks) and is not
+    shaped like q, k, v or the output (trailing dims in ``row_shapes``, e.g. (N, d)).
+    """
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = call()
+    known = {t.untyped_storage().data_ptr() for t in (*inputs, out)}
+    seen: set[int] = set()
+    state = rest = 0
+    for t in saved:
+        pointer = t.untyped_storage().data_ptr()
+        if pointer in known or pointer in seen:
+            continue
+        seen.add(pointer)
+        size = t.numel() * t.element_size()
+        per_row = t.dim() >= 2 and tuple(t.shape[-2:]) in row_shapes
+        if size * 8 >= logits and not per_row:
+            state += size
+        else:
+            rest += size
+    return {"nn_state_bytes": state, "other_saved_bytes": rest}
+
+
+def _step_ratio(numerator: dict, denominator: dict) -> Optional[float]:
+    if "step_median_ms" in numerator and "step_median_ms" in denominator:
+        return numerator["step_median_ms"] / denominator["step_median_ms"]
+    return None
+
+
+def evaluate_targets(cases: list[dict]) -> dict[str, str]:
+    """MET / NOT MET lines for the three targets, from the measured cases (NOT MEASURED where a value is missing)."""
+    out: dict[str, str] = {}
+    for case in cases:
+        n, rows = case["shape"][2], case["variants"]
+        fused, base, paper = rows.get(FUSED, {}), rows.get(BASELINE, {}), rows.get("paper", {})
+        label = "x".join(str(s) for s in case["shape"])
+        checks = []  # (target, measured value or None, met?, how the value reads)
+        if n in TARGET_STEP_VS_SDPA_AT:
+            ratio = _step_ratio(fused, base)
+            checks.append((f"{FUSED} fwd+bwd within {TARGET_STEP_VS_SDPA}x of SDPA flash without mask", ratio,
+                           ratio is not None and ratio <= TARGET_STEP_VS_SDPA, f"{ratio or 0:.2f}x"))
+        speedup = _step_ratio(paper, fused)
+        checks.append((f"{FUSED} fwd+bwd >= {TARGET_SPEEDUP_VS_PAPER}x faster than the paper's code", speedup,
+                       speedup is not None and speedup >= TARGET_SPEEDUP_VS_PAPER, f"{speedup or 0:.2f}x"))
+        state = fused.get("nn_state_bytes")
+        checks.append((f"{FUSED} saves zero bytes of N x N state for backward", state, state == 0,
+                       f"{state} bytes; other saved: {fused.get('other_saved_bytes')} bytes"))
+        for target, value, met, reading in checks:
+            out[f"{label}: {target}"] = "NOT MEASURED" if value is None else f"{'MET' if met else 'NOT MET'} ({reading})"
+    return out
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    return "-" if value is None else format(value, fmt)
+
+
+def render(meta: dict, cases: list[dict]) -> str:
+    """The markdown report: one table row per (shape, variant), then notes and targets."""
+    lines = [
+        "# DropKey attention on GPU",
+        "",
+        f"Device: {meta['device']}; torch {meta['versions'].get('torch')}, triton {meta['versions'].get('triton')}, "
+        f"CUDA {meta['versions'].get('cuda')}; commit {meta['git_commit']}.",
+        "",
+        f"{meta['dtype']}, d = {HEAD_DIM}, H = {meta['heads']}, drop ratio {meta['ratio']}, B = {meta['tokens']} // N; "
+        f"median (min) of {meta['repeats']} timed calls after {meta['warmup']} warm-up, round-robin over variants; "
+        "fwd = forward with autograd graph, step = forward + backward, bwd = step - fwd (medians); ratios are of medians "
+        f"vs `{BASELINE}` in the same run. Peak = max allocated during one step above the memory before it. "
+        "Saved N x N = bytes of N x N state autograd keeps for backward. Floor = the memory-bandwidth floor of a fused "
+        f"step (12 B*H*N*d elements) at the measured copy bandwidth ({meta['copy_bandwidth_gbs']:.0f} GB/s"
+        + (f"; nominal {meta['nominal_bandwidth_gbs']:.0f} GB/s" if meta.get("nominal_bandwidth_gbs") else "")
+        + "); % floor = floor / measured step time.",
+        "",
+        "| shape BxHxNxd | variant | check | fwd ms | bwd ms | step ms (min) | step / SDPA | fwd / SDPA | "
+        "speed-up vs paper | peak MiB | saved N x N B | % floor (step) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for case in cases:
+        label = "x".join(str(s) for s in case["shape"])
+        for name, row in case["variants"].items():
+            if "error" in row:
+                lines.append(f"| {label} | {name} | {row.get('check', '-')} | {row['error']} | | | | | | | | |")
+                continue
+            step = _cell(row, "step_median_ms", ".3f")
+            if "step_min_ms" in row:
+                step += f" ({row['step_min_ms']:.3f})"
+            cells = [
+                label, name, row.get("check", "-"),
+                _cell(row, "forward_median_ms", ".3f"), _cell(row, "backward_median_ms", ".3f"), step,
+                _cell(row, "step_vs_sdpa_nomask", ".2f") + "x", _cell(row, "forward_vs_sdpa_nomask", ".2f") + "x",
+                _cell(row, "step_speedup_vs_paper", ".2f") + "x", _cell(row, "step_peak_mib", ".1f"),
+                _cell(row, "nn_state_bytes", "d"), _cell(row, "step_floor_fraction_pct", ".1f"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Targets", ""]
+    lines += [f"- {key}: {value}" for key, value in meta["targets"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def summarise(times: dict[str, list[float]]) -> dict[str, float]:
+    """Medians and minima (ms) of forward and step timings; backward = step - forward of the medians."""
+    row = {}
+    for mode in ("forward", "step"):
+        if times.get(mode):
+            row[f"{mode}_median_ms"] = statistics.median(times[mode])
+            row[f"{mode}_min_ms"] = min(times[mode])
+    if "forward_median_ms" in row and "step_median_ms" in row:
+        row["backward_median_ms"] = row["step_median_ms"] - row["forward_median_ms"]
+    return row
+
+
+def add_ratios(rows: dict[str, dict], floor: dict[str, float]) -> None:
+    """Ratios vs the baseline and the paper, and the % of the bandwidth floor, in place."""
+    base, paper = rows.get(BASELINE, {}), rows.get("paper", {})
+    for row in rows.values():
+        for mode in ("forward", "step"):
+            key = f"{mode}_median_ms"
+            if key not in row:
+                continue
+            if key in base:
+                row[f"{mode}_vs_sdpa_nomask"] = row[key] / base[key]
+            if key in paper:
+                row[f"{mode}_speedup_vs_paper"] = paper[key] / row[key]
+            row[f"{mode}_floor_fraction_pct"] = 100.0 * floor[mode] * 1e3 / row[key]
+
+
+# --------------------------------------------------------------------------- GPU parts
+
+
+def _flex_variant(ratio: float, heads: int, seed: int) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    threshold = hash_threshold(ratio)
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        keys = _hash._slice_keys(seed, (b * heads + h).to(torch.int64))
+        rows = _hash._fmix32(keys ^ _hash._mul32(q_idx.to(torch.int64), _hash._ROW))
+        bits = _hash._fmix32((rows + _hash._mul32(kv_idx.to(torch.int64), _hash._COL)) & _hash._MASK32)
+        return torch.where((bits >> (32 - _hash.HASH_BITS)) < threshold, float("-inf"), score)
+
+    return lambda q, k, v: compiled(q, k, v, score_mod=score_mod)
+
+
+def make_variant(name: str, ratio: float, heads: int, seed: int) -> Callable:
+    """The callable (q, k, v) -> out of a variant; hash variants use ``seed`` (an int generator for dropkey_attention)."""
+    if name == "sdpa_nomask":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa_flash(q, k, v):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        return sdpa_flash
+    if name == "triton":
+        return lambda q, k, v: dropkey_attention(q, k, v, ratio, generator=seed, backend="triton")
+    if name == "sdpa_mask":
+        return lambda q, k, v: dropkey_attention(q, k, v, ratio, generator=seed, backend="sdpa", mask="bernoulli")
+    if name == "flex_hash":
+        return _flex_variant(ratio, heads, _hash.hash_seed(seed))
+    if name == "reference":
+        return lambda q, k, v: dropkey_attention(q, k, v, ratio, generator=seed, backend="reference", mask="hash")
+    if name == "paper":
+        return lambda q, k, v: paper_dropkey_attention(q, k, v, ratio, generator=torch.Generator("cuda").manual_seed(seed))
+    raise ValueError(f"unknown variant {name!r}")
+
+
+def _expected(name: str, q, k, v, ratio: float, seed: int) -> Optional[torch.Tensor]:
+    """float32 reference output on the identical mask (None where only finiteness is checked)."""
+    q32, k32, v32 = (t.detach().float() for t in (q, k, v))
+    if name in ("triton", "reference"):
+        return dropkey_attention(q32, k32, v32, ratio, generator=seed, backend="reference", mask="hash")
+    if name == "flex_hash":
+        return dropkey_attention(q32, k32, v32, ratio, generator=seed, backend="reference", mask="hash", all_dropped="zero")
+    if name == "sdpa_mask":
+        return dropkey_attention(q32, k32, v32, ratio, generator=seed, backend="reference", mask="bernoulli")
+    if name == "paper":  # the same bernoulli draw on the same generator state; uniform rows (bf16 -1e12 overflow-free)
+        gen = torch.Generator("cuda").manual_seed(seed)
+        shape = (*q.shape[:-1], k.shape[-2])
+        drop = torch.bernoulli(torch.ones(shape, device=q.device, dtype=q.dtype) * ratio, generator=gen).bool()
+        from dropkey.functional import attention_from_keep_mask
+
+        return attention_from_keep_mask(q32, k32, v32, ~drop, backend="reference")
+    return F.scaled_dot_product_attention(q32, k32, v32)
+
+
+def check_variant(name: str, shape: tuple[int, int, int, int], ratio: float, seed: int, dtype: torch.dtype) -> str:
+    """Correctness on a small batch (B = 2): output vs the float32 reference on the same mask; finite grads."""
+    _, heads, n, d = shape
+    g = torch.Generator("cuda").manual_seed(1)
+    q, k, v = (torch.randn(2, heads, n, d, device="cuda", generator=g, dtype=dtype).requires_grad_(True) for _ in range(3))
+    out = make_variant(name, ratio, heads, seed)(q, k, v)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    if not (torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in grads)):
+        return "FAIL (not finite)"
+    want = _expected(name, q, k, v, ratio, seed)
+    error = (out.float() - want).abs().max().item()
+    tolerance = 3e-2 * max(1.0, want.abs().max().item())
+    return f"ok ({error:.1e})" if error <= tolerance else f"FAIL ({error:.1e} > {tolerance:.1e})"
+
+
+def _inputs(shape: tuple[int, int, int, int], dtype: torch.dtype):
+    g = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(shape, device="cuda", generator=g, dtype=dtype).requires_grad_(True) for _ in range(3))
+    return q, k, v, torch.randn(shape, device="cuda", generator=g, dtype=dtype)
+
+
+def _time_ms(call: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def run_case(shape, variants, ratio, repeats, warmup, dtype, copy_gbs, seed=7) -> dict:
+    batch, heads, n, d = shape
+    rows: dict[str, dict] = {}
+    calls: dict[str, dict[str, Callable[[], object]]] = {}
+    q, k, v, grad = _inputs(shape, dtype)
+    for name in variants:
+        row: dict = {}
+        rows[name] = row
+        try:
+            row["check"] = check_variant(name, shape, ratio, seed, dtype)
+            method = make_variant(name, ratio, heads, seed)
+
+            def forward(method=method):
+                return method(q, k, v)
+
+            def step(method=method):
+                for t in (q, k, v):
+                    t.grad = None
+                method(q, k, v).backward(grad)
+
+            for _ in range(warmup):
+                forward()
+                step()
+            torch.cuda.synchronize()
+            row.update(saved_state(forward, (q, k, v), batch * heads * n * n, ((n, d),)))
+            for t in (q, k, v):
+                t.grad = None
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            row["step_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+            calls[name] = {"forward": forward, "step": step}
+        except torch.cuda.OutOfMemoryError:
+            row["error"] = "OOM"
+            torch.cuda.empty_cache()
+        except Exception as error:  # a variant unavailable here (e.g. flex on an old torch) must not stop the run
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+    times = {name: {"forward": [], "step": []} for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():  # round-robin
+            for mode in ("forward", "step"):
+                times[name][mode].append(_time_ms(call[mode]))
+    for name in calls:
+        rows[name].update(summarise(times[name]))
+    floor = floor_seconds(shape, torch.finfo(dtype).bits // 8, copy_gbs)
+    add_ratios(rows, floor)
+    return {"shape": list(shape), "floor_ms": {mode: 1e3 * s for mode, s in floor.items()}, "variants": rows}
+
+
+def copy_bandwidth_gbs(megabytes: int = 2048, repeats: int = 10) -> float:
+    """Achievable bandwidth: a device-to-device copy reads and writes each byte (median of ``repeats``)."""
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = [_time_ms(lambda: dst.copy_(src)) for _ in range(repeats)]
+    return 2 * src.numel() / (statistics.median(times) * 1e-3) / 1e9
+
+
+def versions() -> dict[str, str]:
+    out = dict(provenance()["versions"])
+    try:
+        out["triton"] = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        out["triton"] = "not installed"
+    out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print(NO_GPU_MESSAGE, file=sys.stderr)
+        return 1
+    dtype = torch.bfloat16
+    device = torch.cuda.get_device_name()
+    copy_gbs = copy_bandwidth_gbs()
+    cases = []
+    for n in args.seq_lens:
+        shape = (batch_for(n, args.tokens), args.heads, n, HEAD_DIM)
+        print(f"  {shape} ...", file=sys.stderr, flush=True)
+        cases.append(run_case(shape, args.variants, args.ratio, args.repeats, args.warmup, dtype, copy_gbs))
+    record = provenance(seed=7)
+    meta = {
+        "device": device,
+        "versions": versions(),
+        "git_commit": record["git_commit"],
+        "provenance": record,
+        "dtype": str(dtype).replace("torch.", ""),
+        "heads": args.heads,
+        "tokens": args.tokens,
+        "ratio": args.ratio,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "quick": args.quick,
+        "copy_bandwidth_gbs": copy_gbs,
+        "nominal_bandwidth_gbs": nominal_bandwidth(device),
+    }
+    meta["targets"] = evaluate_targets(cases)
+    text = render(meta, cases)
+    print(text)
+    suffix = "_quick" if args.quick else ""
+    write_text_atomic(args.output / f"attention_gpu{suffix}.md", text)
+    write_json_atomic(args.output / f"attention_gpu{suffix}.json", {"meta": meta, "cases": cases})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The counter-based DropKey hash mask, in pure torch integer ops (the specification).
+
+The drop flag of the logit (slice s, query i, key j) is a pure function of
+``(seed, s, i, j)`` and ``drop_ratio``: no random state is consumed per entry, so
+any kernel can recompute any tile of the mask in any order (the Triton kernel's
+forward and backward tiles differ in shape) and the reference backend can
+materialise exactly the same mask. ``s`` is the flat index of the leading
+(batch, head, ...) dims in row-major order (``b * H + h`` for (B, H, N, d)).
+
+The hash (all arithmetic modulo 2**32, on unsigned 32-bit words)::
+
+    fmix32(h):  h ^= h >> 16; h *= 0x85EBCA6B; h ^= h >> 13; h *= 0xC2B2AE35; h ^= h >> 16
+                (MurmurHash3's finaliser: a bijection of 32-bit words with full avalanche)
+    seed_lo, seed_hi = seed mod 2**32, seed >> 32        (seed in [0, 2**64))
+    slice_key = fmix32(seed_lo ^ fmix32(seed_hi + s * 0x9E3779B1))     one per slice
+    row_key   = fmix32(slice_key ^ (i * 0x85EBCA77))                   one per query row
+    bits      = fmix32(row_key + j * 0xC2B2AE3D)                       one per logit
+    dropped   = (bits >> 8) < T,   T = floor(drop_ratio * 2**24 + 1/2)
+
+The multipliers are odd, so for a fixed slice distinct rows get distinct row
+keys and, within a row, distinct keys get distinct hash words (fmix32 is a
+bijection). ``bits >> 8`` is a uniform 24-bit integer, so an entry is dropped with
+probability exactly ``T / 2**24`` (within 2**-25 of ``drop_ratio``); the
+comparison is an integer one, identical in torch and Triton. The per-logit cost
+is one add and one fmix32 (two multiplies, three xor-shifts).
+
+Torch has no unsigned 32-bit arithmetic, so words live in int64 tensors and each
+32 x 32-bit product is formed from 16-bit halves (every partial product stays
+below 2**49: exact, no reliance on signed overflow).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+import torch
+
+from dropkey.masks import GeneratorLike, _validate_shape, resolve_generator, validate_drop_ratio
+
+__all__ = ["HASH_BITS", "hash_drop_mask", "hash_seed", "hash_threshold"]
+
+HASH_BITS = 24  # resolution of the uniform compared with the threshold
+_MASK32 = 0xFFFFFFFF
+_MIX1, _MIX2 = 0x85EBCA6B, 0xC2B2AE35  # fmix32 multipliers
+_SLICE, _ROW, _COL = 0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D  # odd multipliers of the counters
+_SEED_HIGH = 1 << 63  # hash_seed draws seeds in [0, 2**63 - 1)
+# Logits per step of hash_drop_mask on CPU (16x that on other devices): its int64
+# temporaries stay a few MiB (CPU) or a few hundred MiB (GPU) whatever the shape.
+_CHUNK_LOGITS = 1 << 20
+
+
+def hash_threshold(drop_ratio: float) -> int:
+    """The integer threshold T = floor(drop_ratio * 2**24 + 1/2): a logit is dropped iff its 24-bit hash < T."""
+    r = validate_drop_ratio(drop_ratio)
+    return int(math.floor(r * (1 << HASH_BITS) + 0.5))  # r * 2**24 is exact in float64
+
+
+def hash_seed(generator: GeneratorLike = None) -> int:
+    """A seed in [0, 2**63 - 1) for the hash mask, from ONE ``torch.randint`` call.
+
+    ``generator``: None (torch's default CPU generator, so ``torch.manual_seed``
+    makes runs reproducible), an int (a fresh CPU generator seeded with it) or a
+    :class:`torch.Generator` (drawn on its device; a CUDA generator costs one
+    device-to-host sync). Each call advances the generator, so successive calls
+    give new masks.
+    """
+    gen = resolve_generator(generator, "cpu")
+    device = gen.device if gen is not None else torch.device("cpu")
+    value = torch.randint(0, _SEED_HIGH - 1, (1,), dtype=torch.int64, generator=gen, device=device)
+    return int(value.item())
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < (1 << 64):
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 ``x`` in [0, 2**32) and a constant c < 2**32, exactly."""
+    low = (x & 0xFFFF) * c  # < 2**48
+    high = ((x >> 16) * c) & 0xFFFF  # only its low 16 bits survive the shift by 16
+    return (low + (high << 16)) & _MASK32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, _MIX1)
+    h = h ^ (h >> 13)
+    h = _mul32(h, _MIX2)
+    return h ^ (h >> 16)
+
+
+def _slice_keys(seed: int, slices: torch.Tensor) -> torch.Tensor:
+    low, high = seed & _MASK32, seed >> 32
+    return _fmix32(_fmix32((_mul32(slices, _SLICE) + high) & _MASK32) ^ low)
+
+
+def hash_drop_mask(
+    seed: int,
+    shape: Sequence[int],
+    drop_ratio: float,
+    *,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Bool tensor of ``shape = (..., Nq, Nk)``, True = dropped, from the counter-based hash.
+
+    Entry ``(..., i, j)`` of leading flat index ``s`` is dropped iff
+    ``(bits(seed, s, i, j) >> 8) < hash_threshold(drop_ratio)`` (see the module
+    doc): the mask the Triton kernel computes tile by tile, bit for bit. Computed
+    in chunks of slices, so temporaries stay a few MiB beyond the 1-byte-per-logit
+    result.
+    """
+    seed = _check_seed(seed)
+    shape = _validate_shape(shape)
+    threshold = hash_threshold(drop_ratio)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    out = torch.empty(shape, dtype=torch.bool, device=dev)
+    slices, nq, nk = math.prod(shape[:-2]), shape[-2], shape[-1]
+    if out.numel() == 0:
+        return out
+    if threshold == 0:
+        return out.fill_(False)
+    flat = out.view(slices, nq, nk)
+    rows = _mul32(torch.arange(nq, dtype=torch.int64, device=dev), _ROW).view(1, nq, 1)
+    cols = _mul32(torch.arange(nk, dtype=torch.int64, device=dev), _COL).view(1, 1, nk)
+    step = max(1, (_CHUNK_LOGITS if dev.type == "cpu" else _CHUNK_LOGITS << 4) // (nq * nk))
+    for lo in range(0, slices, step):
+        hi = min(slices, lo + step)
+        keys = _slice_keys(seed, torch.arange(lo, hi, dtype=torch.int64, device=dev)).view(-1, 1, 1)
+        bits = _fmix32((_fmix32(keys ^ rows) + cols) & _MASK32)
+        torch.lt(bits >> (32 - HASH_BITS), threshold, out=flat[lo:hi])
+    return out
+
