@@ -1,6 +1,7 @@
 # Two entry points for a fresh clone (see README):
-#   make run    installs into .venv, verifies the theory and writes the HTML report to report/
-#   make test   installs into .venv and runs the fast test suite
+#   make run    installs into .venv, verifies the theory, runs the quick studies and experiments,
+#               and writes the HTML report to report/
+#   make test   installs into .venv (and Chromium where apt-get can) and runs the fast test suite
 # torch is pinned to 2.13.0: on our machines that is a local CPU build; an unpinned
 # torch would pull gigabytes of CUDA wheels.
 PYTHON ?= python3
@@ -9,7 +10,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-all test-slow bench clean
+.PHONY: install browser run test test-all test-slow test-gpu bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +22,18 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Debian's Chromium renders the report in the browser tests (they skip without it). Best effort:
+# only where apt-get exists and we may use it (CI runs as root); never fails the build.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium not installed: the browser tests will be skipped"
+
 run: $(STAMP)
 	$(BIN)/dropkey-lab theory
 	$(BIN)/dropkey-lab report --quick --out report
 
-test: $(STAMP)
+test: $(STAMP) browser
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest
 
 test-all: $(STAMP)
@@ -34,8 +42,14 @@ test-all: $(STAMP)
 test-slow: $(STAMP)
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -m slow
 
+# tests marked gpu (they need CUDA; without it they are reported as skipped)
+test-gpu: $(STAMP)
+	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest -m gpu
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_theory.py
+	$(BIN)/python benchmarks/bench_attention.py
+	$(BIN)/python benchmarks/bench_training.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

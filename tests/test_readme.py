@@ -25,3 +25,18 @@ def test_readme_has_exactly_the_two_setup_commands():
     assert "make run" in text and "make test" in text
     ci = (README.parent / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def test_every_local_file_the_readme_shows_or_links_exists():
+    text = README.read_text()
+    targets = re.findall(r"\]\(([^)#]+)\)", text)  # markdown links and images
+    local = [t for t in targets if not re.match(r"[a-z]+:", t)]
+    assert "docs/report-index.png" in local
+    for target in local:
+        assert (README.parent / target).exists(), target
+
+
+def test_make_targets_named_in_the_readme_exist():
+    makefile = (README.parent / "Makefile").read_text()
+    for target in set(re.findall(r"`make ([\w-]+)`", README.read_text())):
+        assert re.search(rf"^{re.escape(target)}:", makefile, flags=re.M), target
