@@ -112,7 +112,38 @@ def attention_dynamics_figures(result) -> list[Figure]:
     ratio = _mean_se(wide.groupby(["arm", "seed", "epoch"], as_index=False)["ratio"].mean(), ["arm", "epoch"], "ratio")
     by_block = result.comparisons[result.comparisons["quantity"].str.endswith("_by_block")]
     by_block = by_block.assign(quantity=by_block["quantity"].str.replace("_by_block", "") + " block " + by_block["layer"].astype(str))
+    modes = pd.concat([
+        _mean_se(result.finals, ["arm"], column).assign(metric=metric, mode=mode)
+        for metric, mode, column in (("peak", "learned p (test time)", "learned_peak"),
+                                     ("peak", "E[w] under the masks", "expected_peak"),
+                                     ("entropy", "learned p (test time)", "learned_entropy"),
+                                     ("entropy", "E[w] under the masks", "expected_entropy"))
+    ], ignore_index=True)
+
+    def draw_modes(fig: plt.Figure) -> None:
+        axes = fig.subplots(1, 2)
+        arms = _arm_order(result.finals)
+        for ax, metric in zip(axes, ("peak", "entropy")):
+            part = modes[modes["metric"] == metric]
+            width = 0.38
+            for offset, (colour, mode) in zip((-width / 2, width / 2),
+                                              zip(PALETTE, ("learned p (test time)", "E[w] under the masks"))):
+                rows = part[part["mode"] == mode].set_index("arm").loc[arms]
+                ax.bar(np.arange(len(arms)) + offset, rows["mean"], width, yerr=2 * rows["se"].fillna(0),
+                       color=colour, capsize=3, label=mode)
+            ax.set_xticks(np.arange(len(arms)), arms)
+            ax.set_ylabel(f"final {metric} (mean over blocks)")
+            low = (part["mean"] - 2 * part["se"].fillna(0)).min()
+            high = (part["mean"] + 2 * part["se"].fillna(0)).max()
+            ax.set_ylim(low - 0.1 * (high - low), high + 0.1 * (high - low))
+        axes[0].legend(fontsize=7)
+
     return [
+        make_figure("learned-versus-expected", "Final attention: learned p and its expectation under the masks",
+                    "Left bars: the trained model's attention p as used at test time (no drop); right bars: E[w] under "
+                    "its regulariser, exact (theory.expected_attention on the same rows; = p for none and dropout), what "
+                    "a training step sees on average. Rows of the first 8 diagnostics images. Whiskers ±2 SE over seeds.",
+                    "svg", modes.dropna(subset=["mean"]), draw_modes),
         make_figure("peak", "Peak attention weight per block over training",
                     "max_j w_ij in eval mode on a fixed test batch, mean over heads, queries and seeds (band ±1 SE).",
                     "svg", peak, _curves_by_arm(peak, "epoch", "peak weight", facet="block"), size=(9.0, 3.2)),

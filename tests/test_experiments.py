@@ -212,6 +212,15 @@ def test_quick_runs_learn_and_record_attention(quick_results):
     peak = attention[attention["metric"] == "peak"]["value"]
     entropy = attention[attention["metric"] == "entropy"]["value"]
     assert peak.between(1 / 17, 1).all() and entropy.between(0, math.log(17) + 1e-9).all()
+    # the exact expectation under DropKey's masks is majorised by the learned rows (theory, per row, hence
+    # on the means): lower peak, higher entropy; under no regulariser and post-softmax dropout E[w] = p
+    finals = results["attention_dynamics"].finals.set_index("arm")
+    dropkey = finals.loc["dropkey"]
+    assert (dropkey["expected_peak"] <= dropkey["learned_peak"] + 1e-12).all()
+    assert (dropkey["expected_entropy"] >= dropkey["learned_entropy"] - 1e-12).all()
+    assert (dropkey["expected_peak"] < dropkey["learned_peak"]).all()
+    for arm in ("none", "dropout"):
+        assert finals.loc[arm, "expected_peak"].to_numpy() == pytest.approx(finals.loc[arm, "learned_peak"].to_numpy())
 
 
 def test_quick_collapse_sweeps_depth_and_alignment_sweeps_k(quick_results):

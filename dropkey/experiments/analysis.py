@@ -21,6 +21,11 @@ eval mode on a fixed batch of test images, see :mod:`dropkey.diagnostics`):
   (the like-for-like comparison: Re-attention's BatchNorm makes its maps signed and roughly
   zero-mean, which alone drives their cosine toward 0); equal to ``top_similarity`` without
   Re-attention;
+- ``expected_peak`` / ``expected_entropy``: the same of the final model's expected attention
+  under its regulariser, E[w] over the masks (exact; what a training step sees on average;
+  :func:`dropkey.experiments.runner.expected_attention_rows`), on the rows of the first 8
+  diagnostics images; NaN for structured masks; ``learned_peak`` / ``learned_entropy``: p on
+  those same rows;
 - ``images_per_s``: median training throughput over epochs 2.. (epoch 1 includes warm-up).
 """
 
@@ -34,7 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dropkey.experiments.runner import MONTE_CARLO_FILE, RunSpec
+from dropkey.experiments.runner import EXPECTED_ATTENTION_FILE, MONTE_CARLO_FILE, RunSpec
 
 ATTENTION_METRICS = ("peak", "entropy", "abs_grad_top", "abs_grad_rest", "similarity", "similarity_softmax")
 
@@ -71,6 +76,11 @@ def run_tables(specs: Sequence[RunSpec]) -> tuple[pd.DataFrame, pd.DataFrame, pd
         diagnostics = diagnostics.assign(other_layer=diagnostics["other_layer"].fillna(-1).astype(int))
         per_block = diagnostics.groupby(["epoch", "layer", "other_layer", "metric"], as_index=False)["value"].mean()
         attention.append(per_block.assign(**labels))
+        expected_path = folder / EXPECTED_ATTENTION_FILE
+        if not expected_path.is_file():
+            raise IncompleteRun(f"run {folder} has no {EXPECTED_ATTENTION_FILE}: evaluate it first")
+        expected = pd.read_csv(expected_path)  # of the final model: recorded at the last epoch
+        attention.append(expected.assign(epoch=int(frame["epoch"].max()), other_layer=-1, **labels))
         if spec.monte_carlo:
             path = folder / MONTE_CARLO_FILE
             if not path.is_file():
@@ -98,7 +108,7 @@ def final_quantities(specs: Sequence[RunSpec], metrics: pd.DataFrame, attention:
         run_metrics = metrics[metrics["run_key"] == key].sort_values("epoch")
         run_attention = attention[attention["run_key"] == key]
         last = run_attention[run_attention["epoch"] == run_attention["epoch"].max()]
-        per_block = last[last["other_layer"] < 0].pivot_table(index="layer", columns="metric", values="value")
+        per_block = last[last["other_layer"] < 0].pivot_table(index="layer", columns="metric", values="value", dropna=False)
         depth = spec.config.model_config().depth
         later = run_metrics[run_metrics["epoch"] >= 2]["images_per_s"]
         row = {
@@ -108,6 +118,10 @@ def final_quantities(specs: Sequence[RunSpec], metrics: pd.DataFrame, attention:
             "top1": 100.0 * float(run_metrics["test_acc"].iloc[-1]),
             "peak": float(per_block["peak"].mean()),
             "entropy": float(per_block["entropy"].mean()),
+            "expected_peak": float(per_block["expected_peak"].mean()),
+            "expected_entropy": float(per_block["expected_entropy"].mean()),
+            "learned_peak": float(per_block["learned_peak"].mean()),
+            "learned_entropy": float(per_block["learned_entropy"].mean()),
             "grad_ratio": float((per_block["abs_grad_top"] / per_block["abs_grad_rest"]).mean()),
             "top_similarity": _top_similarity(last, depth),
             "top_similarity_softmax": _top_similarity(last, depth, "similarity_softmax"),
@@ -190,6 +204,14 @@ def _attention_dynamics(finals, attention, mc) -> list[dict[str, Any]]:
                                        ("entropy_dropkey_minus_dropout", "dropkey", "dropout")], " (nats)")
     rows += _pairs(finals, "grad_ratio", [("grad_ratio_dropkey_minus_none", "dropkey", "none"),
                                           ("grad_ratio_dropout_minus_none", "dropout", "none")])
+    # expected attention under each regulariser (what a training step sees on average; = p for none, dropout)
+    rows += _means(finals, "expected_peak") + _means(finals, "expected_entropy")
+    rows += _pairs(finals, "expected_peak", [("expected_peak_dropkey_minus_none", "dropkey", "none")])
+    rows += _pairs(finals, "expected_entropy", [("expected_entropy_dropkey_minus_none", "dropkey", "none")], " (nats)")
+    dropkey = finals[finals["arm"] == "dropkey"]  # the masks' own smoothing of the DropKey model's rows (theory: < 0)
+    rows.append(_row("expected_minus_learned_peak_dropkey",
+                     mean_and_se(dropkey["expected_peak"] - dropkey["learned_peak"]),
+                     "peak(E[w]) - peak(p) of the DropKey model on the same rows: the smoothing its masks apply"))
     for arm in ("dropkey", "dropout"):
         rows += _per_layer(attention, "peak", arm, "none", f"peak_{arm}_minus_none_by_block")
         rows += _per_layer(attention, "entropy", arm, "none", f"entropy_{arm}_minus_none_by_block")

@@ -3,8 +3,10 @@
 Runs live in ``runs_dir/<key>/``, ``key`` a hash of the run's whole :class:`TrainConfig`
 (except where its files go and whether bars are shown), so a run needed by several
 experiments is trained once. A run folder is the trainer's (``config.json``,
-``provenance.json``, ``metrics.csv``, ``diagnostics.csv``, ``checkpoint.pt``) plus, for
-Monte-Carlo arms, ``monte_carlo.csv``, and finally ``complete.json`` (written last,
+``provenance.json``, ``metrics.csv``, ``diagnostics.csv``, ``checkpoint.pt``) plus
+``expected_attention.csv`` (the final model's expected attention under its regulariser, see
+:func:`expected_attention_rows`), for Monte-Carlo arms ``monte_carlo.csv``, and finally
+``complete.json`` (written last,
 atomically): a folder with it is done and is never recomputed. An interrupted run resumes
 from its last epoch checkpoint, bit-exactly (:func:`dropkey.train.train` with
 ``resume=True``), so a crashed experiment loses at most one epoch per run.
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "complete.json"
 MONTE_CARLO_FILE = "monte_carlo.csv"
+EXPECTED_ATTENTION_FILE = "expected_attention.csv"
+EXPECTED_ATTENTION_IMAGES = 8  # diagnostics images whose rows get the exact expectation
 # TrainConfig fields that do not change what a run computes (where files go, bars, checks)
 _NOT_IN_KEY = ("out_dir", "progress", "data_dir", "verify_data")
 
@@ -89,15 +93,17 @@ def is_complete(folder: Path) -> bool:
     return (Path(folder) / COMPLETE_MARKER).is_file()
 
 
-def _load_trained_model(folder: Path, config: Any, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """The run's final model (weights from its checkpoint) and its input normalisation."""
+def _load_trained_model(
+    folder: Path, config: Any, device: torch.device, **overrides: Any
+) -> tuple[torch.nn.Module, Any]:
+    """The run's final model (weights from its checkpoint; ``overrides`` of ViTConfig) and its input normalisation."""
     from dropkey.augment import Normalize
     from dropkey.models import VisionTransformer
     from dropkey.train import CHECKPOINT
 
     state = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
     resolved = json.loads((folder / "config.json").read_text(encoding="utf-8"))["resolved"]
-    model_config = dataclasses.replace(config.model_config(), mask_seed=0)  # per-pass seeds override it
+    model_config = dataclasses.replace(config.model_config(), mask_seed=0, **overrides)  # per-pass seeds override it
     model = VisionTransformer(model_config).to(device)
     model.load_state_dict(state["model"])
     return model, Normalize(resolved["normalize_mean"], resolved["normalize_std"])
@@ -137,6 +143,48 @@ def monte_carlo_accuracy(folder: Path, config: Any, ks: Sequence[int], device: t
     )
 
 
+def expected_attention_rows(folder: Path, config: Any, device: torch.device,
+                            images: int = EXPECTED_ATTENTION_IMAGES) -> pd.DataFrame:
+    """Peak and entropy of the final model's *expected* attention under its regulariser.
+
+    The trainer's diagnostics observe the learned attention p (eval mode, no drop). What a
+    training step sees on average is E[w] over the masks: for DropKey ``c * p`` with the
+    smoothing coefficients, computed exactly per row by :func:`theory.expected_attention`
+    (the block's drop ratio and ``all_dropped`` convention); for post-softmax dropout and no
+    regulariser ``E[w] = p`` exactly. Structured masks have no exact form: NaN. Rows of the
+    first ``images`` diagnostics images, all heads and queries. Rows: layer, metric
+    (``expected_peak``, ``expected_entropy``), value.
+    """
+    import theory
+    from dropkey import data as datasets
+    from dropkey.diagnostics import AttentionRecorder, attention_entropy, peak_weight
+
+    model, normalize = _load_trained_model(folder, config, device, fused_attn=False)
+    options = {"verify": config.verify_data} if config.dataset != "digits" else {}
+    test = datasets.load_dataset(config.dataset, "test", config.data_dir, **options)
+    batch = normalize(test.images[: min(images, config.diagnostics_batch)]).to(device)  # the diagnostics batch's first images
+    model.eval()
+    with AttentionRecorder(model, store_maps=True) as recorder, torch.no_grad():
+        model(batch)
+    model_config = model.config
+    rows = []
+    for layer, (variant, ratio) in enumerate(zip(model_config.layer_variants, model_config.layer_drop_ratios)):
+        p = recorder.weights[layer][0].double().cpu()  # (B, H, N, N) softmax weights
+        if variant == "dropkey" and ratio > 0.0:
+            flat = p.reshape(-1, p.shape[-1]).numpy()
+            flat = flat / flat.sum(axis=1, keepdims=True)  # exact unit rows for the theory's validation
+            expected = torch.from_numpy(theory.expected_attention(flat, ratio, all_dropped=model_config.all_dropped))
+        elif variant in ("none", "dropout") or ratio == 0.0:
+            expected = p.reshape(-1, p.shape[-1])  # E[w] = p exactly
+        else:
+            expected = None  # structured masks: no exact expectation
+        for name, function in (("peak", peak_weight), ("entropy", attention_entropy)):
+            value = float(function(expected).mean()) if expected is not None else float("nan")
+            rows.append({"layer": layer, "metric": f"expected_{name}", "value": value})
+            rows.append({"layer": layer, "metric": f"learned_{name}", "value": float(function(p).mean())})
+    return pd.DataFrame(rows, columns=["layer", "metric", "value"])
+
+
 def _final_row(folder: Path) -> dict[str, Any]:
     metrics = pd.read_csv(folder / "metrics.csv")
     return {key: (value.item() if hasattr(value, "item") else value) for key, value in metrics.iloc[-1].items()}
@@ -148,8 +196,10 @@ def _has_monte_carlo(folder: Path, ks: Sequence[int]) -> bool:
 
 
 def needs_work(spec: RunSpec) -> bool:
-    """True unless the run is complete and has every Monte-Carlo evaluation it asks for."""
-    return not is_complete(spec.folder) or bool(spec.monte_carlo and not _has_monte_carlo(spec.folder, spec.monte_carlo))
+    """True unless the run is complete and has every evaluation it asks for."""
+    folder = spec.folder
+    return (not is_complete(folder) or not (folder / EXPECTED_ATTENTION_FILE).is_file()
+            or bool(spec.monte_carlo and not _has_monte_carlo(folder, spec.monte_carlo)))
 
 
 def execute(spec: RunSpec, command: Sequence[str] | None = None) -> dict[str, Any]:
@@ -160,8 +210,12 @@ def execute(spec: RunSpec, command: Sequence[str] | None = None) -> dict[str, An
     with torch.random.fork_rng():  # the trainer seeds the global RNGs; leave the caller's alone
         if not is_complete(folder):
             train(spec.config, resume=True, command=list(command or ["dropkey-lab", "experiment"]))
+        device = resolve_device(spec.config, 0)
+        if not (folder / EXPECTED_ATTENTION_FILE).is_file():
+            frame = expected_attention_rows(folder, spec.config, device)
+            write_text_atomic(folder / EXPECTED_ATTENTION_FILE, frame.to_csv(index=False, lineterminator="\n"))
         if spec.monte_carlo and not _has_monte_carlo(folder, spec.monte_carlo):
-            frame = monte_carlo_accuracy(folder, spec.config, spec.monte_carlo, resolve_device(spec.config, 0))
+            frame = monte_carlo_accuracy(folder, spec.config, spec.monte_carlo, device)
             write_text_atomic(folder / MONTE_CARLO_FILE, frame.to_csv(index=False, lineterminator="\n"))
     if not is_complete(folder):
         record = {"run_key": folder.name, "arm": spec.arm.name, "seed": spec.seed, "final": _final_row(folder)}
