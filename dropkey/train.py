@@ -15,7 +15,8 @@ What a run does:
   label smoothing; gradient clipping by global norm; autocast (``precision``: "auto" is
   fp32 on CPU, bf16 on CUDA where supported, else fp16 with a GradScaler); optional
   ``torch.compile``;
-- after every epoch: evaluation on the test split, the per-epoch metrics row, every
+- after every epoch (every ``eval_every`` epochs, and always the last): evaluation on the test
+  split (epochs without it get NaN test metrics), the per-epoch metrics row, every
   ``diagnostics_every`` epochs the attention diagnostics of
   :class:`dropkey.diagnostics.AttentionRecorder` on a fixed batch of test images (the
   first ``diagnostics_batch``; the model copied into a ``fused_attn=False`` twin in eval
@@ -139,6 +140,7 @@ class TrainConfig:
     diagnostics_every: int = 1  # epochs between diagnostics (0 = never); the last epoch always
     diagnostics_batch: int = 64
     eval_batch_size: int = 500
+    eval_every: int = 1  # epochs between test evaluations; the last epoch always (others: NaN test metrics)
     device: str = "auto"
     progress: bool = True
     verify_data: bool = True
@@ -163,7 +165,8 @@ class TrainConfig:
             label = "drop_ratio" if not isinstance(self.drop_ratio, tuple) else f"drop_ratio[{i}]"
             _check_real(ratio, label, 0.0, 1.0, high_open=True)
         for name, minimum in (("epochs", 1), ("batch_size", 1), ("diagnostics_batch", 1), ("eval_batch_size", 1),
-                              ("diagnostics_every", 0), ("final_epochs_without_drop", 0)):
+                              ("diagnostics_every", 0), ("final_epochs_without_drop", 0),
+                              ("eval_every", 1)):
             _check_int(getattr(self, name), name, minimum)
         if self.final_epochs_without_drop >= self.epochs:
             raise ValueError(
@@ -715,7 +718,10 @@ class Trainer:
             started = time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch + 1}
             row.update(self._train_epoch(epoch))
-            row.update(self.evaluate())
+            if (epoch + 1) % c.eval_every == 0 or epoch + 1 == c.epochs:
+                row.update(self.evaluate())
+            else:  # not evaluated this epoch (eval_every): explicit missing values, never stale ones
+                row.update(test_loss=math.nan, test_acc=math.nan)
             if c.diagnostics_every and ((epoch + 1) % c.diagnostics_every == 0 or epoch + 1 == c.epochs):
                 if self.is_main:
                     self.diagnostics.extend(self.collect_diagnostics(epoch + 1))

@@ -80,9 +80,10 @@ def _differences(result, quantities: list[str]) -> pd.DataFrame:
 
 
 def _accuracy_curves(result, slug: str = "test-accuracy") -> Figure:
-    data = _mean_se(result.runs.assign(top1=100 * result.runs["test_acc"]), ["arm", "epoch"], "top1")
+    evaluated = result.runs.dropna(subset=["test_acc"])  # epochs with a test evaluation (eval_every)
+    data = _mean_se(evaluated.assign(top1=100 * evaluated["test_acc"]), ["arm", "epoch"], "top1")
     return make_figure(
-        slug, "Test accuracy over training", "Mean over seeds, band ±1 SE.", "svg", data,
+        slug, "Test accuracy over training", "Epochs with a test evaluation; mean over seeds, band ±1 SE.", "svg", data,
         _curves_by_arm(data, "epoch", "test top-1 (%)"),
     )
 

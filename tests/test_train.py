@@ -216,3 +216,21 @@ def test_final_epochs_without_drop_switch_the_regulariser_off(tmp_path):
     )
     with pytest.raises(ValueError, match=r"final_epochs_without_drop must be in \[0, epochs - 1\]"):
         tiny(tmp_path, final_epochs_without_drop=3)
+
+
+def test_eval_every_skips_test_evaluations_but_never_the_last(tmp_path, monkeypatch):
+    calls = []
+    original = Trainer.evaluate
+
+    def counting(self):
+        calls.append(self.step)
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", counting)
+    result = train(tiny(tmp_path, epochs=5, eval_every=2, diagnostics_every=0))
+    m = result.metrics
+    assert len(calls) == 3  # epochs 2, 4 and the last, 5
+    assert m["test_acc"].isna().tolist() == [True, False, True, False, False]
+    assert m["test_loss"].isna().tolist() == [True, False, True, False, False]
+    with pytest.raises(ValueError, match="eval_every must be an integer >= 1"):
+        tiny(tmp_path, eval_every=0)
