@@ -188,6 +188,7 @@ def _experiment_page(name: str, found: list, claim_rows: list[dict[str, Any]], n
         equations=page_equations(registry.VIT_PREFIX + name),
         derivation_keys=_derivation_keys(claim_rows, registry.VIT_PREFIX + name),
         scales=[_experiment_section(result) for result in found],
+        missing_scales=[scale for scale in registry.VIT_SCALES if scale not in {result.scale for result in found}],
     )
 
 
