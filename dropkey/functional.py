@@ -28,23 +28,35 @@ Backends (one function, several paths, all exact and tested against ``reference`
     and then fixed exactly: ``zero`` -> 0, ``uniform`` -> mean of v over keys,
     ``undropped`` -> the SDPA output itself (plain attention of that row).
 ``fused``
-    A torch-native custom autograd function, chunked over the (batch, head) slices
-    so that its float work buffers stay cache-resident (0.5-2 MiB each). Per chunk:
-    the mask becomes an additive bias of exactly 0.0 / -inf (two vectorised integer
-    passes over the mask bytes: much faster on CPU than ``masked_fill_`` with a
-    bool mask), ``baddbmm(bias, q, k^T, alpha=scale)`` into a reused buffer, an
-    in-place softmax (float32 for half dtypes), ``@ v`` into the output. All-dropped
-    rows are found from the NaN they leave in the softmax (no extra pass over the
-    mask), confirmed against the mask and rewritten per convention. In
-    :func:`dropkey_attention` on CPU the mask itself is drawn chunk by chunk from a
+    On CPU (float32, float64, float16, bfloat16): torch's CPU flash-attention
+    kernels (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward,
+    the ones ``F.scaled_dot_product_attention`` runs without a mask), given the
+    DropKey mask as an additive bias of exactly 0.0 / -inf in the query's dtype, one
+    chunk of (batch, head) slices at a time (sized so that a chunk's bias and its
+    copy of the output take at most 0.6 byte per logit of the whole input, beyond a
+    floor of 2**17 logits, and at most 2**20 logits).
+    In :func:`dropkey_attention` the mask is drawn from a
     :class:`~dropkey.masks.BernoulliStream` (the very flags
     :func:`~dropkey.masks.dropkey_keep_mask` would draw from the same generator
-    state) and saved bit-packed: the whole bool mask never exists, and the only
-    N x N state kept for backward is 1 bit per logit. Backward recomputes each
-    chunk's weights (one extra matmul, as flash attention does) and uses
-    ``dlogits = w * (g v^T - rowsum(g * o))`` (dropped entries have w = 0). Under
-    :func:`torch.compile` the same maths runs as plain differentiable ops (on a
-    materialised bool mask).
+    state) in bounded pieces and bit-packed at once: the whole bool mask never
+    exists, and the only N x N state kept for backward is 1 bit per logit (plus the
+    kernel's log-sum-exp, one float per row). Each chunk's bias is expanded from the
+    packed bytes through a 256 x 8 table (one ``index_select``), in forward and again
+    in backward. All-dropped rows are found while drawing (for rows of >= 15 keys
+    only where a packed byte is 0xFF: at r = 0.1 practically never), given a row of
+    0.0 bias (so the kernel never sees an empty row), and their output is rewritten
+    per convention; backward zeroes their incoming gradient for ``zero`` and
+    ``uniform`` (their output does not depend on the logits) and adds ``uniform``'s
+    1/Nk share to dv. A head size d of q, k different from v's is zero-padded to one
+    size (exact). A given mask (:func:`attention_from_keep_mask`: DropAttention,
+    Block, Cross) becomes the bias by two vectorised integer passes (uint8 -> int
+    copy, multiply by the bit pattern of -inf) and is what backward keeps.
+    Elsewhere (other devices, other dtypes, empty inputs) the same custom-autograd
+    structure runs on plain matmuls: per chunk ``baddbmm(bias, q, k^T)``, an
+    in-place softmax (float32 for half dtypes), ``@ v``; all-dropped rows found from
+    the NaN they leave; backward recomputes each chunk's weights and uses
+    ``dlogits = w * (g v^T - rowsum(g * o))``. Under :func:`torch.compile` the same
+    maths runs as plain differentiable ops (on a materialised bool mask).
 ``triton``
     Fused FlashAttention-2-style Triton kernels (forward and backward, online
     softmax, recomputation in backward; :mod:`dropkey.kernels.triton_dropkey`). The
@@ -75,6 +87,7 @@ picks the resolved backend's own; see :func:`resolve_backend`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -312,30 +325,35 @@ def _sdpa_masked(
     return out  # undropped: SDPA of a full row is plain attention of that row
 
 
-# Logits per chunk of the fused backend: n / 16 for n logits, clamped to
-# [_FUSED_MIN_CHUNK_LOGITS, _FUSED_CHUNK_LOGITS]. Its work buffers (weights and bias;
-# plus grad in backward) then take 0.5-2 MiB each: cache-resident, and a bounded
-# fraction of a byte per logit, while the chunks stay few enough that the Python
-# loop costs little.
+# Logits per chunk of the fused backend's chunked matmul path: n / 16 for n logits,
+# clamped to [_FUSED_MIN_CHUNK_LOGITS, _FUSED_CHUNK_LOGITS]. Its three float work buffers
+# (weights, bias, grad) then take 0.5-2 MiB each: cache-resident, and a bounded fraction
+# of a byte per logit, while the chunks stay few enough that the Python loop costs
+# little. The flash path sizes its chunks by bytes instead (:func:`_flash_chunk_logits`).
 _FUSED_CHUNK_LOGITS = 1 << 19
 _FUSED_MIN_CHUNK_LOGITS = 1 << 17
+# Bytes per logit (of the whole input) that a flash-path chunk's bias and its copy of the
+# output may take together (the 1-bit mask and the kernel's per-row state come on top).
+_FLASH_CHUNK_BYTES_PER_LOGIT = 0.6
 
 
 class _Chunks:
     """The fused backend's schedule: ranges [lo, hi) of the S = prod(lead) (batch, head) slices.
 
-    About ``budget / (Nq * Nk)`` slices per chunk. With two leading dims (B, H) no
+    About ``budget / (Nq * Nk)`` slices per chunk (by default budget = n / 16 logits,
+    clamped to [_FUSED_MIN_CHUNK_LOGITS, _FUSED_CHUNK_LOGITS]). With two leading dims (B, H) no
     chunk straddles two batch entries unless it covers whole ones, so a chunk of a
     non-flattenable (e.g. permuted ``qkv``) tensor is a view, or a copy of that
     chunk only (never of the whole tensor). ``offsets[i]`` is the byte offset of
     chunk i in the bit-packed mask (each chunk padded to whole bytes).
     """
 
-    def __init__(self, lead: tuple[int, ...], nq: int, nk: int) -> None:
+    def __init__(self, lead: tuple[int, ...], nq: int, nk: int, budget: Optional[int] = None) -> None:
         self.lead = lead
         self.slices = math.prod(lead)
         per_slice = max(1, nq * nk)
-        budget = max(_FUSED_MIN_CHUNK_LOGITS, min(_FUSED_CHUNK_LOGITS, (self.slices * per_slice) >> 4))
+        if budget is None:
+            budget = max(_FUSED_MIN_CHUNK_LOGITS, min(_FUSED_CHUNK_LOGITS, (self.slices * per_slice) >> 4))
         chunk = max(1, min(self.slices, budget // per_slice))
         self.heads = lead[-1] if len(lead) == 2 and lead[-1] > 0 else 0
         if self.heads and chunk < self.heads:
@@ -488,7 +506,10 @@ def _chunk_weights(
 
 
 class _FusedMaskedAttention(torch.autograd.Function):
-    """softmax(q k^T * scale, masked) @ v, chunked over the (batch, head) slices.
+    """softmax(q k^T * scale, masked) @ v on plain matmuls, chunked over the (batch, head) slices.
+
+    The fused backend off the CPU flash kernels (other devices, other dtypes, empty
+    inputs); on CPU see :class:`_FlashMaskedAttention`.
 
     q, k, v: (..., N, d), any strides. The mask comes either as ``drop`` (bool
     (S, Nq, Nk), S = prod(...), True = dropped) or as ``stream`` (a
@@ -589,11 +610,312 @@ def _like(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.view(*like.shape[:-2], *flat.shape[-2:])
 
 
+# --------------------------------------------------------------------------- fused, CPU: flash kernels
+
+# torch's CPU flash-attention kernels (forward with log-sum-exp, backward), which take an
+# additive float mask of the query's dtype; DropKey enters as a chunk of 0.0 / -inf biases.
+_FLASH_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _flash_ops() -> tuple[object, object]:
+    return (
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+    )
+
+
+def _uses_flash(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the fused backend runs on torch's CPU flash kernels (else the chunked matmul path)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in _FLASH_DTYPES
+        and q.numel() > 0
+        and k.numel() > 0
+        and not torch.compiler.is_compiling()
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _bias_table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(256, 8) table: row b holds the 8 biases (0.0 kept / -inf dropped) of the packed mask byte b."""
+    bits = torch.arange(256, device=device).unsqueeze(1).bitwise_right_shift(torch.arange(8, device=device))
+    return torch.zeros(256, 8, dtype=dtype, device=device).masked_fill_(bits.bitwise_and_(1).bool(), float("-inf"))
+
+
+def _as_4d(t: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+    """(..., N, d) as (batch, heads, N, d): a view (a copy only for 3+ leading dims that do not flatten)."""
+    if len(lead) == 2:
+        return t
+    if len(lead) == 1:
+        return t.unsqueeze(1)
+    if not lead:
+        return t.unsqueeze(0).unsqueeze(0)
+    return t.reshape(math.prod(lead[:-1]), lead[-1], *t.shape[-2:])
+
+
+def _flash_chunk_logits(slices: int, nq: int, nk: int, d: int, itemsize: int) -> int:
+    """Logits per chunk of the flash path: its bias (Nq * Nk) and output copy (Nq * d) per slice, at
+    ``itemsize`` bytes, take at most _FLASH_CHUNK_BYTES_PER_LOGIT bytes per logit of the whole
+    input; clamped to [_FUSED_MIN_CHUNK_LOGITS, 2 * _FUSED_CHUNK_LOGITS] (fewer, larger chunks
+    than the matmul path: each costs a Python round of small ops and copies of its results)."""
+    logits = slices * nq * nk
+    fair = int(_FLASH_CHUNK_BYTES_PER_LOGIT * logits / (itemsize * (1.0 + d / nk)))
+    return max(_FUSED_MIN_CHUNK_LOGITS, min(2 * _FUSED_CHUNK_LOGITS, fair))
+
+
+def _chunk_4d(t: torch.Tensor, heads: int, lo: int, hi: int) -> torch.Tensor:
+    """Slices [lo, hi) of the flattened (batch, heads) of a 4-D tensor, as a 4-D view."""
+    if hi - lo >= heads:  # whole batch entries
+        return t[lo // heads : hi // heads]
+    b = lo // heads
+    return t[b : b + 1, lo - b * heads : hi - b * heads]
+
+
+def _draw_packed(
+    stream: BernoulliStream, n: int, nk: int, piece_logits: int, device: torch.device
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Draw all ``n`` flags of ``stream`` and pack them (1 bit per logit); also return the all-dropped rows.
+
+    The flags are drawn in pieces of whole rows and whole bytes (a multiple of
+    lcm(8, Nk), about ``piece_logits``) into one reused bool buffer, so the whole
+    bool mask never exists. All-dropped rows (flat indices over (..., Nq)) are
+    searched only in pieces where they can be: a run of Nk >= 15 dropped flags
+    covers a whole byte of the packed mask, so a piece whose packed bytes are all
+    below 0xFF (at r = 0.1: almost every piece) has none and its flags are not read
+    again.
+    """
+    packed = torch.empty(-(-n // 8), dtype=torch.uint8, device=device)
+    unit = math.lcm(8, nk)
+    piece = max(unit, piece_logits // unit * unit)
+    flags = torch.empty(-(-min(piece, n) // 8) * 8, dtype=torch.bool, device=device)
+    dead: list[torch.Tensor] = []
+    for start in range(0, n, piece):
+        count = min(piece, n - start)
+        padded = -(-count // 8) * 8
+        part = flags[:padded]
+        stream.fill(part[:count])
+        if padded > count:
+            part[count:].fill_(False)
+        packed_part = pack_bits(part, out=packed[start // 8 : (start + padded) // 8])
+        if nk < 15 or int(packed_part.max()) == 255:  # one fast reduction over the packed bytes
+            rows = _all_dropped_rows(part[:count].view(-1, nk), quick=False)
+            if rows is not None:
+                dead.append(rows.add_(start // nk))
+    return packed, (torch.cat(dead) if dead else None)
+
+
+_EIGHT_DROPPED = 0x0101010101010101  # 8 bytes of True read as one int64
+
+
+def _all_dropped_rows(drop: torch.Tensor, quick: bool = True) -> Optional[torch.Tensor]:
+    """Flat indices over (..., Nq) of the rows of the bool ``drop`` (..., Nq, Nk) with every key dropped, or None.
+
+    With ``quick`` and a contiguous mask, rows of Nk >= 15 keys are first ruled out
+    by one comparison of the mask's aligned 8-byte words with eight Trues (such a
+    row contains one); only when some word matches are the rows reduced.
+    """
+    nk = drop.shape[-1]
+    flat = drop.view(-1) if drop.is_contiguous() else None
+    if quick and flat is not None and nk >= 15 and flat.numel() % 8 == 0 and flat.storage_offset() % 8 == 0:
+        if not bool(flat.view(torch.uint8).view(torch.int64).eq(_EIGHT_DROPPED).any()):
+            return None
+    rows = drop.view(torch.uint8).amin(dim=-1).view(-1).nonzero().squeeze(1)
+    return rows if rows.numel() else None
+
+
+class _FlashMask:
+    """The mask of the flash path, chunk by chunk, as an additive bias (0.0 kept / -inf dropped).
+
+    ``saved`` is the bit-packed mask (``packed``: expanded through a 256 x 8 table,
+    one ``index_select``) or a bool drop mask (S, Nq, Nk) (two vectorised integer
+    passes: uint8 -> int copy, multiply by the bit pattern of -inf). ``dead`` holds
+    the flat (slice, query) indices of the all-dropped rows (or None); their bias
+    row is all 0.0, so the kernel never sees an empty row.
+    """
+
+    def __init__(
+        self, chunks: _Chunks, nq: int, nk: int, saved: torch.Tensor, packed: bool, dead: Optional[torch.Tensor]
+    ) -> None:
+        self.chunks, self.nq, self.nk, self.saved, self.packed = chunks, nq, nk, saved, packed
+        self.dead: list[Optional[torch.Tensor]] = [None] * len(chunks.ranges)
+        if dead is not None:
+            for index, (lo, hi) in enumerate(chunks.ranges):
+                inside = dead[(dead >= lo * nq) & (dead < hi * nq)]
+                if inside.numel():
+                    self.dead[index] = inside - lo * nq
+
+    def buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(self.chunks.largest * self.chunks.per_slice + 16, dtype=dtype, device=self.saved.device)
+
+    def bias(self, index: int, buffer: torch.Tensor) -> torch.Tensor:
+        """Chunk ``index``'s bias as a (slices, Nq, Nk) view of ``buffer``."""
+        lo, hi = self.chunks.ranges[index]
+        count = (hi - lo) * self.chunks.per_slice
+        if self.packed:
+            start = lo * self.chunks.per_slice
+            first, last = start // 8, -(-(start + count) // 8)
+            table = _bias_table(buffer.dtype, buffer.device)
+            rows = self.saved[first:last].to(torch.int32)  # packed bytes: rows of the table
+            torch.index_select(table, 0, rows, out=buffer[: 8 * (last - first)].view(-1, 8))
+            bias = buffer[start - 8 * first : start - 8 * first + count]
+        else:
+            int_dtype, pattern = _INT_VIEW[buffer.dtype]
+            drop = self.saved[lo:hi]
+            bias = buffer[:count]
+            bias.view(int_dtype).view(drop.shape).copy_(drop.view(torch.uint8)).mul_(pattern)
+        dead = self.dead[index]
+        if dead is not None:
+            bias.view(-1, self.nk).index_fill_(0, dead, 0.0)
+        return bias.view(hi - lo, self.nq, self.nk)
+
+
+def _dead_index(dead: torch.Tensor, nq: int, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch, head, query) indices into a chunk's 4-D tensors of its flat all-dropped row indices."""
+    slices, rows = dead.div(nq, rounding_mode="floor"), dead.remainder(nq)
+    return slices.div(heads, rounding_mode="floor"), slices.remainder(heads), rows
+
+
+class _FlashMaskedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale, masked) @ v on torch's CPU flash kernels, chunked over (batch, head) slices.
+
+    Same inputs as :class:`_FusedMaskedAttention` (q, k, v of one head size). A
+    streamed mask is drawn first, in bounded pieces, and bit-packed (:func:`_draw_packed`);
+    then per chunk the mask becomes a cache-resident additive bias of the query's
+    dtype (:class:`_FlashMask`), the flash forward kernel returns the output and the
+    row log-sum-exp, and the all-dropped rows (given a full row of 0.0 bias) are
+    rewritten per convention. Saved for backward: q, k, v, the output, the
+    log-sum-exp (one float per row), the mask (bit-packed when streamed: 1 bit per
+    logit) and the all-dropped rows' indices. Backward rebuilds each chunk's bias and
+    runs the flash backward kernel, with the incoming gradient of zeroed / uniform
+    all-dropped rows set to 0 (their output does not depend on the logits; the
+    uniform rows' 1/Nk share goes to dv directly).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        drop: Optional[torch.Tensor],
+        stream: Optional[BernoulliStream],
+        scale: float,
+        convention: str,
+    ) -> torch.Tensor:
+        flash_forward, _ = _flash_ops()
+        lead, nq, nk, d = tuple(q.shape[:-2]), q.shape[-2], k.shape[-2], q.shape[-1]
+        q4, k4, v4 = _as_4d(q, lead), _as_4d(k, lead), _as_4d(v, lead)
+        batch, heads = q4.shape[0], q4.shape[1]
+        chunks = _Chunks((batch, heads), nq, nk, _flash_chunk_logits(batch * heads, nq, nk, d, q.element_size()))
+        if stream is not None:
+            pieces = 2 * chunks.largest * chunks.per_slice
+            saved, dead = _draw_packed(stream, chunks.slices * chunks.per_slice, nk, pieces, q.device)
+        else:
+            assert drop is not None
+            saved, dead = drop, _all_dropped_rows(drop)
+        mask = _FlashMask(chunks, nq, nk, saved, stream is not None, dead)
+        buffer = mask.buffer(q.dtype)
+        single = len(chunks.ranges) == 1
+        out4 = lse = None
+        if not single:  # the layouts the kernel returns: (batch, N, heads, d) and (batch, N, heads)
+            out4 = torch.empty(batch, nq, heads, d, dtype=q.dtype, device=q.device).transpose(1, 2)
+        for index, (lo, hi) in enumerate(chunks.ranges):
+            qc, kc, vc = _chunk_4d(q4, heads, lo, hi), _chunk_4d(k4, heads, lo, hi), _chunk_4d(v4, heads, lo, hi)
+            bias = mask.bias(index, buffer).view(*qc.shape[:2], nq, nk)
+            o, l = flash_forward(qc, kc, vc, attn_mask=bias, scale=scale)  # type: ignore[operator]
+            if single:
+                out4, lse = o, l
+            else:
+                assert out4 is not None
+                if lse is None:
+                    lse = torch.empty(batch, nq, heads, dtype=l.dtype, device=q.device).transpose(1, 2)
+                o = _chunk_4d(out4, heads, lo, hi).copy_(o)
+                _chunk_4d(lse, heads, lo, hi).copy_(l)
+            dead_rows = mask.dead[index]
+            if dead_rows is not None and convention != "undropped":
+                b, h, rows = _dead_index(dead_rows, nq, qc.shape[1])
+                o[b, h, rows] = 0.0 if convention == "zero" else vc[b, h].mean(dim=-2).to(o.dtype)
+        assert out4 is not None and lse is not None
+        out = out4.view(*lead, nq, d)
+        ctx.save_for_backward(q, k, v, out, lse, saved, dead)
+        ctx.scale = scale
+        ctx.convention = convention
+        ctx.packed = stream is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):  # type: ignore[override]
+        _, flash_backward = _flash_ops()
+        q, k, v, out, lse, saved, dead = ctx.saved_tensors
+        scale: float = ctx.scale  # type: ignore[attr-defined]
+        convention: str = ctx.convention  # type: ignore[attr-defined]
+        lead, nq, nk, d = tuple(q.shape[:-2]), q.shape[-2], k.shape[-2], q.shape[-1]
+        q4, k4, v4, out4, g4 = (_as_4d(t, lead) for t in (q, k, v, out, grad))
+        batch, heads = q4.shape[0], q4.shape[1]
+        chunks = _Chunks((batch, heads), nq, nk, _flash_chunk_logits(batch * heads, nq, nk, d, q.element_size()))
+        mask = _FlashMask(chunks, nq, nk, saved, ctx.packed, dead)  # type: ignore[attr-defined]
+        buffer = mask.buffer(q.dtype)
+        single = len(chunks.ranges) == 1
+        grads: list[Optional[torch.Tensor]] = [None, None, None]
+        if not single:
+            grads = [torch.empty(batch, n, heads, d, dtype=q.dtype, device=q.device).transpose(1, 2) for n in (nq, nk, nk)]
+        for index, (lo, hi) in enumerate(chunks.ranges):
+            qc, kc, vc = _chunk_4d(q4, heads, lo, hi), _chunk_4d(k4, heads, lo, hi), _chunk_4d(v4, heads, lo, hi)
+            bias = mask.bias(index, buffer).view(*qc.shape[:2], nq, nk)
+            gc = _chunk_4d(g4, heads, lo, hi)
+            dead_rows = mask.dead[index]
+            if dead_rows is not None:
+                b, h, rows = _dead_index(dead_rows, nq, qc.shape[1])
+                dead_grad = gc[b, h, rows]
+                if convention != "undropped":
+                    gc = gc.clone()
+                    gc[b, h, rows] = 0.0
+            chunk_grads = flash_backward(  # type: ignore[operator]
+                gc, qc, kc, vc, _chunk_4d(out4, heads, lo, hi), _chunk_4d(lse, heads, lo, hi), 0.0, False,
+                attn_mask=bias, scale=scale,
+            )
+            if single:
+                grads = list(chunk_grads)
+            else:
+                for full, part in zip(grads, chunk_grads):
+                    assert full is not None
+                    _chunk_4d(full, heads, lo, hi).copy_(part)
+            if dead_rows is not None and convention == "uniform":  # out = mean_j v_j: dv_j += g / Nk
+                grad_v = _chunk_4d(grads[2], heads, lo, hi)  # type: ignore[arg-type]
+                share = (dead_grad / nk).unsqueeze(-2).expand(-1, nk, -1).to(grad_v.dtype)
+                grad_v.index_put_((b, h), share, accumulate=True)
+        grad_q, grad_k, grad_v = (g.view(t.shape) for g, t in zip(grads, (q, k, v)))  # type: ignore[union-attr]
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
 def _fused_streamed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stream: BernoulliStream, convention: str, scale: float
 ) -> torch.Tensor:
     """Fused backend drawing the DropKey mask chunk by chunk (CPU): the whole mask never exists."""
-    return _FusedMaskedAttention.apply(q, k, v, None, stream, scale, convention)
+    return _fused_apply(q, k, v, None, stream, convention, scale)
+
+
+def _fused_apply(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    drop: Optional[torch.Tensor],
+    stream: Optional[BernoulliStream],
+    convention: str,
+    scale: float,
+) -> torch.Tensor:
+    """The fused backend's autograd function: flash kernels on CPU (zero-padding q, k or v to one
+    head size when d != dv: exact), else the chunked matmul path."""
+    if not _uses_flash(q, k):
+        return _FusedMaskedAttention.apply(q, k, v, drop, stream, scale, convention)
+    d, dv = q.shape[-1], v.shape[-1]
+    if d == dv:
+        return _FlashMaskedAttention.apply(q, k, v, drop, stream, scale, convention)
+    if dv < d:
+        return _FlashMaskedAttention.apply(q, k, F.pad(v, (0, d - dv)), drop, stream, scale, convention)[..., :dv]
+    q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+    return _FlashMaskedAttention.apply(q, k, v, drop, stream, scale, convention)
 
 
 def _fused_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: torch.Tensor, convention: str, scale: float) -> torch.Tensor:
@@ -614,7 +936,7 @@ def _fused_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: torch
             out = torch.where(dead, v.mean(dim=-2, keepdim=True), out)
         return out
     drop3 = drop.expand(full).reshape(-1, nq, nk)  # a view when drop is full and contiguous
-    return _FusedMaskedAttention.apply(q, k, v, drop3, None, scale, convention)
+    return _fused_apply(q, k, v, drop3, None, convention, scale)
 
 
 def _dispatch(

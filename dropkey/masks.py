@@ -1,7 +1,7 @@
 """Keep masks for DropKey and its structured variants (True = the logit takes part).
 
 All masks are ``torch.bool`` tensors (one byte per logit). The fused attention
-backend does not even hold that: it draws the same flags chunk by chunk from a
+backend does not even hold that: it draws the same flags piece by piece from a
 :class:`BernoulliStream` and keeps them bit-packed (:func:`pack_bits`, 1 bit per logit).
 
 Random numbers
@@ -174,11 +174,12 @@ class BernoulliStream:
     1-D bool tensor ``out``. The random numbers are drawn in refills of a size
     that depends on ``n`` only, so the flags are the same however the consumer
     slices the sequence: filling ``n`` entries at once (:func:`bernoulli_drop_mask`)
-    or chunk by chunk (the fused attention backend, which then never holds the
+    or piece by piece (the fused attention backend, which then never holds the
     whole mask) gives identical masks from the same generator state. CPU only.
 
     Sampling: with ``p = min(r, 1 - r) <= 0.15``, geometric gaps between the rare
-    entries (``G = floor(log(1 - U) / log(1 - p))``, ``U`` a float64 uniform, so
+    entries (``G = floor(log(1 - U) / log(1 - p))``, ``U`` a float64 uniform; ``1 - U``
+    is exact in float64 and its ``log`` costs a fraction of ``log1p(-U)`` on CPU; so
     ``P(G >= k) = (1 - p) ** k`` up to float64 rounding; O(p n) random numbers);
     otherwise one float32 uniform per entry, ``U < r`` (r resolved to 2**-24).
     Temporaries are bounded by the refill size (< 0.1 byte per entry).
@@ -208,7 +209,8 @@ class BernoulliStream:
 
     def _refill_positions(self) -> None:
         uniform = torch.rand(self.refill, dtype=torch.float64, generator=self.generator)
-        gaps = uniform.neg_().log1p_().mul_(self.inv_log_q)  # log(1 - U) / log(1 - p) >= 0
+        # log(1 - U) / log(1 - p) >= 0; 1 - U is exact in float64 (U is a multiple of 2**-53)
+        gaps = uniform.neg_().add_(1.0).log_().mul_(self.inv_log_q)
         if self.p < 1e-9:  # keep float -> int64 in range (a gap past n ends the stream anyway)
             gaps.clamp_(max=float(self.n))
         gaps = gaps.to(torch.int64).add_(1)  # truncation == floor for non-negative values

@@ -106,6 +106,122 @@ def test_permuted_qkv_like_timm(monkeypatch, chunk_logits, backend):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+# --------------------------------------------------------------------------- fused on CPU: torch's flash kernels
+
+
+def _chunking(monkeypatch, chunk_logits):
+    monkeypatch.setattr(fn, "_FUSED_CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(fn, "_FUSED_MIN_CHUNK_LOGITS", chunk_logits)
+
+
+_FLASH_TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=5e-3, atol=5e-3),
+    torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+}
+
+
+@pytest.mark.parametrize("chunk_logits", [1, 70, 1 << 30])
+@pytest.mark.parametrize("dtype", list(_FLASH_TOL))
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("nk,r", [(3, 0.7), (16, 0.9), (20, 0.1)])
+def test_flash_path_matches_reference_on_the_same_mask(monkeypatch, chunk_logits, dtype, convention, nk, r):
+    """d == dv (every ViT): on CPU the fused backend runs torch's flash kernels with the streamed mask as a
+    0 / -inf bias, chunk by chunk; all-dropped rows (nk = 3: found row by row; nk = 16: behind the packed-byte
+    check) in several chunks. Values and grads equal the reference on dropkey_keep_mask(seed), computed in
+    float64 from the same inputs."""
+    _chunking(monkeypatch, chunk_logits)
+    q, k, v = _qkv(batch=(3, 4), nq=5, nk=nk, d=8, dv=8, dtype=dtype, requires_grad=True, seed=6)
+    assert fn._uses_flash(q, k)
+    out = fn.dropkey_attention(q, k, v, r, all_dropped=convention, generator=11, backend="fused")
+    keep = dropkey_keep_mask((3, 4, 5, nk), r, generator=11)
+    if r > 0.5:
+        assert (~keep.any(-1)).sum() >= 3
+    wide = tuple(t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref = fn.attention_from_keep_mask(*wide, keep, all_dropped=convention, backend="reference")
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, **_FLASH_TOL[dtype])
+    weight = torch.linspace(-1.0, 1.0, out.numel(), dtype=torch.float64).reshape(out.shape)
+    got = torch.autograd.grad((out.double() * weight).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * weight).sum(), wide)
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, **_FLASH_TOL[dtype])
+
+
+@pytest.mark.parametrize("chunk_logits", [1, 300, 1 << 30])
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_flash_path_with_a_given_mask_and_odd_shapes(monkeypatch, chunk_logits, convention):
+    """attention_from_keep_mask (Block/Cross masks) on the flash path: a contiguous mask with all-dropped rows
+    behind the 8-byte-word check, a broadcast one, 1 and 3 leading dims, d > dv and d < dv (zero padding)."""
+    _chunking(monkeypatch, chunk_logits)
+    cases = [((2, 3), 6, 17, 8, 8), ((5,), 4, 16, 6, 6), ((2, 2, 3), 3, 15, 4, 4), ((2, 3), 4, 18, 8, 5), ((2, 3), 4, 18, 5, 8)]
+    for lead, nq, nk, d, dv in cases:
+        q, k, v = _qkv(batch=lead, nq=nq, nk=nk, d=d, dv=dv, requires_grad=True, seed=nk)
+        for keep in (dropkey_keep_mask((*lead, nq, nk), 0.2, generator=nq), dropattention_keep_mask((*lead, nq, nk), 0.5, generator=1)):
+            keep = keep.clone()
+            keep[..., -1, :] = False  # an all-dropped row in every slice
+            out = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="fused")
+            ref = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="reference")
+            torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+            for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+class _Replay:
+    """A stand-in for BernoulliStream that replays given flags."""
+
+    def __init__(self, flags: torch.Tensor) -> None:
+        self.flags, self.cursor = flags.reshape(-1), 0
+
+    def fill(self, out: torch.Tensor) -> torch.Tensor:
+        out.copy_(self.flags[self.cursor : self.cursor + out.numel()])
+        self.cursor += out.numel()
+        return out
+
+
+@pytest.mark.parametrize("nk", [15, 16, 17, 24, 65])
+def test_every_all_dropped_row_is_found_at_any_offset(nk):
+    """The quick checks (a 0xFF packed byte; an 8-byte word of Trues) never miss an all-dropped row of
+    Nk >= 15 keys, wherever it starts within a byte or word; the packed mask is pack_bits of the flags."""
+    from dropkey.masks import pack_bits
+
+    rows = 11
+    for dead in range(rows):
+        drop = torch.rand(rows, nk, generator=torch.Generator().manual_seed(dead)) < 0.3
+        drop[:, 0] = False
+        drop[dead] = True
+        assert fn._all_dropped_rows(drop).tolist() == [dead]
+        for piece in (1, 8 * nk, 1 << 20):
+            packed, found = fn._draw_packed(_Replay(drop), drop.numel(), nk, piece, torch.device("cpu"))
+            assert found is not None and found.tolist() == [dead]
+            padded = torch.zeros(-(-drop.numel() // 8) * 8, dtype=torch.bool)
+            padded[: drop.numel()] = drop.view(-1)
+            assert torch.equal(packed, pack_bits(padded))
+    drop[:] = False
+    assert fn._all_dropped_rows(drop) is None
+    assert fn._draw_packed(_Replay(drop), drop.numel(), nk, 64, torch.device("cpu"))[1] is None
+
+
+def test_flash_path_saves_one_bit_per_logit():
+    """What autograd keeps for backward besides q, k, v and the output: the packed mask (1 bit per logit) and
+    per-row state (the log-sum-exp), nothing of N x N floats."""
+    q, k, v = _qkv(batch=(4, 3), nq=24, nk=24, d=16, dv=16, dtype=torch.float32, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn.dropkey_attention(q, k, v, 0.1, generator=0)
+    known = {t.untyped_storage().data_ptr() for t in (q, k, v, out)}
+    extra = {t.untyped_storage().data_ptr(): t for t in saved if t is not None and t.untyped_storage().data_ptr() not in known}
+    sizes = sorted((str(t.dtype), tuple(t.shape)) for t in extra.values())
+    assert sizes == [("torch.float32", (4, 3, 24)), ("torch.uint8", (4 * 3 * 24 * 24 // 8,))]
+
+
 def test_non_finite_inputs_are_not_hidden():
     """A NaN logit from a non-finite input stays NaN (only truly all-dropped rows are rewritten)."""
     q, k, v = _qkv(nq=3, nk=3)
