@@ -32,9 +32,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
+import theory
+from dropkey import data as datasets
+from dropkey.augment import Normalize
+from dropkey.diagnostics import AttentionRecorder, attention_entropy, peak_weight
 from dropkey.experiments.definitions import Arm, Scale
+from dropkey.inference import monte_carlo_predict
+from dropkey.models import VisionTransformer
 from dropkey.storage import write_json_atomic, write_text_atomic
+from dropkey.train import CHECKPOINT, TrainConfig, resolve_device, train
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +60,7 @@ class RunSpec:
 
     arm: Arm
     seed: int
-    config: Any  # dropkey.train.TrainConfig (Any: keeps this module importable without torch work)
+    config: TrainConfig
     monte_carlo: tuple[int, ...] = ()  # K values to evaluate (empty: none)
 
     @property
@@ -60,7 +68,7 @@ class RunSpec:
         return Path(self.config.out_dir)
 
 
-def run_key(config: Any) -> str:
+def run_key(config: TrainConfig) -> str:
     """16 hex digits identifying what a run computes (its config without the output-only fields)."""
     record = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY}
     text = json.dumps(record, sort_keys=True, default=str)
@@ -75,9 +83,8 @@ def train_config(
     runs_dir: str | os.PathLike[str],
     data_dir: str | os.PathLike[str] | None = None,
     device: str = "auto",
-) -> Any:
+) -> TrainConfig:
     """The TrainConfig of ``arm`` at scale ``s`` with ``seed``; ``out_dir`` is its run folder."""
-    from dropkey.train import TrainConfig
 
     config = TrainConfig(
         dataset=s.dataset, data_dir=None if data_dir is None else str(data_dir), train_subset=s.train_subset,
@@ -95,12 +102,9 @@ def is_complete(folder: Path) -> bool:
 
 
 def _load_trained_model(
-    folder: Path, config: Any, device: torch.device, **overrides: Any
-) -> tuple[torch.nn.Module, Any]:
+    folder: Path, config: TrainConfig, device: torch.device, **overrides: Any
+) -> tuple[VisionTransformer, Normalize]:
     """The run's final model (weights from its checkpoint; ``overrides`` of ViTConfig) and its input normalisation."""
-    from dropkey.augment import Normalize
-    from dropkey.models import VisionTransformer
-    from dropkey.train import CHECKPOINT
 
     state = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
     resolved = json.loads((folder / "config.json").read_text(encoding="utf-8"))["resolved"]
@@ -110,7 +114,7 @@ def _load_trained_model(
     return model, Normalize(resolved["normalize_mean"], resolved["normalize_std"])
 
 
-def monte_carlo_accuracy(folder: Path, config: Any, ks: Sequence[int], device: torch.device) -> pd.DataFrame:
+def monte_carlo_accuracy(folder: Path, config: TrainConfig, ks: Sequence[int], device: torch.device) -> pd.DataFrame:
     """Test accuracy of plain inference (k = 0) and of the mean of k DropKey passes' probabilities.
 
     One pass of max(ks) samples per test batch; the running mean is scored at every k.
@@ -118,8 +122,6 @@ def monte_carlo_accuracy(folder: Path, config: Any, ks: Sequence[int], device: t
     seeds the DropKey layers' generators and any other stochastic layer, so the numbers
     are reproducible.
     """
-    from dropkey import data as datasets
-    from dropkey.inference import monte_carlo_predict
 
     model, normalize = _load_trained_model(folder, config, device)
     options = {"verify": config.verify_data} if config.dataset != "digits" else {}
@@ -144,7 +146,7 @@ def monte_carlo_accuracy(folder: Path, config: Any, ks: Sequence[int], device: t
     )
 
 
-def expected_attention_rows(folder: Path, config: Any, device: torch.device,
+def expected_attention_rows(folder: Path, config: TrainConfig, device: torch.device,
                             images: int = EXPECTED_ATTENTION_IMAGES) -> pd.DataFrame:
     """Peak and entropy of the final model's *expected* attention under its regulariser.
 
@@ -156,9 +158,6 @@ def expected_attention_rows(folder: Path, config: Any, device: torch.device,
     first ``images`` diagnostics images, all heads and queries. Rows: layer, metric
     (``expected_peak``, ``expected_entropy``), value.
     """
-    import theory
-    from dropkey import data as datasets
-    from dropkey.diagnostics import AttentionRecorder, attention_entropy, peak_weight
 
     model, normalize = _load_trained_model(folder, config, device, fused_attn=False)
     options = {"verify": config.verify_data} if config.dataset != "digits" else {}
@@ -205,7 +204,6 @@ def needs_work(spec: RunSpec) -> bool:
 
 def execute(spec: RunSpec, command: Sequence[str] | None = None) -> dict[str, Any]:
     """Train ``spec`` (resuming its checkpoint if any) and evaluate it; a no-op if already done."""
-    from dropkey.train import resolve_device, train
 
     folder = spec.folder
     with torch.random.fork_rng():  # the trainer seeds the global RNGs; leave the caller's alone
@@ -232,7 +230,6 @@ def execute_all(
     specs: Sequence[RunSpec], *, jobs: int = 1, progress: bool = False, command: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
     """Run every spec not yet complete (in ``jobs`` processes); return their completion records in order."""
-    from tqdm.auto import tqdm
 
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
