@@ -95,15 +95,6 @@ def _check_int(value: object, *, name: str, minimum: int) -> int:
     return int(value)
 
 
-def _check_ratio(value: object, *, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number in [0, 1), got {value!r}")
-    ratio = float(value)
-    if not 0.0 <= ratio < 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1), got {ratio!r}")
-    return ratio
-
-
 def _check_option(value: object, allowed: tuple[str, ...], *, name: str) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -221,7 +212,7 @@ class DropKeyAttention(nn.Module):
                 f"norm_layer must be a callable building a norm module (e.g. nn.LayerNorm) or None, got {norm_layer!r}"
             )
         self.variant, self.drop_ratio = _resolve_variant(
-            variant, _check_ratio(drop_ratio, name="drop_ratio"), _check_ratio(attn_drop, name="attn_drop")
+            variant, masks.validate_drop_ratio(drop_ratio, "drop_ratio"), masks.validate_drop_ratio(attn_drop, "attn_drop")
         )
         if self.variant == "none" and self.drop_ratio > 0.0:
             raise ValueError(f"drop_ratio must be 0 for variant='none', got {self.drop_ratio!r}")
@@ -268,13 +259,13 @@ class DropKeyAttention(nn.Module):
         self.maps_probe = nn.Identity()  # (B, H, N, N) maps that multiply V
         self.norm = norm_layer(self.attn_dim, **norm_factory) if scale_norm else nn.Identity()
         self.proj = nn.Linear(self.attn_dim, dim_out, bias=proj_bias, **factory)
-        self.proj_drop = nn.Dropout(_check_ratio(proj_drop, name="proj_drop"))
+        self.proj_drop = nn.Dropout(masks.validate_drop_ratio(proj_drop, "proj_drop"))
 
     # --- configuration --------------------------------------------------------------
 
     def set_drop_ratio(self, drop_ratio: float) -> None:
         """Change the drop ratio (e.g. 0 to fine-tune the last epochs without the regulariser)."""
-        ratio = _check_ratio(drop_ratio, name="drop_ratio")
+        ratio = masks.validate_drop_ratio(drop_ratio, "drop_ratio")
         if self.variant == "none" and ratio > 0.0:
             raise ValueError(f"drop_ratio must be 0 for variant='none', got {ratio!r}")
         self.drop_ratio = ratio

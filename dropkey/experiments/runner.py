@@ -114,6 +114,12 @@ def _load_trained_model(
     return model, Normalize(resolved["normalize_mean"], resolved["normalize_std"])
 
 
+def _test_split(config: TrainConfig) -> datasets.ImageData:
+    """The run's test split, loaded (and checksum-verified) as the trainer loads it."""
+    options = {"verify": config.verify_data} if config.dataset != "digits" else {}
+    return datasets.load_dataset(config.dataset, "test", config.data_dir, **options)
+
+
 def monte_carlo_accuracy(folder: Path, config: TrainConfig, ks: Sequence[int], device: torch.device) -> pd.DataFrame:
     """Test accuracy of plain inference (k = 0) and of the mean of k DropKey passes' probabilities.
 
@@ -124,8 +130,7 @@ def monte_carlo_accuracy(folder: Path, config: TrainConfig, ks: Sequence[int], d
     """
 
     model, normalize = _load_trained_model(folder, config, device)
-    options = {"verify": config.verify_data} if config.dataset != "digits" else {}
-    test = datasets.load_dataset(config.dataset, "test", config.data_dir, **options)
+    test = _test_split(config)
     ks = sorted(set(int(k) for k in ks))
     correct = dict.fromkeys([0, *ks], 0)
     model.eval()
@@ -160,8 +165,7 @@ def expected_attention_rows(folder: Path, config: TrainConfig, device: torch.dev
     """
 
     model, normalize = _load_trained_model(folder, config, device, fused_attn=False)
-    options = {"verify": config.verify_data} if config.dataset != "digits" else {}
-    test = datasets.load_dataset(config.dataset, "test", config.data_dir, **options)
+    test = _test_split(config)
     batch = normalize(test.images[: min(images, config.diagnostics_batch)]).to(device)  # the diagnostics batch's first images
     model.eval()
     with AttentionRecorder(model, store_maps=True) as recorder, torch.no_grad():
