@@ -9,9 +9,10 @@ Random numbers
 Every mask is drawn from independent Bernoulli trials (see :class:`BernoulliStream`):
 on CPU with ``min(r, 1 - r) <= 0.15`` by *geometric gap sampling* (the gaps between
 successive dropped entries of an i.i.d. Bernoulli(r) sequence are i.i.d.
-Geometric(r), drawn by inversion of a float64 uniform), which costs
-O(min(r, 1 - r) * n) random numbers instead of n; otherwise by comparing one
-float32 uniform per entry with ``r``. The draw is
+Geometric(r), drawn by inversion of a float64 uniform made of 53 bits of a numpy
+PCG64 stream seeded from the torch generator), which costs O(min(r, 1 - r) * n)
+random numbers instead of n; otherwise by comparing one float32 uniform per entry
+with ``r``. The draw is
 reproducible: pass a :class:`torch.Generator` or an ``int`` seed (a fresh generator
 on ``device`` seeded with it). The same generator state, shape and ratio always
 give the same mask, whichever attention backend consumes it.
@@ -82,6 +83,7 @@ _MIN_CHUNK = 1 << 14
 # uniform per entry on CPU); otherwise one float32 uniform per entry, ``U < r``
 # (granularity 2**-24 in r).
 _GEOMETRIC_MAX = 0.15
+_ONE = torch.tensor(1.0, dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------- validation
@@ -178,11 +180,15 @@ class BernoulliStream:
     whole mask) gives identical masks from the same generator state. CPU only.
 
     Sampling: with ``p = min(r, 1 - r) <= 0.15``, geometric gaps between the rare
-    entries (``G = floor(log(1 - U) / log(1 - p))``, ``U`` a float64 uniform; ``1 - U``
-    is exact in float64 and its ``log`` costs a fraction of ``log1p(-U)`` on CPU; so
-    ``P(G >= k) = (1 - p) ** k`` up to float64 rounding; O(p n) random numbers);
-    otherwise one float32 uniform per entry, ``U < r`` (r resolved to 2**-24).
-    Temporaries are bounded by the refill size (< 0.1 byte per entry).
+    entries (``G = floor(log(1 - U) / log(1 - p))`` with ``U`` a float64 uniform on
+    multiples of 2**-53 in [0, 1), so ``1 - U > 0`` is exact and ``P(G >= k) = (1 - p) ** k``
+    up to float64 rounding; O(p n) random numbers). The uniforms come from numpy's
+    PCG64 (several times cheaper per number than torch's CPU Mersenne Twister) seeded, through :class:`numpy.random.SeedSequence`, by 4 x 62 bits
+    drawn from ``generator`` when the stream is made: the torch generator stays
+    the one source of randomness and advances by one draw per stream. Otherwise
+    (``0.15 < r < 0.85``) one float32 uniform per entry from ``generator``,
+    ``U < r`` (r resolved to 2**-24). Temporaries are bounded by the refill size
+    (< 0.1 byte per entry).
     """
 
     def __init__(self, n: int, drop_ratio: float, generator: torch.Generator | None = None) -> None:
@@ -201,6 +207,10 @@ class BernoulliStream:
             self.refill = max(1, min(_chunk_size(self.n), int(expected + 6.0 * math.sqrt(expected + 1.0)) + 16))
             self.inv_log_q = 1.0 / math.log1p(-p) if p > 0.0 else 0.0
             self.p = p
+            self.bits: Optional[np.random.Generator] = None
+            if p > 0.0:
+                words = torch.randint(0, 1 << 62, (4,), dtype=torch.int64, generator=generator)
+                self.bits = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(w) for w in words])))
             self.pending = torch.empty(0, dtype=torch.int64)  # absolute positions of rare entries not yet written
             self.last = -1  # position of the last rare entry generated
         else:
@@ -208,36 +218,51 @@ class BernoulliStream:
             self.offset = 0
 
     def _refill_positions(self) -> None:
-        uniform = torch.rand(self.refill, dtype=torch.float64, generator=self.generator)
-        # log(1 - U) / log(1 - p) >= 0; 1 - U is exact in float64 (U is a multiple of 2**-53)
-        gaps = uniform.neg_().add_(1.0).log_().mul_(self.inv_log_q)
+        assert self.bits is not None
+        # G = floor(log(1 - U) / log(1 - p)) >= 0 with U in [0, 1) a multiple of 2**-53 (1 - U exact, > 0);
+        # the gap to the next rare entry is G + 1, computed as floor(log(1 - U) / log(1 - p) + 1)
+        uniform = torch.from_numpy(self.bits.random(self.refill))
+        gaps = torch.rsub(uniform, 1.0).log_()
+        gaps = torch.add(_ONE, gaps, alpha=self.inv_log_q)
         if self.p < 1e-9:  # keep float -> int64 in range (a gap past n ends the stream anyway)
             gaps.clamp_(max=float(self.n))
-        gaps = gaps.to(torch.int64).add_(1)  # truncation == floor for non-negative values
-        positions = torch.cumsum(gaps, 0).add_(self.last)
+        gaps = gaps.to(torch.int64)  # truncation == floor for non-negative values
+        gaps[0] += self.last  # so that the running sum gives absolute positions
+        positions = torch.cumsum(gaps, 0)
         self.last = int(positions[-1])
         self.pending = positions  # only called once every pending position was written
+
+    def _rare_parts(self, count: int) -> list[torch.Tensor]:
+        """Consume the next ``count`` entries; the positions (int64, increasing, relative to the
+        first of them) of their rare entries, as one tensor per refill they span."""
+        if self.cursor + count > self.n:
+            raise ValueError(f"BernoulliStream of {self.n} entries asked for {self.cursor + count}")
+        lo, hi = self.cursor, self.cursor + count
+        self.cursor = hi
+        parts: list[torch.Tensor] = []
+        if self.p > 0.0 and count > 0:
+            while True:
+                if self.pending.numel():
+                    inside = int(torch.searchsorted(self.pending, hi))  # positions are strictly increasing
+                    if inside:
+                        parts.append(self.pending[:inside].sub(lo))
+                        self.pending = self.pending[inside:]
+                if self.last >= hi - 1:  # every rare entry below hi is taken
+                    break
+                self._refill_positions()  # pending is empty here
+        return parts
 
     def fill(self, out: torch.Tensor) -> torch.Tensor:
         """Write the next ``out.numel()`` drop flags into the contiguous 1-D bool ``out``; return it."""
         count = out.numel()
         if self.cursor + count > self.n:
             raise ValueError(f"BernoulliStream of {self.n} entries asked for {self.cursor + count}")
-        lo, hi = self.cursor, self.cursor + count
-        self.cursor = hi
         if self.geometric:
             out.fill_(not self.rare_value)
-            if self.p == 0.0 or count == 0:
-                return out
-            while True:
-                if self.pending.numel():
-                    inside = int(torch.searchsorted(self.pending, hi))  # positions are strictly increasing
-                    if inside:
-                        out.index_fill_(0, self.pending[:inside] - lo, self.rare_value)
-                        self.pending = self.pending[inside:]
-                if self.last >= hi - 1:  # every rare entry below hi is written
-                    return out
-                self._refill_positions()  # pending is empty here
+            for part in self._rare_parts(count):
+                out.index_fill_(0, part, self.rare_value)
+            return out
+        self.cursor += count
         done = 0
         while done < count:
             if self.offset == self.uniform.numel():

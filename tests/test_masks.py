@@ -211,3 +211,34 @@ def test_cuda_masks():
     assert keep.is_cuda and _within_5se(float((~keep).float().mean()), 0.1, keep.numel())
     block = block_keep_mask((8, 4, 50), 0.1, grid=(7, 7), generator=0, device="cuda")
     assert block.is_cuda and block.shape == (8, 4, 50)
+
+
+@pytest.mark.parametrize("r", [0.03, 0.1, 0.9])
+def test_geometric_gaps_follow_the_geometric_law(r):
+    """Gaps between successive rare entries (dropped for r <= 0.5, kept otherwise) are i.i.d.
+    Geometric(p), p = min(r, 1 - r): a chi-square goodness-of-fit test over gap lengths (tail pooled
+    so every expected count is >= 20), fixed seed, rejected only at p-value < 1e-6."""
+    from scipy import stats
+
+    p = min(r, 1.0 - r)
+    dropped = bernoulli_drop_mask((2_000_000,), r, generator=21)
+    rare = dropped if r <= 0.5 else ~dropped
+    gaps = torch.diff(rare.nonzero().squeeze(1)).numpy()
+    top = 1
+    while len(gaps) * p * (1 - p) ** top >= 20:  # expected count of gap == top + 1
+        top += 1
+    observed = np.bincount(np.minimum(gaps, top + 1), minlength=top + 2)[1:]
+    expected = len(gaps) * np.append(p * (1 - p) ** np.arange(top), (1 - p) ** top)
+    assert stats.chisquare(observed, expected).pvalue > 1e-6
+
+
+def test_geometric_stream_takes_one_draw_from_the_torch_generator():
+    """The geometric sampler's numpy PCG64 is seeded by one torch.randint of 4 words: the torch
+    generator advances by exactly that, so successive masks differ and a seed reproduces them."""
+    g = torch.Generator().manual_seed(8)
+    masks.BernoulliStream(10_000, 0.1, g)
+    h = torch.Generator().manual_seed(8)
+    torch.randint(0, 1 << 62, (4,), dtype=torch.int64, generator=h)
+    assert torch.equal(g.get_state(), h.get_state())
+    first, second = bernoulli_drop_mask((10_000,), 0.1, generator=g), bernoulli_drop_mask((10_000,), 0.1, generator=g)
+    assert not torch.equal(first, second)
