@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_theory.py
 	$(BIN)/python benchmarks/bench_attention.py
 	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_cpu_alternatives.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
