@@ -83,7 +83,7 @@ _MIN_CHUNK = 1 << 14
 # uniform per entry on CPU); otherwise one float32 uniform per entry, ``U < r``
 # (granularity 2**-24 in r).
 _GEOMETRIC_MAX = 0.15
-_ONE = torch.tensor(1.0, dtype=torch.float64)
+_ONE = torch.tensor(1.0, dtype=torch.float64)  # 1 + alpha * x in one pass: torch.add(_ONE, x, alpha=...)
 
 
 # --------------------------------------------------------------------------- validation
@@ -183,9 +183,10 @@ class BernoulliStream:
     entries (``G = floor(log(1 - U) / log(1 - p))`` with ``U`` a float64 uniform on
     multiples of 2**-53 in [0, 1), so ``1 - U > 0`` is exact and ``P(G >= k) = (1 - p) ** k``
     up to float64 rounding; O(p n) random numbers). The uniforms come from numpy's
-    PCG64 (several times cheaper per number than torch's CPU Mersenne Twister) seeded, through :class:`numpy.random.SeedSequence`, by 4 x 62 bits
-    drawn from ``generator`` when the stream is made: the torch generator stays
-    the one source of randomness and advances by one draw per stream. Otherwise
+    PCG64 (several times cheaper per number than torch's CPU Mersenne Twister),
+    seeded through :class:`numpy.random.SeedSequence` by 4 x 62 bits drawn from
+    ``generator`` when the stream is made: the torch generator stays the one
+    source of randomness and advances by one draw per stream. Otherwise
     (``0.15 < r < 0.85``) one float32 uniform per entry from ``generator``,
     ``U < r`` (r resolved to 2**-24). Temporaries are bounded by the refill size
     (< 0.1 byte per entry).
@@ -207,10 +208,10 @@ class BernoulliStream:
             self.refill = max(1, min(_chunk_size(self.n), int(expected + 6.0 * math.sqrt(expected + 1.0)) + 16))
             self.inv_log_q = 1.0 / math.log1p(-p) if p > 0.0 else 0.0
             self.p = p
-            self.bits: Optional[np.random.Generator] = None
+            self.uniforms: Optional[np.random.Generator] = None
             if p > 0.0:
                 words = torch.randint(0, 1 << 62, (4,), dtype=torch.int64, generator=generator)
-                self.bits = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(w) for w in words])))
+                self.uniforms = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(w) for w in words])))
             self.pending = torch.empty(0, dtype=torch.int64)  # absolute positions of rare entries not yet written
             self.last = -1  # position of the last rare entry generated
         else:
@@ -218,10 +219,10 @@ class BernoulliStream:
             self.offset = 0
 
     def _refill_positions(self) -> None:
-        assert self.bits is not None
+        assert self.uniforms is not None
         # G = floor(log(1 - U) / log(1 - p)) >= 0 with U in [0, 1) a multiple of 2**-53 (1 - U exact, > 0);
         # the gap to the next rare entry is G + 1, computed as floor(log(1 - U) / log(1 - p) + 1)
-        uniform = torch.from_numpy(self.bits.random(self.refill))
+        uniform = torch.from_numpy(self.uniforms.random(self.refill))
         gaps = torch.rsub(uniform, 1.0).log_()
         gaps = torch.add(_ONE, gaps, alpha=self.inv_log_q)
         if self.p < 1e-9:  # keep float -> int64 in range (a gap past n ends the stream anyway)
