@@ -6,12 +6,12 @@ the `fused` backend (torch's CPU flash kernels with a chunked bias from the 1-bi
 what `backend="auto"` runs on CPU) and SDPA without any mask (the speed of light), in ONE run,
 interleaved round-robin, float32, drop ratio 0.1:
 
-- ``compiled_hash``: the reference maths (materialised logits, masked softmax with the
-  ``uniform`` all-dropped convention, ``@ v``) under ``torch.compile``, with the DropKey mask
-  computed inline from the counter-based hash of :mod:`dropkey.kernels.hash_mask` (per slice and
-  row a key computed eagerly; per logit one add and one fmix32 inside the compiled graph, so no
-  mask is drawn or stored). Checked first to drop exactly the logits ``hash_drop_mask`` drops.
-- ``compiled_rand``: the same with ``torch.rand_like(logits) < r`` inside the compiled graph
+- ``compiled_hash``: the fused backend's maths under ``torch.compile`` (its compiled branch:
+  materialised logits, masked softmax with the ``uniform`` all-dropped convention, ``@ v``),
+  with the DropKey mask computed inline from the counter-based hash of
+  :mod:`dropkey.kernels.hash_mask` (per slice and row a key computed eagerly; per logit one add
+  and one fmix32 inside the compiled graph, so no mask is drawn or stored). Checked first to drop exactly the logits ``hash_drop_mask`` drops.
+- ``compiled_rand``: the same with ``torch.rand(B, H, N, N) < r`` inside the compiled graph
   (inductor's own CPU random numbers).
 
 Compilation happens in the warm-up and is not timed (its wall time is reported). Step = forward +
@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from dropkey.functional import dropkey_attention
+from dropkey.functional import _fused_masked, dropkey_attention
 from dropkey.kernels.hash_mask import _COL, _MASK32, _ROW, _fmix32, _mul32, _slice_keys, hash_drop_mask, hash_threshold
 from dropkey.provenance import provenance
 from dropkey.storage import write_json_atomic, write_text_atomic
@@ -55,21 +55,15 @@ def _fmix32_wrapping(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def _attention_uniform(logits: torch.Tensor, drop: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    dead = drop.all(dim=-1, keepdim=True)
-    weights = torch.softmax(logits.masked_fill(drop & ~dead, float("-inf")), dim=-1).masked_fill(dead, 0.0)
-    return torch.where(dead, v.mean(dim=-2, keepdim=True), weights @ v)
-
-
 def _hash_attention(q, k, v, row_keys, col_terms, threshold: int):
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     bits = _fmix32_wrapping((row_keys.unsqueeze(-1) + col_terms) & _MASK32)
-    return _attention_uniform(logits, (bits >> 8) < threshold, v)
+    # under torch.compile, _fused_masked runs the project's compiled maths on this drop mask
+    return _fused_masked(q, k, v, (bits >> 8) < threshold, "uniform", q.shape[-1] ** -0.5)
 
 
 def _rand_attention(q, k, v, ratio: float):
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    return _attention_uniform(logits, torch.rand_like(logits) < ratio, v)
+    drop = torch.rand(*q.shape[:-1], k.shape[-2], device=q.device) < ratio
+    return _fused_masked(q, k, v, drop, "uniform", q.shape[-1] ** -0.5)
 
 
 def hash_keys(seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -233,37 +233,26 @@ class BernoulliStream:
         self.last = int(positions[-1])
         self.pending = positions  # only called once every pending position was written
 
-    def _rare_parts(self, count: int) -> list[torch.Tensor]:
-        """Consume the next ``count`` entries; the positions (int64, increasing, relative to the
-        first of them) of their rare entries, as one tensor per refill they span."""
-        if self.cursor + count > self.n:
-            raise ValueError(f"BernoulliStream of {self.n} entries asked for {self.cursor + count}")
-        lo, hi = self.cursor, self.cursor + count
-        self.cursor = hi
-        parts: list[torch.Tensor] = []
-        if self.p > 0.0 and count > 0:
-            while True:
-                if self.pending.numel():
-                    inside = int(torch.searchsorted(self.pending, hi))  # positions are strictly increasing
-                    if inside:
-                        parts.append(self.pending[:inside].sub(lo))
-                        self.pending = self.pending[inside:]
-                if self.last >= hi - 1:  # every rare entry below hi is taken
-                    break
-                self._refill_positions()  # pending is empty here
-        return parts
-
     def fill(self, out: torch.Tensor) -> torch.Tensor:
         """Write the next ``out.numel()`` drop flags into the contiguous 1-D bool ``out``; return it."""
         count = out.numel()
         if self.cursor + count > self.n:
             raise ValueError(f"BernoulliStream of {self.n} entries asked for {self.cursor + count}")
+        lo, hi = self.cursor, self.cursor + count
+        self.cursor = hi
         if self.geometric:
             out.fill_(not self.rare_value)
-            for part in self._rare_parts(count):
-                out.index_fill_(0, part, self.rare_value)
-            return out
-        self.cursor += count
+            if self.p == 0.0 or count == 0:
+                return out
+            while True:
+                if self.pending.numel():
+                    inside = int(torch.searchsorted(self.pending, hi))  # positions are strictly increasing
+                    if inside:
+                        out.index_fill_(0, self.pending[:inside] - lo, self.rare_value)
+                        self.pending = self.pending[inside:]
+                if self.last >= hi - 1:  # every rare entry below hi is written
+                    return out
+                self._refill_positions()  # pending is empty here
         done = 0
         while done < count:
             if self.offset == self.uniform.numel():
