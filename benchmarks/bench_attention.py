@@ -20,7 +20,8 @@ load from other processes hits every method alike):
 
 Methods: ``sdpa_nomask`` (``F.scaled_dot_product_attention(q, k, v)``: the speed of
 light), ``paper`` (``attn + bernoulli(ones_like(attn) * r) * -1e12``, softmax, @ v),
-and ``dropkey_attention`` with each backend (``reference``, ``sdpa``, ``fused``).
+and ``dropkey_attention`` with each CPU backend (``reference``, ``sdpa``, ``fused``, and
+``cpp`` -- the C++ kernel ``auto`` picks -- where it builds).
 
 Results (with machine, versions, commit) go to benchmarks/results/attention_cpu.{md,json}.
 Usage: python benchmarks/bench_attention.py [--quick] [--repeats 7] [--warmup 2] [--ratio 0.1]
@@ -41,14 +42,17 @@ import torch
 import torch.nn.functional as F
 
 from dropkey.functional import dropkey_attention, paper_dropkey_attention
+from dropkey.kernels import cpp_available
 from dropkey.provenance import provenance
 from dropkey.storage import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = ((128, 3, 65, 64), (64, 6, 197, 64), (8, 12, 577, 64), (128, 4, 65, 16))
 QUICK_SHAPES = ((32, 3, 65, 64), (16, 6, 197, 64), (2, 12, 577, 64), (32, 4, 65, 16))
-METHODS = ("sdpa_nomask", "paper", "reference", "sdpa", "fused")
-DROPKEY_METHOD = "fused"  # the backend "auto" picks on CPU
+# "cpp" only where the C++ kernel builds; the target rows are the backend "auto" picks on CPU
+_CPP = cpp_available()
+METHODS = ("sdpa_nomask", "paper", "reference", "sdpa", "fused") + (("cpp",) if _CPP else ())
+DROPKEY_METHOD = "cpp" if _CPP else "fused"
 TARGET_STEP_VS_SDPA = 1.3
 TARGET_SPEEDUP_VS_PAPER_N197 = 2.0
 TARGET_EXTRA_BYTES_PER_LOGIT = 1.0
@@ -228,7 +232,7 @@ def render(cases: list[dict], meta: dict, memory: bool) -> str:
         f"{meta.get('load_average_before')} / {meta.get('load_average_after')}), so medians carry noise; "
         "the minima (in parentheses) approximate an idle machine. Negative 'extra' memory means a lower peak "
         "than SDPA without a mask (its CPU backward allocates more than ours). The dropkey rows of the "
-        "targets are the `fused` backend, which `backend=\"auto\"` picks on CPU.",
+        f"targets are the `{DROPKEY_METHOD}` backend, which `backend=\"auto\"` picks on CPU for float32.",
     ]
     lines += ["", "## Targets", ""]
     for key, value in meta["targets"].items():

@@ -64,24 +64,34 @@ Backends (one function, several paths, all exact and tested against ``reference`
     (seed, slice, query, key) (:mod:`dropkey.kernels.hash_mask`), so this backend
     always uses ``mask="hash"``. CUDA tensors (or the Triton interpreter on CPU, for
     tests); float16, bfloat16, float32. Needs ``pip install "dropkey-lab[triton]"``.
+``cpp``
+    One fused C++ kernel for CPU float32 (:mod:`dropkey.kernels.cpu_kernel`,
+    compiled with the system compiler at first use and cached): per tile of query
+    rows, ``scale * q k^T`` by torch's own BLAS, drop flags from the same hash
+    inline, softmax, ``@ v``; the backward recomputes the tile and its flags. Only
+    the row log-sum-exp is kept (no N x N state, not even a bit per logit). Always
+    ``mask="hash"``. Reads permuted q, k, v (a fused qkv projection) in place.
 ``auto``
-    ``fused`` on CPU; on CUDA ``triton`` when triton is importable, the dtype is
+    On CPU ``cpp`` for float32 when the kernel builds and ``mask`` is not
+    ``"bernoulli"`` (and no :func:`torch.compile` trace is running), else
+    ``fused``; on CUDA ``triton`` when triton is importable, the dtype is
     float16/bfloat16/float32 and ``mask`` is not ``"bernoulli"``; else ``sdpa``
     (where SDPA has fused masked kernels).
 
 ``training=False`` or ``drop_ratio == 0`` returns plain attention computed by
 :func:`plain_attention` with the same backend: bit-identical to
-``F.scaled_dot_product_attention`` for ``sdpa``/``fused``/``auto`` and to the
+``F.scaled_dot_product_attention`` for every backend but ``reference``, and to the
 reference plain path for ``reference``.
 
-Masks (``mask=``). ``"bernoulli"`` (default of every backend but ``triton``):
+Masks (``mask=``). ``"bernoulli"`` (default of every backend but ``triton`` and ``cpp``):
 :func:`dropkey.masks.bernoulli_drop_mask`; every such backend draws the same mask
 from the same generator state, so ``generator=seed`` makes them agree (up to float
-rounding). ``"hash"`` (the ``triton`` backend's, and the default when ``auto``
-picks it): :func:`dropkey.kernels.hash_drop_mask` of one seed drawn by
-:func:`dropkey.kernels.hash_seed` from ``generator`` (one ``torch.randint``); the
-``reference``, ``sdpa`` and ``fused`` backends materialise that same mask, so
-``mask="hash"`` makes every backend, ``triton`` included, agree. ``mask=None``
+rounding). ``"hash"`` (the ``triton`` and ``cpp`` backends', and the default when
+``auto`` picks one of them): :func:`dropkey.kernels.hash_drop_mask` of one seed
+drawn by :func:`dropkey.kernels.hash_seed` from ``generator`` (one
+``torch.randint``); the ``reference``, ``sdpa`` and ``fused`` backends materialise
+that same mask, so ``mask="hash"`` makes every backend, ``triton`` and ``cpp``
+included, agree. ``mask=None``
 picks the resolved backend's own; see :func:`resolve_backend`.
 """
 
@@ -122,10 +132,12 @@ __all__ = [
 ]
 
 ALL_DROPPED_CONVENTIONS = ("zero", "uniform", "undropped")
-BACKENDS = ("auto", "reference", "sdpa", "fused", "triton")
+BACKENDS = ("auto", "reference", "sdpa", "fused", "triton", "cpp")
 MASKS = ("bernoulli", "hash")
-# Backends that take a given mask (attention_from_keep_mask): all but triton, which hashes its own.
+# Backends that take a given mask (attention_from_keep_mask): all but the two kernels,
+# which compute their own hash mask.
 _MASK_BACKENDS = ("auto", "reference", "sdpa", "fused")
+_HASH_BACKENDS = ("triton", "cpp")
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -217,26 +229,34 @@ def resolve_backend(
 ) -> tuple[str, str]:
     """(backend, mask) that :func:`dropkey_attention` uses for inputs on ``device`` of ``dtype``.
 
-    ``auto`` becomes ``fused`` on CPU; on CUDA ``triton`` when triton is importable,
-    ``dtype`` is None or one the kernel supports (float16, bfloat16, float32) and
-    ``mask`` is not ``"bernoulli"``; else ``sdpa``. ``mask=None`` becomes ``"hash"``
-    for ``triton`` and ``"bernoulli"`` otherwise. ``backend="triton"`` with
-    ``mask="bernoulli"`` raises ValueError (the kernel only hashes).
+    ``auto`` becomes, unless ``mask="bernoulli"`` and for ``dtype`` None or one the
+    kernel supports: on CPU ``cpp`` (float32) when the C++ kernel builds and loads
+    and no :func:`torch.compile` trace is running; on CUDA ``triton`` (float16,
+    bfloat16, float32) when triton is importable. Otherwise ``auto`` is ``fused``
+    on CPU and ``sdpa`` elsewhere. ``mask=None`` becomes ``"hash"`` for ``triton``
+    and ``cpp`` and ``"bernoulli"`` otherwise. ``backend="triton"`` or ``"cpp"``
+    with ``mask="bernoulli"`` raises ValueError (those kernels only hash).
     """
     name = _check_backend(backend)
     kind = _check_mask(mask)
     dev = torch.device(device)
     if name == "auto":
         name = _resolve_backend(name, dev)
-        if dev.type == "cuda" and kind != "bernoulli" and dtype in (None, torch.float16, torch.bfloat16, torch.float32):
-            from dropkey.kernels import triton_available
+        if kind != "bernoulli":
+            if dev.type == "cuda" and dtype in (None, torch.float16, torch.bfloat16, torch.float32):
+                from dropkey.kernels import triton_available
 
-            if triton_available():
-                name = "triton"
+                if triton_available():
+                    name = "triton"
+            elif dev.type == "cpu" and dtype in (None, torch.float32) and not torch.compiler.is_compiling():
+                from dropkey.kernels import cpp_available
+
+                if cpp_available():
+                    name = "cpp"
     if kind is None:
-        kind = "hash" if name == "triton" else "bernoulli"
-    if name == "triton" and kind != "hash":
-        raise ValueError("mask must be 'hash' (or None) with backend='triton': the kernel computes a hash mask")
+        kind = "hash" if name in _HASH_BACKENDS else "bernoulli"
+    if name in _HASH_BACKENDS and kind != "hash":
+        raise ValueError(f"mask must be 'hash' (or None) with backend={name!r}: the kernel computes a hash mask")
     return name, kind
 
 
@@ -996,6 +1016,10 @@ def dropkey_attention(
             from dropkey.kernels import triton_attention
 
             return triton_attention(q, k, v, r, seed=seed, all_dropped=convention, scale=scale_value)
+        if resolved == "cpp":
+            from dropkey.kernels import cpp_attention
+
+            return cpp_attention(q, k, v, r, seed=seed, all_dropped=convention, scale=scale_value)
         drop = hash_drop_mask(seed, shape, r, device=q.device)
         return _dispatch(resolved, q, k, v, drop, convention, scale_value, owned=True)
     gen = resolve_generator(generator, q.device)

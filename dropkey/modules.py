@@ -21,7 +21,8 @@ All-dropped rows follow ``all_dropped`` (THEORY-NOTES section 1).
 Two paths compute the same thing:
 
 - fast (fused): the :mod:`dropkey.functional` kernels; weights are never materialised
-  (``backend="auto"`` on CUDA with triton: the Triton kernel and its hash mask);
+  (``backend="auto"``, DropKey: on CPU float32 the C++ kernel, on CUDA with triton the
+  Triton kernel, both with their hash mask; the Block/Cross masks take ``fused``/``sdpa``);
 - reference: logits = (q * scale) @ k^T -> keep mask -> masked softmax (or post-softmax
   dropout) -> optional Re-attention mixing -> maps @ v, with every intermediate exposed.
 
@@ -335,8 +336,8 @@ class DropKeyAttention(nn.Module):
         Independent (dropkey, dropout): (..., N, N); dropattention: (..., 1, N);
         block/cross: as :mod:`dropkey.masks` returns them (broadcastable to ``shape``).
         For ``dropkey`` the mask is the one the fast path uses for inputs of ``dtype``
-        on ``device``: the hash mask where that path resolves to the ``triton``
-        backend (:func:`dropkey.functional.resolve_backend`), else Bernoulli.
+        on ``device``: the hash mask where that path resolves to the ``triton`` or
+        ``cpp`` backend (:func:`dropkey.functional.resolve_backend`), else Bernoulli.
         """
         device = torch.device("cpu") if device is None else torch.device(device)
         r, gen = self.drop_ratio, self._generator_for(device)
@@ -439,8 +440,10 @@ class DropKeyAttention(nn.Module):
                 q, k, v, self.drop_ratio, training=True, generator=self._generator_for(q.device), scale=self.scale
             )
         keep = self.keep_mask(tuple(q.shape[:-1]) + (k.shape[-2],), device=q.device)
+        # the triton and cpp kernels only hash their own mask: a given mask takes auto's path
+        backend = self.backend if self.backend not in ("triton", "cpp") else "auto"
         return functional.attention_from_keep_mask(
-            q, k, v, keep, all_dropped=self.all_dropped, scale=self.scale, backend=self.backend
+            q, k, v, keep, all_dropped=self.all_dropped, scale=self.scale, backend=backend
         )
 
     def _reference_attention(

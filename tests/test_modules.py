@@ -619,7 +619,7 @@ def test_structured_enumeration_test_has_power(case):
 
 @pytest.mark.parametrize("form", ["conv_bn", "layernorm"])
 def test_reattention_mixes_after_the_masked_softmax(form):
-    module = _module("dropkey", drop_ratio=0.4, reattention=form, all_dropped="zero").train()
+    module = _module("dropkey", drop_ratio=0.4, reattention=form, all_dropped="zero", backend="fused").train()
     x = _tokens()
     module.set_generator(3)
     out, maps = module(x, return_weights=True)

@@ -38,3 +38,13 @@ def test_every_package_on_disk_is_declared():
     }
     assert set(TOP_LEVEL) <= declared
     assert on_disk == declared, f"declare these in pyproject.toml: {sorted(on_disk - declared)}"
+
+
+@pytest.mark.skipif(toml_reader is None, reason="reading pyproject.toml needs tomllib or tomli")
+def test_the_cpu_kernel_source_ships_as_package_data():
+    """dropkey/kernels/dropkey_cpu.cpp is compiled at first use, so a wheel must contain it."""
+    from fnmatch import fnmatch
+
+    patterns = toml_reader.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["dropkey.kernels"]
+    assert any(fnmatch("dropkey_cpu.cpp", pattern) for pattern in patterns)
+    assert (ROOT / "dropkey" / "kernels" / "dropkey_cpu.cpp").is_file()

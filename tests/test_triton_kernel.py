@@ -206,7 +206,16 @@ def test_every_mask_backend_takes_the_hash_mask(backend):
 
 
 def test_resolve_backend(monkeypatch):
-    """auto: fused on CPU; on CUDA triton (hash) when triton imports and the dtype fits, else sdpa (bernoulli)."""
+    """auto: on CPU cpp (hash) for float32 when the C++ kernel loads, else fused; on CUDA triton (hash) when
+    triton imports and the dtype fits, else sdpa (bernoulli)."""
+    monkeypatch.setattr(kernels, "cpp_available", lambda: True)
+    assert fn.resolve_backend("auto", "cpu", torch.float32) == ("cpp", "hash")
+    assert fn.resolve_backend("auto", "cpu", None) == ("cpp", "hash")
+    assert fn.resolve_backend("auto", "cpu", torch.float32, "bernoulli") == ("fused", "bernoulli")
+    assert fn.resolve_backend("auto", "cpu", torch.bfloat16) == ("fused", "bernoulli")
+    assert fn.resolve_backend("auto", "cpu", torch.float64, "hash") == ("fused", "hash")
+    assert fn.resolve_backend("cpp", "cpu") == ("cpp", "hash")
+    monkeypatch.setattr(kernels, "cpp_available", lambda: False)
     assert fn.resolve_backend("auto", "cpu", torch.float32) == ("fused", "bernoulli")
     assert fn.resolve_backend("auto", "cpu", torch.float32, "hash") == ("fused", "hash")
     assert fn.resolve_backend("triton", "cpu") == ("triton", "hash")
@@ -226,6 +235,8 @@ def test_invalid_arguments_raise_value_errors():
         fn.dropkey_attention(q, k, v, 0.1, mask="philox")
     with pytest.raises(ValueError, match="mask must be 'hash'"):
         fn.dropkey_attention(q, k, v, 0.1, backend="triton", mask="bernoulli")
+    with pytest.raises(ValueError, match="mask must be 'hash'"):
+        fn.dropkey_attention(q, k, v, 0.1, backend="cpp", mask="bernoulli")
     with pytest.raises(ValueError, match="backend must be one of"):
         fn.attention_from_keep_mask(q, k, v, torch.ones(4, 4, dtype=torch.bool), backend="triton")
     for seed in (-1, 2**64, 1.5, True, "7"):

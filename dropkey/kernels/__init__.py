@@ -1,4 +1,4 @@
-"""Fused DropKey kernels: a Triton FlashAttention-2 kernel and its counter-based hash mask.
+"""Fused DropKey kernels: a Triton FlashAttention-2 kernel, a C++ CPU kernel and their hash mask.
 
 Fused Triton backend (``backend="triton"``)
 --------------------------------------------
@@ -25,9 +25,22 @@ everything else works and ``backend="triton"`` raises
 :class:`TritonUnavailableError`. Under ``torch.compile`` the kernel call is a
 graph break.
 
+Fused C++ CPU backend (``backend="cpp"``)
+------------------------------------------
+``dropkey_attention(q, k, v, r, backend="cpp")`` runs DropKey in one C++ kernel on
+CPU float32 tensors (:mod:`dropkey.kernels.cpu_kernel`, source
+``dropkey_cpu.cpp``): tiles of query rows through torch's own BLAS, the same hash
+mask drawn inline and recomputed in the backward, only the row log-sum-exp kept.
+It is compiled with the system C++ compiler at first use (about a second) and
+cached; on CPU, ``backend="auto"`` picks it for float32 whenever it builds and
+falls back to the ``fused`` backend (Bernoulli mask) otherwise. Like ``triton``
+it always uses ``mask="hash"``, so ``backend="reference", mask="hash"`` is its
+exact specification.
+
 Public names: :func:`hash_drop_mask`, :func:`hash_seed`, :func:`hash_threshold`,
 :data:`HASH_BITS` (pure torch, always importable), :func:`triton_available`,
-:func:`triton_attention` and :class:`TritonUnavailableError`. The kernels
+:func:`triton_attention` and :class:`TritonUnavailableError`; :func:`cpp_available`,
+:func:`cpp_attention` and :class:`CppKernelUnavailableError`. The kernels
 themselves live in :mod:`dropkey.kernels.triton_dropkey` (imported only when
 used; importing it requires triton).
 """
@@ -37,14 +50,18 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Optional
 
+from dropkey.kernels.cpu_kernel import CppKernelUnavailableError, cpp_attention, cpp_available
 from dropkey.kernels.hash_mask import HASH_BITS, hash_drop_mask, hash_seed, hash_threshold
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "CppKernelUnavailableError",
     "HASH_BITS",
     "TritonUnavailableError",
+    "cpp_attention",
+    "cpp_available",
     "hash_drop_mask",
     "hash_seed",
     "hash_threshold",

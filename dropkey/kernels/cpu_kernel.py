@@ -1,0 +1,338 @@
+"""The ``cpp`` backend: DropKey attention fused in one C++ CPU kernel (float32).
+
+The kernel (``dropkey_cpu.cpp`` beside this file) computes attention one tile of
+query rows at a time with torch's own BLAS (``sgemm_`` from libtorch_cpu), draws
+each tile's drop flags inline from the counter-based hash of
+:mod:`dropkey.kernels.hash_mask` (bit for bit the mask of
+``hash_drop_mask(seed, ...)``, so the ``reference`` backend with ``mask="hash"``
+is its exact specification), and recomputes the flags in the backward. It keeps
+no N x N state: only the log-sum-exp, one float per query row.
+
+Build. The source is compiled at first use with the system C++ compiler
+(``$CXX``, else ``c++``/``g++``/``clang++``) as ``-O3 -march=native -fopenmp``
+and cached under ``$DROPKEY_LAB_KERNEL_CACHE`` (default
+``~/.cache/dropkey-lab/kernels``), keyed by the source, the flags, the compiler,
+torch and the CPU's feature flags (``-march=native`` code must not run on another
+CPU). The library is written to a temporary file and renamed into place, so
+concurrent builds (e.g. DDP ranks) are safe; a cached library that fails to load is
+rebuilt. Set ``DROPKEY_LAB_CPP=0`` to disable the kernel. When it cannot be
+built (no compiler, no OpenMP, a torch without ``sgemm_``) :func:`cpp_available`
+is False, the reason is logged once and kept in :func:`cpp_unavailable_reason`,
+``backend="auto"`` falls back to ``fused`` and ``backend="cpp"`` raises
+:class:`CppKernelUnavailableError`.
+
+Scope: CPU float32 tensors with head dims >= 1 (other dtypes: the ``fused``
+backend). Any strides are read in place as long as the feature dim has unit
+stride. Threads: ``torch.get_num_threads()``; the forward splits work over
+(batch x head, query tile) pairs, the backward over batch x head slices only, so
+the backward of a single slice runs on one thread. Results are bit-identical
+whatever the thread count. Under :func:`torch.compile` this backend is an opaque
+call (a graph break); ``auto`` uses the ``fused`` backend's traceable path there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dropkey.kernels.hash_mask import _check_seed, hash_threshold
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONVENTION_CODES",
+    "CppKernelUnavailableError",
+    "SOURCE",
+    "cpp_attention",
+    "cpp_available",
+    "cpp_unavailable_reason",
+    "kernel_library_path",
+]
+
+SOURCE = Path(__file__).with_name("dropkey_cpu.cpp")
+CONVENTION_CODES = {"zero": 0, "uniform": 1, "undropped": 2}
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+_DISABLE_ENV = "DROPKEY_LAB_CPP"
+_CACHE_ENV = "DROPKEY_LAB_KERNEL_CACHE"
+
+
+class CppKernelUnavailableError(RuntimeError):
+    """``backend="cpp"`` was asked for but the C++ kernel could not be built or loaded."""
+
+
+class _Strides(ctypes.Structure):
+    _fields_ = [("b", ctypes.c_int64), ("h", ctypes.c_int64), ("n", ctypes.c_int64)]
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [
+        ("batch", ctypes.c_int64),
+        ("heads", ctypes.c_int64),
+        ("nq", ctypes.c_int),
+        ("nk", ctypes.c_int),
+        ("d", ctypes.c_int),
+        ("dv", ctypes.c_int),
+    ]
+
+
+# --------------------------------------------------------------------------- build and load
+
+
+def _torch_lib_dir() -> Path:
+    return Path(torch.__file__).parent / "lib"
+
+
+def _compiler() -> Optional[str]:
+    for name in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++")):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags (Linux) or the platform string: what -march=native depends on."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.platform() + platform.processor()
+    lines = [line for line in text.splitlines() if line.startswith(("flags", "model name", "Features", "CPU part"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _compiler_version(compiler: str) -> str:
+    try:
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"unknown ({error})"
+    return done.stdout.strip()
+
+
+def _cache_root() -> Path:
+    configured = os.environ.get(_CACHE_ENV)
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dropkey-lab" / "kernels"
+
+
+def kernel_library_path(compiler: Optional[str] = None) -> Path:
+    """Where the compiled kernel for this source, compiler, torch and CPU lives (built or not)."""
+    compiler = compiler or _compiler() or "none"
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(_FLAGS).encode(), _compiler_version(compiler).encode(),
+                 torch.__version__.encode(), str(_torch_lib_dir()).encode(), _cpu_identity().encode(),
+                 sys.platform.encode()):
+        key.update(part)
+        key.update(b"\0")
+    return _cache_root() / key.hexdigest()[:24] / "dropkey_cpu.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile SOURCE into ``target`` (atomically); raises CppKernelUnavailableError with the compiler's output."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lib = _torch_lib_dir()
+    handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(handle)
+    command = [compiler, *_FLAGS, str(SOURCE), "-o", temporary, f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+    logger.info("compiling the DropKey CPU kernel: %s", " ".join(command))
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise CppKernelUnavailableError(
+                f"compiling {SOURCE.name} failed ({' '.join(command)}):\n{(done.stdout + done.stderr)[-4000:]}"
+            )
+        os.replace(temporary, target)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise CppKernelUnavailableError(f"compiling {SOURCE.name} with {compiler} failed: {error}") from error
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
+    pointer, strides, shape = ctypes.c_void_p, _Strides, _Shape
+    scalars = [ctypes.c_float, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_int, ctypes.c_int]
+    library.dropkey_cpu_forward.argtypes = [pointer, strides] * 4 + [pointer, shape] + scalars
+    library.dropkey_cpu_forward.restype = ctypes.c_int
+    library.dropkey_cpu_backward.argtypes = (
+        [pointer, strides] * 4 + [pointer] + [pointer, strides] * 4 + [shape] + scalars
+    )
+    library.dropkey_cpu_backward.restype = ctypes.c_int
+    return library
+
+
+@functools.lru_cache(maxsize=1)
+def _load() -> tuple[Optional[ctypes.CDLL], str]:
+    """(library, "") or (None, why not). Builds on a cache miss; rebuilds a cached library that fails to load."""
+    if os.environ.get(_DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"disabled by {_DISABLE_ENV}={os.environ[_DISABLE_ENV]}"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C++ compiler found (set CXX, or install g++ or clang++)"
+    try:
+        target = kernel_library_path(compiler)
+        for attempt in range(2):
+            if not target.exists():
+                _build(compiler, target)
+            try:
+                return _bind(ctypes.CDLL(str(target))), ""
+            except (OSError, AttributeError) as error:
+                if attempt:
+                    raise CppKernelUnavailableError(f"loading {target} failed: {error}") from error
+                logger.warning("cached DropKey CPU kernel %s does not load (%s); rebuilding", target, error)
+                target.unlink(missing_ok=True)
+    except (CppKernelUnavailableError, OSError) as error:
+        logger.warning("the DropKey C++ CPU kernel is unavailable (backend='auto' uses 'fused'): %s", error)
+        return None, str(error)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def cpp_available() -> bool:
+    """True when the C++ kernel is built (or cached) and loads; the first call may compile it (about 2 s)."""
+    return _load()[0] is not None
+
+
+def cpp_unavailable_reason() -> str:
+    """Why :func:`cpp_available` is False ("" when it is True)."""
+    return _load()[1]
+
+
+def _library() -> ctypes.CDLL:
+    library, reason = _load()
+    if library is None:
+        raise CppKernelUnavailableError(f"backend='cpp' needs the C++ CPU kernel, which is unavailable: {reason}")
+    return library
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, H, N, d) if BLAS can read its rows in place (unit feature stride, row stride >= d), else a copy."""
+    if t.stride(-1) == 1 and (t.shape[-2] <= 1 or t.stride(-2) >= t.shape[-1]):
+        return t
+    return t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> _Strides:
+    # a row stride of a single-row tensor is arbitrary; BLAS wants it >= d
+    return _Strides(t.stride(0), t.stride(1), max(t.stride(2), t.shape[-1]))
+
+
+def _like_flash(batch: int, heads: int, n: int, d: int) -> torch.Tensor:
+    """(batch, heads, n, d) in (batch, n, heads, d) memory: what a fused qkv's backward wants."""
+    return torch.empty(batch, n, heads, d, dtype=torch.float32).transpose(1, 2)
+
+
+class _CppDropKey(torch.autograd.Function):
+    """Forward and backward of the kernel on (B, H, N, d) float32 CPU tensors."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        seed: int,
+        threshold: int,
+        scale: float,
+        convention: int,
+    ) -> torch.Tensor:
+        q, k, v = _readable(q), _readable(k), _readable(v)
+        batch, heads, nq, d = q.shape
+        nk, dv = k.shape[-2], v.shape[-1]
+        # returned as (batch, Nq, heads, dv), not as a view of it: callers may then modify
+        # the (differentiable) transpose in place
+        out_bnhd = torch.empty(batch, nq, heads, dv, dtype=torch.float32)
+        out = out_bnhd.transpose(1, 2)
+        lse = torch.empty(batch, heads, nq, dtype=torch.float32)
+        shape = _Shape(batch, heads, nq, nk, d, dv)
+        status = _library().dropkey_cpu_forward(
+            q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(), _strides(out),
+            lse.data_ptr(), shape, scale, seed, threshold, convention, torch.get_num_threads(),
+        )
+        if status != 0:  # the Python side validates first: this is a bug, not bad input
+            raise RuntimeError(f"dropkey_cpu_forward rejected its arguments (shape {tuple(q.shape)}, {tuple(k.shape)})")
+        ctx.save_for_backward(q, k, v, out_bnhd, lse)
+        ctx.args = (seed, threshold, scale, convention)  # type: ignore[attr-defined]
+        return out_bnhd
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):  # type: ignore[override]
+        q, k, v, out_bnhd, lse = ctx.saved_tensors
+        seed, threshold, scale, convention = ctx.args  # type: ignore[attr-defined]
+        out = out_bnhd.transpose(1, 2)
+        grad = _readable(grad.transpose(1, 2))
+        batch, heads, nq, d = q.shape
+        nk, dv = k.shape[-2], v.shape[-1]
+        grad_q, grad_k, grad_v = _like_flash(batch, heads, nq, d), _like_flash(batch, heads, nk, d), _like_flash(batch, heads, nk, dv)
+        shape = _Shape(batch, heads, nq, nk, d, dv)
+        status = _library().dropkey_cpu_backward(
+            q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(), _strides(out),
+            lse.data_ptr(), grad.data_ptr(), _strides(grad), grad_q.data_ptr(), _strides(grad_q),
+            grad_k.data_ptr(), _strides(grad_k), grad_v.data_ptr(), _strides(grad_v),
+            shape, scale, seed, threshold, convention, torch.get_num_threads(),
+        )
+        if status != 0:
+            raise RuntimeError(f"dropkey_cpu_backward rejected its arguments (shape {tuple(q.shape)}, {tuple(k.shape)})")
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def cpp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    drop_ratio: float,
+    *,
+    seed: int,
+    all_dropped: str = "uniform",
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """DropKey attention by the C++ CPU kernel with the hash mask of ``seed``: (..., Nq, dv).
+
+    q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv): float32 CPU tensors with
+    the same leading dims. Equals the ``reference`` backend on
+    ``hash_drop_mask(seed, (..., Nq, Nk), drop_ratio)``, values and gradients.
+    Prefer ``dropkey_attention(..., backend="cpp")``, which validates q, k, v
+    and draws ``seed`` from a generator. Raises :class:`CppKernelUnavailableError`
+    when the kernel cannot be built.
+    """
+    if all_dropped not in CONVENTION_CODES:
+        raise ValueError(f"all_dropped must be one of {tuple(CONVENTION_CODES)}, got {all_dropped!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            raise ValueError(
+                f"backend='cpp' runs on CPU float32 tensors; {name} is {t.dtype} on {t.device} "
+                "(use backend='fused' for other dtypes, 'triton' or 'sdpa' on CUDA)"
+            )
+    seed = _check_seed(seed)
+    threshold = hash_threshold(drop_ratio)
+    scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    lead, nq, nk = tuple(q.shape[:-2]), q.shape[-2], k.shape[-2]
+    if min(q.numel(), k.numel(), v.numel()) == 0:
+        # degenerate sizes (no query, no feature): the specification computes them exactly
+        from dropkey.functional import attention_from_keep_mask
+        from dropkey.kernels.hash_mask import hash_drop_mask
+
+        keep = hash_drop_mask(seed, (*lead, nq, nk), drop_ratio).logical_not_()
+        return attention_from_keep_mask(q, k, v, keep, all_dropped=all_dropped, scale=scale_value, backend="reference")
+    _library()  # raise CppKernelUnavailableError before autograd records anything
+    from dropkey.functional import _as_4d
+
+    out = _CppDropKey.apply(_as_4d(q, lead), _as_4d(k, lead), _as_4d(v, lead), seed, threshold, scale_value,
+                            CONVENTION_CODES[all_dropped])  # (batch, Nq, heads, dv)
+    return out.transpose(1, 2).reshape(*lead, nq, v.shape[-1])
