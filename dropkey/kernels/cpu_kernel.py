@@ -10,7 +10,7 @@ no N x N state: only the log-sum-exp, one float per query row.
 
 Build. The source is compiled at first use with the system C++ compiler
 (``$CXX``, else ``c++``/``g++``/``clang++``) as ``-O3 -march=native -fopenmp``
-and cached under ``$DROPKEY_LAB_KERNEL_CACHE`` (default
+(``-mcpu=native`` off x86; 512-bit vectors where the x86 CPU has them) and cached under ``$DROPKEY_LAB_KERNEL_CACHE`` (default
 ``~/.cache/dropkey-lab/kernels``), keyed by the source, the flags, the compiler,
 torch and the CPU's feature flags (``-march=native`` code must not run on another
 CPU). The library is written to a temporary file and renamed into place, so
@@ -64,7 +64,13 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("dropkey_cpu.cpp")
 CONVENTION_CODES = {"zero": 0, "uniform": 1, "undropped": 2}
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+# -march/-mcpu=native: the cache key includes the CPU. On x86, 512-bit vectors where the CPU has
+# them (GCC and clang otherwise prefer 256 bits): the hash, exp and reductions run 16 lanes wide.
+_FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++17") + (
+    ("-march=native", "-mprefer-vector-width=512")
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    else ("-mcpu=native",)
+)
 _DISABLE_ENV = "DROPKEY_LAB_CPP"
 _CACHE_ENV = "DROPKEY_LAB_KERNEL_CACHE"
 

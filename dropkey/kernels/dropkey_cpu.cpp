@@ -10,11 +10,11 @@
 // Per (batch, head) slice s = b * H + h and block of `rows` queries (one L2-sized tile of
 // rows x Nk logits, never the whole N x N):
 //   forward   S = scale * Q K^T (sgemm); per row: drop flags from the counter-based hash (see
-//             dropkey/kernels/hash_mask.py, bit for bit), row max over kept logits,
-//             P = keep * exp(S - max) / sum, lse = max + log(sum); O = P V (sgemm).
-//   backward  recompute S and the flags; P = keep * exp(S - lse); dP = dO V^T (sgemm);
-//             dS = P * (dP - rowsum(dO * O)); dV += P^T dO, dQ = scale dS K,
-//             dK += scale dS^T Q (sgemm).
+//             dropkey/kernels/hash_mask.py, bit for bit) and the row max over kept logits in
+//             one pass, E = keep * exp(S - max), lse = max + log(sum E); O = (E V) / sum E.
+//   backward  recompute S (sgemm) and, in one pass per row, the flags, P = keep * exp(S - lse)
+//             and dS = P * (dP - rowsum(dO * O)) with dP = dO V^T (sgemm); then dV += P^T dO,
+//             dQ = scale dS K, dK += scale dS^T Q (sgemm).
 // Nothing N x N is stored between forward and backward: the mask is a pure function of
 // (seed, s, query, key) and is recomputed.
 //
@@ -68,19 +68,6 @@ inline uint32_t slice_key(uint64_t seed, uint32_t s) {
 }
 
 inline uint32_t row_key(uint32_t slice, uint32_t i) { return fmix32(slice ^ (i * 0x85EBCA77u)); }
-
-// keep[j] = 1 if logit (row, j) is kept else 0; returns how many are kept.
-inline int keep_flags(uint32_t row, int nk, uint32_t threshold, float* keep) {
-  int kept = 0;
-#pragma omp simd reduction(+ : kept)
-  for (int j = 0; j < nk; ++j) {
-    const uint32_t bits = fmix32(row + (uint32_t)j * 0xC2B2AE3Du);
-    const int k = (bits >> 8) >= threshold;
-    keep[j] = (float)k;
-    kept += k;
-  }
-  return kept;
-}
 
 // ---- exp for x <= 0 ----------------------------------------------------------------------
 // Cody-Waite reduction x = n ln2 + t, |t| <= ln2 / 2, then a degree-6 polynomial for e^t
@@ -141,21 +128,34 @@ struct SequentialBlas {
   }
 };
 
-// Turns the tile's logits row (p, in place) into attention weights; returns the row's lse
-// (0 for an all-dropped row under "zero"/"uniform", whose weights are 0 or 1/Nk).
-inline float softmax_row(float* p, float* keep, int nk, int kept, int conv) {
+// Forward, one row of the tile: drop flags (into keep) and, in the same pass, the row
+// maximum over the kept logits; then p = keep * exp(p - max), left unnormalised (the output
+// row is divided by the sum after the P V product, which touches dv values instead of Nk).
+// Returns the row's log-sum-exp and sets *inverse to the factor for its output row. An
+// all-dropped row gets weights 0 ("zero") or 1/Nk ("uniform"), factor 1 and lse 0, or the
+// plain softmax of the row ("undropped").
+inline float softmax_row(float* p, float* keep, uint32_t row, int nk, uint32_t threshold, int conv,
+                         float* inverse) {
+  int kept = 0;
+  float m = -INFINITY;
+#pragma omp simd reduction(+ : kept) reduction(max : m)
+  for (int j = 0; j < nk; ++j) {
+    const uint32_t bits = fmix32(row + (uint32_t)j * 0xC2B2AE3Du);
+    const int k = (bits >> 8) >= threshold;
+    keep[j] = (float)k;
+    kept += k;
+    const float x = k ? p[j] : -INFINITY;
+    m = x > m ? x : m;
+  }
+  *inverse = 1.0f;
   if (kept == 0) {
     if (conv != 2) {
       std::fill(p, p + nk, conv == 0 ? 0.0f : 1.0f / (float)nk);
       return 0.0f;
     }
     std::fill(keep, keep + nk, 1.0f);
-  }
-  float m = -INFINITY;
 #pragma omp simd reduction(max : m)
-  for (int j = 0; j < nk; ++j) {
-    const float x = keep[j] != 0.0f ? p[j] : -INFINITY;
-    m = x > m ? x : m;
+    for (int j = 0; j < nk; ++j) m = p[j] > m ? p[j] : m;
   }
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -164,9 +164,7 @@ inline float softmax_row(float* p, float* keep, int nk, int kept, int conv) {
     p[j] = e;
     sum += e;
   }
-  const float inverse = 1.0f / sum;
-#pragma omp simd
-  for (int j = 0; j < nk; ++j) p[j] *= inverse;
+  *inverse = 1.0f / sum;
   return m + std::log(sum);
 }
 
@@ -186,7 +184,7 @@ int dropkey_cpu_forward(const float* q, Strides sq, const float* k, Strides sk, 
 #pragma omp parallel num_threads(threads)
   {
     SequentialBlas sequential;
-    std::vector<float> tile((size_t)rows_per_block * nk), keep(nk);
+    std::vector<float> tile((size_t)rows_per_block * nk), keep(nk), inverse(rows_per_block);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < slices * blocks; ++task) {
       const int64_t s = task / blocks;
@@ -201,10 +199,15 @@ int dropkey_cpu_forward(const float* q, Strides sq, const float* k, Strides sk, 
       gemm('T', 'N', nk, rows, d, scale, ks, sk.n, qs, sq.n, 0.0f, tile.data(), nk);  // S = scale Q K^T
       for (int r = 0; r < rows; ++r) {
         float* p = tile.data() + (int64_t)r * nk;
-        const int kept = keep_flags(row_key(slice, (uint32_t)(i0 + r)), nk, threshold, keep.data());
-        ls[r] = softmax_row(p, keep.data(), nk, kept, conv);
+        ls[r] = softmax_row(p, keep.data(), row_key(slice, (uint32_t)(i0 + r)), nk, threshold, conv, &inverse[r]);
       }
-      gemm('N', 'N', dv, rows, nk, 1.0f, vs, sv.n, tile.data(), nk, 0.0f, os, so.n);  // O = P V
+      gemm('N', 'N', dv, rows, nk, 1.0f, vs, sv.n, tile.data(), nk, 0.0f, os, so.n);  // O = exp(S - max) V
+      for (int r = 0; r < rows; ++r) {  // ... / sum
+        float* o = os + r * so.n;
+        const float factor = inverse[r];
+#pragma omp simd
+        for (int c = 0; c < dv; ++c) o[c] *= factor;
+      }
     }
   }
   return 0;
@@ -221,7 +224,7 @@ int dropkey_cpu_backward(const float* q, Strides sq, const float* k, Strides sk,
 #pragma omp parallel num_threads(threads)
   {
     SequentialBlas sequential;
-    std::vector<float> weights((size_t)rows_per_block * nk), dlogits((size_t)rows_per_block * nk), keep(nk);
+    std::vector<float> weights((size_t)rows_per_block * nk), dlogits((size_t)rows_per_block * nk);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < slices; ++s) {
       const float* qs = at(q, sq, s, heads);
@@ -245,27 +248,42 @@ int dropkey_cpu_backward(const float* q, Strides sq, const float* k, Strides sk,
           const int i = i0 + r;
           float* p = weights.data() + (int64_t)r * nk;
           float* dp = dlogits.data() + (int64_t)r * nk;
-          float* kf = keep.data();
-          const int kept = keep_flags(row_key(slice, (uint32_t)i), nk, threshold, kf);
-          if (kept == 0) {
-            if (conv != 2) {  // weights 0 or 1/Nk, independent of the logits: dS = 0
-              std::fill(p, p + nk, conv == 0 ? 0.0f : 1.0f / (float)nk);
-              std::fill(dp, dp + nk, 0.0f);
-              continue;
-            }
-            std::fill(kf, kf + nk, 1.0f);
-          }
           const float* o = os + i * so.n;
           const float* g = gs + i * sg.n;
           float delta = 0.0f;
 #pragma omp simd reduction(+ : delta)
           for (int c = 0; c < dv; ++c) delta += o[c] * g[c];
           const float l = ls[i];
-#pragma omp simd
+          const uint32_t row = row_key(slice, (uint32_t)i);
+          // flags, weights P = keep * exp(S - lse) and dS = P (dP - delta), in one pass
+          int kept = 0;
+#pragma omp simd reduction(+ : kept)
           for (int j = 0; j < nk; ++j) {
-            const float e = exp_nonpositive(kf[j] != 0.0f ? p[j] - l : 0.0f) * kf[j];
+            const uint32_t bits = fmix32(row + (uint32_t)j * 0xC2B2AE3Du);
+            const int k = (bits >> 8) >= threshold;
+            kept += k;
+            const float e = exp_nonpositive(k ? p[j] - l : 0.0f) * (float)k;
             p[j] = e;
             dp[j] = e * (dp[j] - delta);
+          }
+          if (kept > 0) continue;
+          if (conv != 2) {  // weights 0 or 1/Nk, independent of the logits: dS = 0
+            std::fill(p, p + nk, conv == 0 ? 0.0f : 1.0f / (float)nk);
+            std::fill(dp, dp + nk, 0.0f);
+            continue;
+          }
+          // "undropped": the plain softmax of the row (rare: probability r^Nk). Its logits and dP
+          // were overwritten above, so they are recomputed here by dot products.
+          const float* qi = qs + i * sq.n;
+          for (int j = 0; j < nk; ++j) {
+            const float* kj = ks + j * sk.n;
+            const float* vj = vs + j * sv.n;
+            float logit = 0.0f, dpj = 0.0f;
+            for (int c = 0; c < d; ++c) logit += qi[c] * kj[c];
+            for (int c = 0; c < dv; ++c) dpj += g[c] * vj[c];
+            const float e = exp_nonpositive(scale * logit - l);
+            p[j] = e;
+            dp[j] = e * (dpj - delta);
           }
         }
         gemm('N', 'T', dv, nk, rows, 1.0f, gb, sg.n, weights.data(), nk, accumulate, gvs, sgv.n);   // dV += P^T dO
