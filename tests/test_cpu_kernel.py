@@ -307,3 +307,17 @@ def test_module_default_backend_uses_the_kernel_and_its_paths_agree():
     assert fn.resolve_backend("auto", "cpu", torch.float32) == ("cpp", "hash")
     for got, want in zip(torch.autograd.grad(fast.sum(), x), torch.autograd.grad(reference.sum(), x)):
         torch.testing.assert_close(got, want)
+
+
+@needs_kernel
+# torch.compile's own internals warn (deprecations inside dynamo, its note on the graph break)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_torch_compile_runs_the_kernel_as_an_opaque_call():
+    """Under torch.compile, backend="cpp" is a graph break (an opaque call) and still equals the reference;
+    backend="auto" traces the fused backend's plain-op path instead."""
+    q, k, v = _qkv(nq=9, nk=9)
+    compiled = torch.compile(lambda q, k, v: fn.dropkey_attention(q, k, v, 0.3, generator=5, backend="cpp"))
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, fn.dropkey_attention(q, k, v, 0.3, generator=5, backend="reference", mask="hash"))
+    assert all(torch.isfinite(g).all() for g in _grads(out, (q, k, v)))
