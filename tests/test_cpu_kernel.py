@@ -150,6 +150,20 @@ def test_leading_dims(lead):
 
 
 @needs_kernel
+def test_a_single_query_row_with_any_row_stride():
+    """(B, H, 1, d) views whose (unused) row stride is below d, as a transpose can make them."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 3, 8, 1, generator=g).transpose(-1, -2).requires_grad_()  # row stride 1 < d = 8
+    _, k, v = _qkv(nq=1, nk=6, d=8, dv=5)
+    assert q.stride(-2) < q.shape[-1]
+    out = cpp_attention(q, k, v, 0.4, seed=6, all_dropped="undropped")
+    ref = _reference(q, k, v, 6, 0.4, "undropped")
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
+@needs_kernel
 def test_results_do_not_depend_on_the_thread_count():
     q, k, v = _qkv((3, 2), nq=300, nk=80, d=16, dv=16)
     before = torch.get_num_threads()

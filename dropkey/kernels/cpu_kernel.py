@@ -227,15 +227,16 @@ def _library() -> ctypes.CDLL:
 
 
 def _readable(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (B, H, N, d) if BLAS can read its rows in place (unit feature stride, row stride >= d), else a copy."""
-    if t.stride(-1) == 1 and (t.shape[-2] <= 1 or t.stride(-2) >= t.shape[-1]):
+    """``t`` (B, H, N, d) if BLAS can read its rows in place (unit feature stride, row stride >= d and
+    within BLAS's 32-bit leading dimension), else a copy."""
+    if t.stride(-1) == 1 and (t.shape[-2] <= 1 or t.shape[-1] <= t.stride(-2) < 2**31):
         return t
     return t.contiguous()
 
 
 def _strides(t: torch.Tensor) -> _Strides:
-    # a row stride of a single-row tensor is arbitrary; BLAS wants it >= d
-    return _Strides(t.stride(0), t.stride(1), max(t.stride(2), t.shape[-1]))
+    # a single-row tensor's row stride is never used and may be anything; BLAS wants one >= d
+    return _Strides(t.stride(0), t.stride(1), t.stride(2) if t.shape[2] > 1 else t.shape[3])
 
 
 def _like_flash(batch: int, heads: int, n: int, d: int) -> torch.Tensor:
