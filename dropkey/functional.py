@@ -73,8 +73,7 @@ Backends (one function, several paths, all exact and tested against ``reference`
     ``mask="hash"``. Reads permuted q, k, v (a fused qkv projection) in place.
 ``auto``
     On CPU ``cpp`` for float32 when the kernel builds and ``mask`` is not
-    ``"bernoulli"`` (and no :func:`torch.compile` trace is running), else
-    ``fused``; on CUDA ``triton`` when triton is importable, the dtype is
+    ``"bernoulli"``, else ``fused``; on CUDA ``triton`` when triton is importable, the dtype is
     float16/bfloat16/float32 and ``mask`` is not ``"bernoulli"``; else ``sdpa``
     (where SDPA has fused masked kernels).
 
@@ -231,7 +230,7 @@ def resolve_backend(
 
     ``auto`` becomes, unless ``mask="bernoulli"`` and for ``dtype`` None or one the
     kernel supports: on CPU ``cpp`` (float32) when the C++ kernel builds and loads
-    and no :func:`torch.compile` trace is running; on CUDA ``triton`` (float16,
+    (torch custom ops: :func:`torch.compile` traces them); on CUDA ``triton`` (float16,
     bfloat16, float32) when triton is importable. Otherwise ``auto`` is ``fused``
     on CPU and ``sdpa`` elsewhere. ``mask=None`` becomes ``"hash"`` for ``triton``
     and ``cpp`` and ``"bernoulli"`` otherwise. ``backend="triton"`` or ``"cpp"``
@@ -248,7 +247,7 @@ def resolve_backend(
 
                 if triton_available():
                     name = "triton"
-            elif dev.type == "cpu" and dtype in (None, torch.float32) and not torch.compiler.is_compiling():
+            elif dev.type == "cpu" and dtype in (None, torch.float32):
                 from dropkey.kernels import cpp_available
 
                 if cpp_available():
@@ -1009,17 +1008,17 @@ def dropkey_attention(
         return plain_attention(q, k, v, scale=scale_value, backend=backend)
     shape = (*q.shape[:-2], q.shape[-2], k.shape[-2])
     if kind == "hash":
-        from dropkey.kernels import hash_drop_mask, hash_seed
+        from dropkey.kernels import hash_drop_mask, hash_seed, hash_seed_tensor
 
+        if resolved == "cpp":  # the seed stays a tensor: no host sync, nothing for a tracer to break on
+            from dropkey.kernels import cpp_attention
+
+            return cpp_attention(q, k, v, r, seed=hash_seed_tensor(generator), all_dropped=convention, scale=scale_value)
         seed = hash_seed(generator)
         if resolved == "triton":
             from dropkey.kernels import triton_attention
 
             return triton_attention(q, k, v, r, seed=seed, all_dropped=convention, scale=scale_value)
-        if resolved == "cpp":
-            from dropkey.kernels import cpp_attention
-
-            return cpp_attention(q, k, v, r, seed=seed, all_dropped=convention, scale=scale_value)
         drop = hash_drop_mask(seed, shape, r, device=q.device)
         return _dispatch(resolved, q, k, v, drop, convention, scale_value, owned=True)
     gen = resolve_generator(generator, q.device)

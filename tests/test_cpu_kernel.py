@@ -324,14 +324,38 @@ def test_module_default_backend_uses_the_kernel_and_its_paths_agree():
 
 
 @needs_kernel
-# torch.compile's own internals warn (deprecations inside dynamo, its note on the graph break)
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_torch_compile_runs_the_kernel_as_an_opaque_call():
-    """Under torch.compile, backend="cpp" is a graph break (an opaque call) and still equals the reference;
-    backend="auto" traces the fused backend's plain-op path instead."""
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile internals
+def test_torch_compile_keeps_the_kernel_in_one_graph():
+    """The kernel is a pair of torch custom ops and its seed a tensor: torch.compile(fullgraph=True) traces
+    dropkey_attention (auto and cpp, global RNG) without a graph break, and it equals the reference on the
+    same hash mask, values and gradients."""
     q, k, v = _qkv(nq=9, nk=9)
-    compiled = torch.compile(lambda q, k, v: fn.dropkey_attention(q, k, v, 0.3, generator=5, backend="cpp"))
-    out = compiled(q, k, v)
-    torch.testing.assert_close(out, fn.dropkey_attention(q, k, v, 0.3, generator=5, backend="reference", mask="hash"))
-    assert all(torch.isfinite(g).all() for g in _grads(out, (q, k, v)))
+    for backend in ("auto", "cpp"):
+        compiled = torch.compile(lambda q, k, v: fn.dropkey_attention(q, k, v, 0.3, backend=backend), fullgraph=True)
+        torch.manual_seed(4)
+        out = compiled(q, k, v)
+        torch.manual_seed(4)
+        ref = fn.dropkey_attention(q, k, v, 0.3, backend="reference", mask="hash")
+        torch.testing.assert_close(out, ref)
+        for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+            torch.testing.assert_close(got, want)
+
+
+def test_seed_tensor_round_trips_every_64_bit_seed():
+    for seed in (0, 1, 2**63 - 1, 2**63, 2**64 - 1):
+        assert cpu_kernel._seed_word(cpu_kernel.seed_tensor(seed)) == seed
+    with pytest.raises(ValueError, match="seed must be an int or a one-element int64 CPU tensor"):
+        cpu_kernel.seed_tensor(torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+        cpu_kernel.seed_tensor(2**64)
+
+
+@needs_kernel
+def test_the_custom_ops_pass_torch_opcheck():
+    """torch.library.opcheck: schema, fake (shape) implementation, autograd registration agree with the kernel."""
+    q, k, v = _qkv((2, 3), nq=7, nk=5, d=8, dv=4)
+    seed = cpu_kernel.seed_tensor(2**63 + 5)
+    torch.library.opcheck(cpu_kernel._forward_op, (q, k, v, seed, 1 << 22, 0.3, 1))
+    out, lse = cpu_kernel._forward_op(q.detach(), k.detach(), v.detach(), seed, 1 << 22, 0.3, 1)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(cpu_kernel._backward_op, (grad, q.detach(), k.detach(), v.detach(), out, lse, seed, 1 << 22, 0.3, 1))

@@ -35,9 +35,10 @@ It is compiled with the system C++ compiler at first use (about a second) and
 cached; on CPU, ``backend="auto"`` picks it for float32 whenever it builds and
 falls back to the ``fused`` backend (Bernoulli mask) otherwise. Like ``triton``
 it always uses ``mask="hash"``, so ``backend="reference", mask="hash"`` is its
-exact specification.
+exact specification. It is registered as torch custom ops with its seed drawn as a
+tensor, so :func:`torch.compile` keeps it inside the graph.
 
-Public names: :func:`hash_drop_mask`, :func:`hash_seed`, :func:`hash_threshold`,
+Public names: :func:`hash_drop_mask`, :func:`hash_seed`, :func:`hash_seed_tensor`, :func:`hash_threshold`,
 :data:`HASH_BITS` (pure torch, always importable), :func:`triton_available`,
 :func:`triton_attention` and :class:`TritonUnavailableError`; :func:`cpp_available`,
 :func:`cpp_attention` and :class:`CppKernelUnavailableError`. The kernels
@@ -51,7 +52,7 @@ import functools
 from typing import TYPE_CHECKING, Optional
 
 from dropkey.kernels.cpu_kernel import CppKernelUnavailableError, cpp_attention, cpp_available
-from dropkey.kernels.hash_mask import HASH_BITS, hash_drop_mask, hash_seed, hash_threshold
+from dropkey.kernels.hash_mask import HASH_BITS, hash_drop_mask, hash_seed, hash_seed_tensor, hash_threshold
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +65,7 @@ __all__ = [
     "cpp_available",
     "hash_drop_mask",
     "hash_seed",
+    "hash_seed_tensor",
     "hash_threshold",
     "triton_attention",
     "triton_available",

@@ -26,8 +26,12 @@ backend). Any strides are read in place as long as the feature dim has unit
 stride. Threads: ``torch.get_num_threads()``; the forward splits work over
 (batch x head, query tile) pairs, the backward over batch x head slices only, so
 the backward of a single slice runs on one thread. Results are bit-identical
-whatever the thread count. Under :func:`torch.compile` this backend is an opaque
-call (a graph break); ``auto`` uses the ``fused`` backend's traceable path there.
+whatever the thread count. The kernel is registered as two torch custom ops
+(``dropkey_lab::cpp_dropkey_forward`` / ``_backward``) with autograd and fake
+(shape) implementations, and its seed travels as a tensor, so :func:`torch.compile`
+keeps it in the graph (``fullgraph=True`` works with the global RNG); eager calls run
+the same two functions through a plain autograd function, skipping torch.library's
+dispatch (about 0.15 ms per call).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ __all__ = [
     "cpp_available",
     "cpp_unavailable_reason",
     "kernel_library_path",
+    "seed_tensor",
 ]
 
 SOURCE = Path(__file__).with_name("dropkey_cpu.cpp")
@@ -206,6 +211,7 @@ def _load() -> tuple[Optional[ctypes.CDLL], str]:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+@torch.compiler.assume_constant_result  # a tracer calls it once and keeps the answer
 def cpp_available() -> bool:
     """True when the C++ kernel is built (or cached) and loads; the first call may compile it (about 2 s)."""
     return _load()[0] is not None
@@ -239,64 +245,135 @@ def _strides(t: torch.Tensor) -> _Strides:
     return _Strides(t.stride(0), t.stride(1), t.stride(2) if t.shape[2] > 1 else t.shape[3])
 
 
-def _like_flash(batch: int, heads: int, n: int, d: int) -> torch.Tensor:
-    """(batch, heads, n, d) in (batch, n, heads, d) memory: what a fused qkv's backward wants."""
-    return torch.empty(batch, n, heads, d, dtype=torch.float32).transpose(1, 2)
+def _seed_word(seed: torch.Tensor) -> int:
+    """The 64-bit seed word held (two's complement) in a one-element int64 tensor."""
+    return int(seed.reshape(()).item()) & ((1 << 64) - 1)
 
 
-class _CppDropKey(torch.autograd.Function):
-    """Forward and backward of the kernel on (B, H, N, d) float32 CPU tensors."""
+# The kernel as two torch custom ops (forward, backward) with autograd: torch.compile and
+# other tracers see opaque ops with known output shapes instead of a ctypes call, so a
+# compiled model keeps the kernel without a graph break. The seed travels as a tensor (read
+# inside the op), so drawing it needs no host sync (``.item()``) in the traced code either.
+# Outputs live in (batch, N, heads, d) memory and are returned as such (the caller
+# transposes): what a ViT's transpose(1, 2).reshape and a fused qkv's backward want.
+
+
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor, threshold: int, scale: float, convention: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Nq, H, dv), lse (B, H, Nq)) from q, k, v (B, H, N, d): one kernel call."""
+    q, k, v = _readable(q), _readable(k), _readable(v)
+    batch, heads, nq, d = q.shape
+    nk, dv = k.shape[-2], v.shape[-1]
+    out_bnhd = torch.empty(batch, nq, heads, dv, dtype=torch.float32)
+    out = out_bnhd.transpose(1, 2)
+    lse = torch.empty(batch, heads, nq, dtype=torch.float32)
+    status = _library().dropkey_cpu_forward(
+        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(), _strides(out),
+        lse.data_ptr(), _Shape(batch, heads, nq, nk, d, dv), scale, _seed_word(seed), threshold, convention,
+        torch.get_num_threads(),
+    )
+    if status != 0:  # the Python side validates first: this is a bug, not bad input
+        raise RuntimeError(f"dropkey_cpu_forward rejected its arguments (shape {tuple(q.shape)}, {tuple(k.shape)})")
+    return out_bnhd, lse
+
+
+@torch.library.custom_op("dropkey_lab::cpp_dropkey_forward", mutates_args=(), device_types="cpu")
+def _forward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: torch.Tensor, threshold: int, scale: float, convention: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, seed, threshold, scale, convention)
+
+
+@_forward_op.register_fake
+def _forward_shapes(q, k, v, seed, threshold, scale, convention):  # type: ignore[no-untyped-def]
+    batch, heads, nq, _ = q.shape
+    return q.new_empty(batch, nq, heads, v.shape[-1]), q.new_empty(batch, heads, nq)
+
+
+def _backward(
+    grad_bnhd: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_bnhd: torch.Tensor,
+    lse: torch.Tensor, seed: torch.Tensor, threshold: int, scale: float, convention: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), each (B, N, H, d), from the gradient of the forward's (B, Nq, H, dv) output."""
+    q, k, v = _readable(q), _readable(k), _readable(v)
+    out, grad, lse = out_bnhd.transpose(1, 2), _readable(grad_bnhd.transpose(1, 2)), lse.contiguous()
+    batch, heads, nq, d = q.shape
+    nk, dv = k.shape[-2], v.shape[-1]
+    grads = [torch.empty(batch, n, heads, size, dtype=torch.float32) for n, size in ((nq, d), (nk, d), (nk, dv))]
+    grad_q, grad_k, grad_v = (g.transpose(1, 2) for g in grads)
+    status = _library().dropkey_cpu_backward(
+        q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(), _strides(out),
+        lse.data_ptr(), grad.data_ptr(), _strides(grad), grad_q.data_ptr(), _strides(grad_q),
+        grad_k.data_ptr(), _strides(grad_k), grad_v.data_ptr(), _strides(grad_v),
+        _Shape(batch, heads, nq, nk, d, dv), scale, _seed_word(seed), threshold, convention, torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"dropkey_cpu_backward rejected its arguments (shape {tuple(q.shape)}, {tuple(k.shape)})")
+    return grads[0], grads[1], grads[2]
+
+
+@torch.library.custom_op("dropkey_lab::cpp_dropkey_backward", mutates_args=(), device_types="cpu")
+def _backward_op(
+    grad_bnhd: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_bnhd: torch.Tensor,
+    lse: torch.Tensor, seed: torch.Tensor, threshold: int, scale: float, convention: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad_bnhd, q, k, v, out_bnhd, lse, seed, threshold, scale, convention)
+
+
+@_backward_op.register_fake
+def _backward_shapes(grad_bnhd, q, k, v, out_bnhd, lse, seed, threshold, scale, convention):  # type: ignore[no-untyped-def]
+    batch, heads, nq, d = q.shape
+    nk, dv = k.shape[-2], v.shape[-1]
+    return q.new_empty(batch, nq, heads, d), q.new_empty(batch, nk, heads, d), q.new_empty(batch, nk, heads, dv)
+
+
+def _setup_context(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    q, k, v, seed, threshold, scale, convention = inputs
+    out_bnhd, lse = output
+    ctx.save_for_backward(q, k, v, out_bnhd, lse, seed)
+    ctx.args = (threshold, scale, convention)
+    ctx.mark_non_differentiable(lse)
+
+
+def _op_backward(ctx, grad_bnhd, grad_lse):  # type: ignore[no-untyped-def]
+    q, k, v, out_bnhd, lse, seed = ctx.saved_tensors
+    grad_q, grad_k, grad_v = _backward_op(grad_bnhd, q, k, v, out_bnhd, lse, seed, *ctx.args)
+    return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2), None, None, None, None
+
+
+_forward_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _EagerDropKey(torch.autograd.Function):
+    """The same forward and backward without torch.library's dispatch, which costs about 0.2 ms per
+    attention call: what eager code runs (the custom ops are what tracers see)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        seed: int,
-        threshold: int,
-        scale: float,
-        convention: int,
-    ) -> torch.Tensor:
-        q, k, v = _readable(q), _readable(k), _readable(v)
-        batch, heads, nq, d = q.shape
-        nk, dv = k.shape[-2], v.shape[-1]
-        # returned as (batch, Nq, heads, dv), not as a view of it: callers may then modify
-        # the (differentiable) transpose in place
-        out_bnhd = torch.empty(batch, nq, heads, dv, dtype=torch.float32)
-        out = out_bnhd.transpose(1, 2)
-        lse = torch.empty(batch, heads, nq, dtype=torch.float32)
-        shape = _Shape(batch, heads, nq, nk, d, dv)
-        status = _library().dropkey_cpu_forward(
-            q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(), _strides(out),
-            lse.data_ptr(), shape, scale, seed, threshold, convention, torch.get_num_threads(),
-        )
-        if status != 0:  # the Python side validates first: this is a bug, not bad input
-            raise RuntimeError(f"dropkey_cpu_forward rejected its arguments (shape {tuple(q.shape)}, {tuple(k.shape)})")
-        ctx.save_for_backward(q, k, v, out_bnhd, lse)
-        ctx.args = (seed, threshold, scale, convention)  # type: ignore[attr-defined]
+    def forward(ctx, q, k, v, seed, threshold, scale, convention):  # type: ignore[no-untyped-def, override]
+        out_bnhd, lse = _forward(q, k, v, seed, threshold, scale, convention)
+        ctx.save_for_backward(q, k, v, out_bnhd, lse, seed)
+        ctx.args = (threshold, scale, convention)
         return out_bnhd
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):  # type: ignore[override]
-        q, k, v, out_bnhd, lse = ctx.saved_tensors
-        seed, threshold, scale, convention = ctx.args  # type: ignore[attr-defined]
-        out = out_bnhd.transpose(1, 2)
-        grad = _readable(grad.transpose(1, 2))
-        batch, heads, nq, d = q.shape
-        nk, dv = k.shape[-2], v.shape[-1]
-        grad_q, grad_k, grad_v = _like_flash(batch, heads, nq, d), _like_flash(batch, heads, nk, d), _like_flash(batch, heads, nk, dv)
-        shape = _Shape(batch, heads, nq, nk, d, dv)
-        status = _library().dropkey_cpu_backward(
-            q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(), _strides(out),
-            lse.data_ptr(), grad.data_ptr(), _strides(grad), grad_q.data_ptr(), _strides(grad_q),
-            grad_k.data_ptr(), _strides(grad_k), grad_v.data_ptr(), _strides(grad_v),
-            shape, scale, seed, threshold, convention, torch.get_num_threads(),
-        )
-        if status != 0:
-            raise RuntimeError(f"dropkey_cpu_backward rejected its arguments (shape {tuple(q.shape)}, {tuple(k.shape)})")
-        return grad_q, grad_k, grad_v, None, None, None, None
+    def backward(ctx, grad_bnhd):  # type: ignore[no-untyped-def, override]
+        q, k, v, out_bnhd, lse, seed = ctx.saved_tensors
+        grad_q, grad_k, grad_v = _backward(grad_bnhd, q, k, v, out_bnhd, lse, seed, *ctx.args)
+        return grad_q.transpose(1, 2), grad_k.transpose(1, 2), grad_v.transpose(1, 2), None, None, None, None
+
+
+def seed_tensor(seed: "int | torch.Tensor") -> torch.Tensor:
+    """A hash seed (an int in [0, 2**64), or a one-element int64 CPU tensor such as
+    :func:`~dropkey.kernels.hash_seed_tensor` draws) as the kernel's one-element int64 tensor."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device.type != "cpu":
+            raise ValueError(f"seed must be an int or a one-element int64 CPU tensor, got {seed.dtype} of shape "
+                             f"{tuple(seed.shape)} on {seed.device}")
+        return seed.reshape(1)
+    value = _check_seed(seed)
+    return torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64)
 
 
 def cpp_attention(
@@ -305,11 +382,14 @@ def cpp_attention(
     v: torch.Tensor,
     drop_ratio: float,
     *,
-    seed: int,
+    seed: "int | torch.Tensor",
     all_dropped: str = "uniform",
     scale: Optional[float] = None,
 ) -> torch.Tensor:
     """DropKey attention by the C++ CPU kernel with the hash mask of ``seed``: (..., Nq, dv).
+
+    ``seed``: an int in [0, 2**64) or a one-element int64 CPU tensor holding it (two's
+    complement above 2**63), as :func:`~dropkey.kernels.hash_seed_tensor` draws it.
 
     q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv): float32 CPU tensors with
     the same leading dims. Equals the ``reference`` backend on
@@ -326,7 +406,7 @@ def cpp_attention(
                 f"backend='cpp' runs on CPU float32 tensors; {name} is {t.dtype} on {t.device} "
                 "(use backend='fused' for other dtypes, 'triton' or 'sdpa' on CUDA)"
             )
-    seed = _check_seed(seed)
+    seed_value = seed_tensor(seed)
     threshold = hash_threshold(drop_ratio)
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     lead, nq, nk = tuple(q.shape[:-2]), q.shape[-2], k.shape[-2]
@@ -335,11 +415,16 @@ def cpp_attention(
         from dropkey.functional import attention_from_keep_mask
         from dropkey.kernels.hash_mask import hash_drop_mask
 
-        keep = hash_drop_mask(seed, (*lead, nq, nk), drop_ratio).logical_not_()
+        keep = hash_drop_mask(_seed_word(seed_value), (*lead, nq, nk), drop_ratio).logical_not_()
         return attention_from_keep_mask(q, k, v, keep, all_dropped=all_dropped, scale=scale_value, backend="reference")
-    _library()  # raise CppKernelUnavailableError before autograd records anything
+    if not cpp_available():  # before anything is recorded
+        raise CppKernelUnavailableError(f"backend='cpp' needs the C++ CPU kernel, which is unavailable: {cpp_unavailable_reason()}")
     from dropkey.functional import _as_4d
 
-    out = _CppDropKey.apply(_as_4d(q, lead), _as_4d(k, lead), _as_4d(v, lead), seed, threshold, scale_value,
-                            CONVENTION_CODES[all_dropped])  # (batch, Nq, heads, dv)
+    args = (_as_4d(q, lead), _as_4d(k, lead), _as_4d(v, lead), seed_value, threshold, scale_value,
+            CONVENTION_CODES[all_dropped])
+    if torch.compiler.is_compiling():
+        out = _forward_op(*args)[0]  # (batch, Nq, heads, dv)
+    else:
+        out = _EagerDropKey.apply(*args)
     return out.transpose(1, 2).reshape(*lead, nq, v.shape[-1])

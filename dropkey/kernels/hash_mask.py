@@ -38,7 +38,7 @@ import torch
 
 from dropkey.masks import GeneratorLike, _validate_shape, resolve_generator, validate_drop_ratio
 
-__all__ = ["HASH_BITS", "hash_drop_mask", "hash_seed", "hash_threshold"]
+__all__ = ["HASH_BITS", "hash_drop_mask", "hash_seed", "hash_seed_tensor", "hash_threshold"]
 
 HASH_BITS = 24  # resolution of the uniform compared with the threshold
 _MASK32 = 0xFFFFFFFF
@@ -65,10 +65,18 @@ def hash_seed(generator: GeneratorLike = None) -> int:
     device-to-host sync). Each call advances the generator, so successive calls
     give new masks.
     """
+    return int(hash_seed_tensor(generator).item())
+
+
+def hash_seed_tensor(generator: GeneratorLike = None) -> torch.Tensor:
+    """:func:`hash_seed`'s draw as a one-element int64 tensor on the generator's device (no host sync).
+
+    ``int(hash_seed_tensor(g).item()) == hash_seed(g')`` for generators in the same state: the
+    C++ kernel takes its seed this way, so traced code (``torch.compile``) needs no ``.item()``.
+    """
     gen = resolve_generator(generator, "cpu")
     device = gen.device if gen is not None else torch.device("cpu")
-    value = torch.randint(0, _SEED_HIGH - 1, (1,), dtype=torch.int64, generator=gen, device=device)
-    return int(value.item())
+    return torch.randint(0, _SEED_HIGH - 1, (1,), dtype=torch.int64, generator=gen, device=device)
 
 
 def _check_seed(seed: object) -> int:
