@@ -120,6 +120,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ALL_DROPPED_CONVENTIONS",
     "BACKENDS",
+    "HASH_BACKENDS",
     "attention_from_keep_mask",
     "dropkey_attention",
     "masked_softmax",
@@ -136,7 +137,7 @@ MASKS = ("bernoulli", "hash")
 # Backends that take a given mask (attention_from_keep_mask): all but the two kernels,
 # which compute their own hash mask.
 _MASK_BACKENDS = ("auto", "reference", "sdpa", "fused")
-_HASH_BACKENDS = ("triton", "cpp")
+HASH_BACKENDS = ("triton", "cpp")  # the kernels that compute their own hash mask (no given mask)
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -253,8 +254,8 @@ def resolve_backend(
                 if cpp_available():
                     name = "cpp"
     if kind is None:
-        kind = "hash" if name in _HASH_BACKENDS else "bernoulli"
-    if name in _HASH_BACKENDS and kind != "hash":
+        kind = "hash" if name in HASH_BACKENDS else "bernoulli"
+    if name in HASH_BACKENDS and kind != "hash":
         raise ValueError(f"mask must be 'hash' (or None) with backend={name!r}: the kernel computes a hash mask")
     return name, kind
 

@@ -441,7 +441,7 @@ class DropKeyAttention(nn.Module):
             )
         keep = self.keep_mask(tuple(q.shape[:-1]) + (k.shape[-2],), device=q.device)
         # the triton and cpp kernels only hash their own mask: a given mask takes auto's path
-        backend = self.backend if self.backend not in ("triton", "cpp") else "auto"
+        backend = "auto" if self.backend in functional.HASH_BACKENDS else self.backend
         return functional.attention_from_keep_mask(
             q, k, v, keep, all_dropped=self.all_dropped, scale=self.scale, backend=backend
         )

@@ -69,6 +69,11 @@ inline uint32_t slice_key(uint64_t seed, uint32_t s) {
 
 inline uint32_t row_key(uint32_t slice, uint32_t i) { return fmix32(slice ^ (i * 0x85EBCA77u)); }
 
+// 1 if logit (row, j) is kept: its 24-bit hash is at least the threshold T = round(r 2^24).
+inline int kept_flag(uint32_t row, int j, uint32_t threshold) {
+  return (fmix32(row + (uint32_t)j * 0xC2B2AE3Du) >> 8) >= threshold;
+}
+
 // ---- exp for x <= 0 ----------------------------------------------------------------------
 // Cody-Waite reduction x = n ln2 + t, |t| <= ln2 / 2, then a degree-6 polynomial for e^t
 // (Cephes' expf coefficients; relative error about 1e-7) scaled by 2^n built in the exponent
@@ -140,8 +145,7 @@ inline float softmax_row(float* p, float* keep, uint32_t row, int nk, uint32_t t
   float m = -INFINITY;
 #pragma omp simd reduction(+ : kept) reduction(max : m)
   for (int j = 0; j < nk; ++j) {
-    const uint32_t bits = fmix32(row + (uint32_t)j * 0xC2B2AE3Du);
-    const int k = (bits >> 8) >= threshold;
+    const int k = kept_flag(row, j, threshold);
     keep[j] = (float)k;
     kept += k;
     const float x = k ? p[j] : -INFINITY;
@@ -259,8 +263,7 @@ int dropkey_cpu_backward(const float* q, Strides sq, const float* k, Strides sk,
           int kept = 0;
 #pragma omp simd reduction(+ : kept)
           for (int j = 0; j < nk; ++j) {
-            const uint32_t bits = fmix32(row + (uint32_t)j * 0xC2B2AE3Du);
-            const int k = (bits >> 8) >= threshold;
+            const int k = kept_flag(row, j, threshold);
             kept += k;
             const float e = exp_nonpositive(k ? p[j] - l : 0.0f) * (float)k;
             p[j] = e;
