@@ -174,13 +174,18 @@ def _row_stats(PTR, bh, NQ, offs_m, other):
 
 @triton.jit
 def _kept(rows, cols, inside, threshold, undropped_rows, DROP: tl.constexpr, UNDROP: tl.constexpr):
-    """Keep flags of a tile (operands pre-broadcast): inside and not hash-dropped; ``undropped_rows`` keep all."""
+    """Keep flags of a tile (operands pre-broadcast): inside and not hash-dropped; ``undropped_rows`` keep all.
+
+    One return statement: the compiler types every return of a function, even one in a
+    branch a constexpr rules out, and ``inside`` may be a (1, BLOCK) row.
+    """
+    keep = inside
     if DROP:
         dropped = _dropped(rows, cols, threshold)
         if UNDROP:
             dropped = dropped & ~undropped_rows
-        return inside & ~dropped
-    return inside
+        keep = inside & ~dropped
+    return keep
 
 
 # --------------------------------------------------------------------------- forward
@@ -358,23 +363,54 @@ def _bwd_dq_kernel(
 
 INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 
+# Compiled (GPU): the autotuner's candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages),
+# timed per (Nq, Nk, head dims, mode). Half dtypes run their tile products on tensor cores;
+# float32 runs exact IEEE products on CUDA cores, whose Triton lowering keeps whole operand
+# rows per thread, so it gets smaller tiles: ptxas spills 17-47 KB per thread for the half
+# candidates in float32 and nothing for these at d = 64 (benchmarks/results/triton_resources.md,
+# measured by dropkey.kernels.triton_aot without a GPU).
+FORWARD_TUNING = ((128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2), (128, 64, 8, 2))
+BACKWARD_TUNING = ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 2), (64, 32, 4, 2))
+FORWARD_TUNING_FLOAT32 = ((32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (16, 32, 2, 2))
+BACKWARD_TUNING_FLOAT32 = ((32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2), (32, 16, 4, 2))
+DELTA_BLOCK_M = 64  # the delta kernel's query block on GPU (16 under the interpreter)
+HASH_MASK_BLOCKS = (16, 16)  # triton_hash_drop_mask's (BLOCK_M, BLOCK_N)
+
+
+def tuning_candidates(kernel: str, dtype: torch.dtype) -> tuple[tuple[int, int, int, int], ...]:
+    """The autotuner's candidates of ``kernel`` ("forward", "backward_dkdv" or "backward_dq") for ``dtype``."""
+    exact = dtype == torch.float32
+    if kernel == "forward":
+        return FORWARD_TUNING_FLOAT32 if exact else FORWARD_TUNING
+    if kernel in ("backward_dkdv", "backward_dq"):
+        return BACKWARD_TUNING_FLOAT32 if exact else BACKWARD_TUNING
+    raise ValueError(f"kernel must be one of ('forward', 'backward_dkdv', 'backward_dq'), got {kernel!r}")
+
+
 if not INTERPRETED:
-    # Compiled (GPU): autotuned block sizes per (Nq, Nk, head dims, mode). The kernels only
-    # write their outputs (no accumulation into them), so the tuner's repeated runs are harmless.
+    # One autotuner per (kernel, float32 or not): the tuner's candidates cannot depend on an
+    # argument. The kernels only write their outputs (no accumulation into them), so the
+    # tuner's repeated runs are harmless.
     _TUNE_KEY = ["NQ", "NK", "HEAD_D", "HEAD_DV", "CONVENTION", "DROP", "DOT"]
-    _FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in ((128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2), (128, 64, 8, 2))
-    ]
-    _BWD_CONFIGS = [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        for m, n, w, s in ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 2), (64, 32, 4, 2))
-    ]
-    _fwd_launch = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_fwd_kernel)
-    _dkdv_launch = triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY)(_bwd_dkdv_kernel)
-    _dq_launch = triton.autotune(_BWD_CONFIGS, key=_TUNE_KEY)(_bwd_dq_kernel)
+
+    def _autotuned(kernel: str, fn, exact: bool):
+        candidates = tuning_candidates(kernel, torch.float32 if exact else torch.float16)
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
+        return triton.autotune(configs, key=_TUNE_KEY)(fn)
+
+    _LAUNCHES = {
+        (kernel, exact): _autotuned(kernel, fn, exact)
+        for kernel, fn in (("forward", _fwd_kernel), ("backward_dkdv", _bwd_dkdv_kernel), ("backward_dq", _bwd_dq_kernel))
+        for exact in (False, True)
+    }
+
+    def _launch(kernel: str, dtype: torch.dtype):
+        return _LAUNCHES[kernel, dtype == torch.float32]
+
 else:
-    _fwd_launch, _dkdv_launch, _dq_launch = _fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
+
+    def _launch(kernel: str, dtype: torch.dtype):
+        return {"forward": _fwd_kernel, "backward_dkdv": _bwd_dkdv_kernel, "backward_dq": _bwd_dq_kernel}[kernel]
 
 
 def _blocks(fixed: tuple[int, int]) -> dict[str, int]:
@@ -450,7 +486,7 @@ class _TritonDropKey(torch.autograd.Function):
         dead = torch.empty(slices, nq, dtype=torch.int8, device=q.device)
         if slices and nq:
             seed_lo, seed_hi = _split_seed(seed)
-            _fwd_launch[_grid("BLOCK_M", nq, slices)](
+            _launch("forward", q.dtype)[_grid("BLOCK_M", nq, slices)](
                 q4, k4, v4, out, lse, dead,
                 q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
                 v4.stride(0), v4.stride(1), v4.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -483,7 +519,7 @@ class _TritonDropKey(torch.autograd.Function):
             if do.stride(-1) != 1:
                 do = do.contiguous()
             delta = torch.empty(slices, nq, dtype=torch.float32, device=q4.device)
-            block = 16 if INTERPRETED else 64
+            block = 16 if INTERPRETED else DELTA_BLOCK_M
             _bwd_delta_kernel[(triton.cdiv(nq, block), slices)](
                 out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
                 heads, nq, HEAD_DV=dv, BLOCK_DV=_pow2(dv), BLOCK_M=block,
@@ -499,8 +535,8 @@ class _TritonDropKey(torch.autograd.Function):
                 CONVENTION=convention, DROP=threshold > 0, DOT=_dot_mode(q4.dtype),
                 **_blocks(INTERPRET_BWD_BLOCKS),
             )
-            _dkdv_launch[_grid("BLOCK_N", nk, slices)](q4, k4, v4, do, lse, delta, dead, grad_k, grad_v, *strides, *common, **meta)
-            _dq_launch[_grid("BLOCK_M", nq, slices)](q4, k4, v4, do, lse, delta, dead, grad_q, *strides, *common, **meta)
+            _launch("backward_dkdv", q4.dtype)[_grid("BLOCK_N", nk, slices)](q4, k4, v4, do, lse, delta, dead, grad_k, grad_v, *strides, *common, **meta)
+            _launch("backward_dq", q4.dtype)[_grid("BLOCK_M", nq, slices)](q4, k4, v4, do, lse, delta, dead, grad_q, *strides, *common, **meta)
         return grad_q.view(q_shape), grad_k.view(k_shape), grad_v.view(v_shape), None, None, None, None
 
 
@@ -547,7 +583,8 @@ def triton_hash_drop_mask(seed: int, shape: tuple[int, ...], drop_ratio: float, 
     out = torch.zeros(slices, nq, nk, dtype=torch.int8, device=dev)
     if out.numel():
         seed_lo, seed_hi = _split_seed(_check_seed(seed))
-        _hash_mask_kernel[(triton.cdiv(nq, 16), slices)](
-            out, nq, nk, seed_lo, seed_hi, hash_threshold(drop_ratio), BLOCK_M=16, BLOCK_N=16
+        block_m, block_n = HASH_MASK_BLOCKS
+        _hash_mask_kernel[(triton.cdiv(nq, block_m), slices)](
+            out, nq, nk, seed_lo, seed_hi, hash_threshold(drop_ratio), BLOCK_M=block_m, BLOCK_N=block_n
         )
     return out.bool().view(*shape)

@@ -1,0 +1,255 @@
+"""The Triton kernels compiled for real GPU architectures on this CPU machine (dropkey.kernels.triton_aot).
+
+The interpreter tests (test_triton_kernel.py) check the kernels' arithmetic, but the
+interpreter runs them as numpy and accepts code that Triton's compiler rejects. Here
+each kernel goes through the real compiler and ptxas for Hopper (sm_90: H100/H200) in
+every dtype and every all-dropped mode, in a subprocess without TRITON_INTERPRET:
+it must compile, fit the architecture's shared memory and registers, and run its tile
+products on tensor cores in float16/bfloat16 (and exact IEEE float32 products, no TF32,
+in float32). Ampere (sm_80) and every autotune candidate at head dims 64..256 are
+``slow``. Skips where triton or its CUDA backend (with ptxas) is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dropkey.kernels import triton_aot as aot
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def _compiler_missing() -> str:
+    if importlib.util.find_spec("triton") is None:
+        return 'triton is not installed (pip install "dropkey-lab[triton]")'
+    spec = importlib.util.find_spec("triton.backends.nvidia")
+    if spec is None or not any((Path(p) / "bin" / "ptxas").exists() for p in spec.submodule_search_locations or ()):
+        return "triton's CUDA backend (with ptxas) is not installed"
+    return ""
+
+
+_MISSING = _compiler_missing()
+needs_compiler = pytest.mark.skipif(bool(_MISSING), reason=_MISSING)
+
+
+def _compiler_env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _run_check(tmp: Path, *args: str) -> tuple[int, str, list[dict]]:
+    """Runs the command line in a fresh process; (exit status, stdout, rows of its JSON)."""
+    out = tmp / "resources.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dropkey.kernels.triton_aot", *args, "--jobs", "2", "--json", str(out)],
+        env=_compiler_env(tmp), capture_output=True, text=True, timeout=1800,
+    )
+    assert out.exists(), f"no results written; stderr:\n{proc.stderr[-4000:]}"
+    return proc.returncode, proc.stdout, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def hopper(tmp_path_factory) -> tuple[int, str, list[dict]]:
+    return _run_check(tmp_path_factory.mktemp("aot"), "--arch", "sm_90", "--scope", "smoke")
+
+
+def _failures(rows: list[dict]) -> str:
+    return "\n".join(f"{row['label']}: {row['error']}" for row in rows if row["error"])
+
+
+# --------------------------------------------------------------------------- compiled for Hopper
+
+
+@needs_compiler
+def test_every_kernel_compiles_for_hopper_in_every_mode(hopper):
+    status, stdout, rows = hopper
+    assert not _failures(rows), _failures(rows)
+    assert status == 0, stdout
+    built = {(r["build"]["kernel"], r["build"]["dtype"], r["build"]["all_dropped"], r["build"]["drop"]) for r in rows}
+    expected = {(b.kernel, b.dtype, b.all_dropped, b.drop) for b in aot.builds("smoke")}
+    assert built == expected
+    assert {kernel for kernel, *_ in built} == set(aot.KERNELS)
+    assert {mode for _, _, mode, _ in built} == set(aot.ALL_DROPPED)
+
+
+@needs_compiler
+def test_hopper_builds_fit_the_shared_memory_and_register_file(hopper):
+    _, _, rows = hopper
+    limit = aot.ARCHITECTURES["sm_90"].max_shared_bytes
+    for row in rows:
+        assert 0 < row["registers"] <= 255, row["label"]
+        assert row["shared_bytes"] <= limit, row["label"]
+        assert row["fits"], row["label"]
+
+
+@needs_compiler
+def test_half_precision_tiles_run_on_tensor_cores_and_float32_stays_exact(hopper):
+    """Tensor-core products (wgmma, or mma for tiles under 64 rows) in float16/bfloat16; none in float32 (TF32 would round)."""
+    _, _, rows = hopper
+    tiled = [row for row in rows if row["build"]["kernel"] in ("forward", "backward_dkdv", "backward_dq")]
+    assert tiled
+    for row in tiled:
+        expected = {"none"} if row["build"]["dtype"] == "float32" else {"wgmma", "mma"}
+        assert row["tensor_core"] in expected, row["label"]
+    assert any(row["tensor_core"] == "wgmma" for row in tiled)  # Hopper's warp-group products are reached
+
+
+_REJECTED_BY_THE_COMPILER = """
+import json
+
+import triton
+import triton.language as tl
+
+from dropkey.kernels import triton_aot as aot
+from dropkey.kernels import triton_dropkey as tk
+from dropkey.kernels.triton_dropkey import _dropped
+
+
+@triton.jit
+def _kept_with_two_returns(rows, cols, inside, threshold, undropped_rows, DROP: tl.constexpr, UNDROP: tl.constexpr):
+    # The kernels' keep flags as first written: the interpreter ran this, the compiler
+    # cannot type a function whose returns differ in shape ((128, 64) and (1, 64)).
+    if DROP:
+        dropped = _dropped(rows, cols, threshold)
+        if UNDROP:
+            dropped = dropped & ~undropped_rows
+        return inside & ~dropped
+    return inside
+
+
+big = aot.compile_build(aot.KernelBuild("forward", "float16", 256, block_m=128, block_n=128, num_warps=8), "sm_86")
+tk._kept = _kept_with_two_returns
+bad = aot.compile_build(aot.KernelBuild("forward", "float16", 64, block_m=128, block_n=64), "sm_90")
+print(json.dumps([big.as_dict(), bad.as_dict()]))
+"""
+
+
+@needs_compiler
+def test_kernels_the_compiler_rejects_or_the_gpu_cannot_hold_are_reported(tmp_path):
+    """The check can fail: the keep-flag helper as first written (which the interpreter ran) does not compile,
+    and d = 256 with 128 x 128 tiles needs more shared memory than an RTX 30xx/40xx block has."""
+    script = tmp_path / "rejected.py"  # a file: triton.jit reads its function's source
+    script.write_text(_REJECTED_BY_THE_COMPILER)
+    proc = subprocess.run([sys.executable, str(script)], env=_compiler_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    big, bad = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert big["error"] is None and big["shared_bytes"] > aot.ARCHITECTURES["sm_86"].max_shared_bytes and not big["fits"]
+    assert "Return type mismatch" in bad["error"] and not bad["fits"] and bad["registers"] is None
+    failed = [aot.KernelResources(aot.KernelBuild("forward"), "sm_90", error=bad["error"])]
+    assert aot.unlaunchable(failed) == [("sm_90", "forward", "float16", 64, "uniform")]
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_every_autotune_candidate_compiles_for_ampere_and_hopper_at_every_head_dim(tmp_path):
+    """Each (arch, kernel, dtype, head dim) keeps at least one candidate the autotuner can launch."""
+    status, stdout, rows = _run_check(
+        tmp_path, "--arch", "sm_80", "--arch", "sm_90", "--scope", "tuning", "--head-dims", "32,64,128,256"
+    )
+    assert not _failures(rows), _failures(rows)
+    assert status == 0, stdout
+    results = [
+        aot.KernelResources(
+            aot.KernelBuild(**row["build"]), row["arch"],
+            registers=row["registers"], shared_bytes=row["shared_bytes"],
+        )
+        for row in rows
+    ]
+    assert aot.unlaunchable(results) == []
+    ampere_half = [r for r in rows if r["arch"] == "sm_80" and r["build"]["dtype"] != "float32"]
+    assert ampere_half and all(r["tensor_core"] == "mma" for r in ampere_half)
+
+
+# --------------------------------------------------------------------------- the module's own logic (no compiler)
+
+
+@needs_triton
+def test_builds_cover_each_code_path_once_and_every_candidate_in_tuning():
+    from dropkey.kernels import triton_dropkey as tk
+
+    smoke = aot.builds("smoke", head_dims=(64, 128))
+    assert len(smoke) == len(set(smoke))
+    assert {b.head_dim for b in smoke} == {64, 128}
+    tuning = aot.builds("tuning", head_dims=(64,))
+    forward = {(b.block_m, b.block_n, b.num_warps, b.num_stages) for b in tuning if b.kernel == "forward" and b.dtype == "bfloat16"}
+    assert forward == set(tk.FORWARD_TUNING)
+    dq = {(b.block_m, b.block_n, b.num_warps, b.num_stages) for b in tuning if b.kernel == "backward_dq" and b.dtype == "float32"}
+    assert dq == set(tk.BACKWARD_TUNING_FLOAT32)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kernel": "sideways"}, "kernel must be one of"),
+        ({"kernel": "forward", "dtype": "float64"}, "dtype must be one of"),
+        ({"kernel": "forward", "head_dim": 0}, r"head_dim must be in \[1, 256\]"),
+        ({"kernel": "forward", "head_dim": 512}, r"head_dim must be in \[1, 256\]"),
+        ({"kernel": "forward", "all_dropped": "nan"}, "all_dropped must be one of"),
+        ({"kernel": "forward", "block_m": 48}, "block_m must be a power of two"),
+        ({"kernel": "forward", "num_warps": 0}, "num_warps must be a power of two"),
+        ({"kernel": "forward", "num_stages": 0}, "num_stages must be >= 1"),
+    ],
+)
+def test_bad_builds_are_rejected_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        aot.KernelBuild(**kwargs)
+
+
+def test_bad_arguments_are_rejected_by_name():
+    with pytest.raises(ValueError, match="scope must be one of"):
+        aot.builds("everything")
+    with pytest.raises(ValueError, match="head_dims must name"):
+        aot.builds("smoke", head_dims=())
+    with pytest.raises(ValueError, match="arch must be one of"):
+        aot.compile_builds([aot.KernelBuild("forward")], ["sm_70"])
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        aot.compile_builds([aot.KernelBuild("forward")], jobs=0)
+    with pytest.raises(SystemExit):
+        aot.parse_args(["--head-dims", "64,300"])
+
+
+def test_ptxas_report_and_tensor_core_instructions_are_read():
+    log = (
+        "ptxas info    : Compiling entry function '_fwd_kernel' for 'sm_90a'\n"
+        "ptxas info    : Function properties for _fwd_kernel\n"
+        "    72 bytes stack frame, 132 bytes spill stores, 96 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 72 bytes cumulative stack size\n"
+    )
+    assert aot._ptxas_numbers(log) == (255, 72, 132, 96)
+    with pytest.raises(RuntimeError, match="resource report"):
+        aot._ptxas_numbers("ptxas info: nothing here")
+    assert aot._tensor_core("wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 ...") == "wgmma"
+    assert aot._tensor_core("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 ...") == "mma"
+    assert aot._tensor_core("fma.rn.f32 %f1, %f2, %f3, %f4;") == "none"
+
+
+def test_fits_and_unlaunchable_follow_the_architecture_limits():
+    build = aot.KernelBuild("forward", num_warps=8)
+    small = aot.KernelResources(build, "sm_86", registers=128, shared_bytes=64 * 1024)
+    big = aot.KernelResources(build, "sm_86", registers=128, shared_bytes=120 * 1024)  # > 99 KB
+    greedy = aot.KernelResources(build, "sm_90", registers=255, shared_bytes=1024)  # 255 x 256 threads <= 64 K
+    assert small.fits and not big.fits and greedy.fits
+    assert not aot.KernelResources(aot.KernelBuild("forward", num_warps=16), "sm_90", registers=255, shared_bytes=0).fits
+    assert aot.unlaunchable([big]) == [("sm_86", "forward", "float16", 64, "uniform")]
+    assert aot.unlaunchable([big, small]) == []
+    table = aot.render_table([small, big, aot.KernelResources(build, "sm_90", error="CompilationError: at 1:0\nmore")])
+    assert "**no**" in table and "**compile error**: CompilationError: at 1:0 |" in table
+
+
+@needs_triton
+def test_compiling_refuses_interpreted_kernels():
+    from dropkey.kernels import triton_dropkey as tk
+
+    if not tk.INTERPRETED:
+        pytest.skip("the kernels are compiled in this process (CUDA)")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        aot.compile_build(aot.KernelBuild("forward"))
