@@ -91,12 +91,12 @@ def render(meta: dict, summary: list[dict], results: Sequence[aot.KernelResource
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     archs = args.arch or ["sm_80", "sm_90"]
+    record = provenance()  # the commit the kernels were compiled from
     with tempfile.TemporaryDirectory(prefix="dropkey-triton-aot-") as cache:
         os.environ.setdefault("TRITON_CACHE_DIR", cache)
         results = aot.compile_builds(
             aot.builds("tuning", head_dims=args.head_dims), archs, jobs=args.jobs, progress=sys.stderr.isatty()
         )
-    record = provenance()
     failed = [row for row in results if not row.compiled]
     stranded = aot.unlaunchable(results)
     meta = {

@@ -124,3 +124,18 @@ def test_quick_run_on_one_shape(tmp_path):
     rows = data["cases"][0]["variants"]
     assert rows["triton"]["check"].startswith("ok") and rows["triton"]["nn_state_bytes"] == 0
     assert (tmp_path / "attention_gpu_quick.md").read_text().startswith("# DropKey attention on GPU")
+
+
+def test_gpu_session_script_is_valid_bash_and_fits_one_device_call():
+    """benchmarks/gpu_session.sh parses, names modules and files that exist, and its step limits sum to < 600 s."""
+    import re
+    import subprocess
+
+    script = ROOT / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    limits = [int(seconds) for seconds in re.findall(r"^step \S+ (\d+) ", text, flags=re.M)]
+    assert len(limits) == 5 and sum(limits) + 10 * len(limits) < 600  # each step may take 10 s more to be killed
+    for path in re.findall(r"\b((?:tests|benchmarks)/[\w/]+\.py)\b", text):
+        assert (ROOT / path).exists(), path
+    assert "dropkey.kernels.triton_aot" in text and importlib.util.find_spec("dropkey.kernels.triton_aot")

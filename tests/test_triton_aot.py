@@ -253,3 +253,28 @@ def test_compiling_refuses_interpreted_kernels():
         pytest.skip("the kernels are compiled in this process (CUDA)")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         aot.compile_build(aot.KernelBuild("forward"))
+
+
+@needs_compiler
+@pytest.mark.parametrize(("setting", "forward", "backward_float32"), [(None, 6, 4), ("0", 1, 1), ("off", 1, 1), ("1", 6, 4)])
+def test_autotune_switch_sets_the_candidates_of_the_compiled_launches(tmp_path, setting, forward, backward_float32):
+    """DROPKEY_LAB_TRITON_AUTOTUNE=0 leaves one candidate per launch (the first: no timing); default all of them."""
+    env = _compiler_env(tmp_path)
+    env.pop("DROPKEY_LAB_TRITON_AUTOTUNE", None)
+    if setting is not None:
+        env["DROPKEY_LAB_TRITON_AUTOTUNE"] = setting
+    script = (
+        "from dropkey.kernels import triton_dropkey as tk\n"
+        "assert not tk.INTERPRETED\n"
+        "f = tk._LAUNCHES['forward', False].configs\n"
+        "b = tk._LAUNCHES['backward_dq', True].configs\n"
+        "print(len(f), len(b), f[0].kwargs['BLOCK_M'], f[0].kwargs['BLOCK_N'], b[0].kwargs['BLOCK_M'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    from dropkey.kernels import triton_dropkey as tk
+
+    assert proc.stdout.split() == [
+        str(forward), str(backward_float32),
+        str(tk.FORWARD_TUNING[0][0]), str(tk.FORWARD_TUNING[0][1]), str(tk.BACKWARD_TUNING_FLOAT32[0][0]),
+    ]

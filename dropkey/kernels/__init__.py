@@ -19,7 +19,10 @@ otherwise. The other backends can use the very same mask with
 ``mask="hash"`` -- e.g. ``dropkey_attention(q, k, v, r, generator=7,
 backend="reference", mask="hash")`` equals ``backend="triton"`` with
 ``generator=7`` up to float rounding -- which is how the kernel is tested
-(on CPU, through the Triton interpreter: ``TRITON_INTERPRET=1``). Triton is an
+(on CPU, through the Triton interpreter: ``TRITON_INTERPRET=1``); and
+:mod:`dropkey.kernels.triton_aot` compiles it for named GPU architectures on a
+machine without a GPU (Triton's compiler and ptxas: registers, spills, shared
+memory, tensor-core use), which the interpreter cannot check. Triton is an
 optional dependency: ``pip install "dropkey-lab[triton]"``; without it
 everything else works and ``backend="triton"`` raises
 :class:`TritonUnavailableError`. Under ``torch.compile`` the kernel call is a

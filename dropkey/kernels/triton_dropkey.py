@@ -46,6 +46,7 @@ bfloat16; see ``_score``). Dtypes: float16, bfloat16, float32; head dims up to 2
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -387,14 +388,20 @@ def tuning_candidates(kernel: str, dtype: torch.dtype) -> tuple[tuple[int, int, 
     raise ValueError(f"kernel must be one of ('forward', 'backward_dkdv', 'backward_dq'), got {kernel!r}")
 
 
+# DROPKEY_LAB_TRITON_AUTOTUNE=0 (read at import): launch each kernel with its first candidate,
+# untimed. Each candidate is a separate compilation per mode and head dim, so this cuts the
+# compile time of short runs and of test suites with many shapes (benchmarks/gpu_session.sh).
+AUTOTUNE = os.environ.get("DROPKEY_LAB_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
 if not INTERPRETED:
     # One autotuner per (kernel, float32 or not): the tuner's candidates cannot depend on an
     # argument. The kernels only write their outputs (no accumulation into them), so the
-    # tuner's repeated runs are harmless.
+    # tuner's repeated runs are harmless. One candidate: no timing at all.
     _TUNE_KEY = ["NQ", "NK", "HEAD_D", "HEAD_DV", "CONVENTION", "DROP", "DOT"]
 
     def _autotuned(kernel: str, fn, exact: bool):
         candidates = tuning_candidates(kernel, torch.float32 if exact else torch.float16)
+        candidates = candidates if AUTOTUNE else candidates[:1]
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
         return triton.autotune(configs, key=_TUNE_KEY)(fn)
 
