@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -278,3 +279,30 @@ def test_autotune_switch_sets_the_candidates_of_the_compiled_launches(tmp_path, 
         str(forward), str(backward_float32),
         str(tk.FORWARD_TUNING[0][0]), str(tk.FORWARD_TUNING[0][1]), str(tk.BACKWARD_TUNING_FLOAT32[0][0]),
     ]
+
+
+_HASH_IR = """
+import json
+from dropkey.kernels import triton_aot as aot
+
+compiled, _ = aot.compiled_kernel(aot.KernelBuild("hash_mask", block_m=16, block_n=16), "sm_90")
+print(json.dumps(compiled.asm["ttir"]))
+"""
+
+
+@needs_compiler
+def test_the_compiled_hash_is_unsigned_32_bit_arithmetic(tmp_path):
+    """The GPU mask equals hash_mask.py's only if every hash step wraps at 32 bits and compares unsigned.
+
+    The interpreter tests check the values, but a compiler that typed the 32-bit constants
+    (0x85EBCA6B > 2**31) as int64, or shifted arithmetically, would change the GPU mask alone.
+    """
+    proc = subprocess.run([sys.executable, "-c", _HASH_IR], env=_compiler_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ttir = json.loads(proc.stdout.strip().splitlines()[-1])
+    hashing = [line for line in ttir.splitlines() if re.search(r"%(h|rows|flags)_\d+ = arith\.(muli|shrui|shrsi|xori|addi)", line)]
+    assert len(hashing) >= 30  # fmix32 three times (slice, row, tile): 5 steps each, plus the mixing
+    assert all(line.rstrip().split(" loc(")[0].endswith(("i32", "xi32>")) for line in hashing), hashing
+    assert not any("shrsi" in line for line in hashing)
+    assert "arith.constant dense<-2048144789>" in ttir and "arith.constant dense<-1028477387>" in ttir  # 0x85EBCA6B, 0xC2B2AE35
+    assert re.search(r"%flags_\d+ = arith\.cmpi ult", ttir)  # (h >> 8) < threshold, unsigned

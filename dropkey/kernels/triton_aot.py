@@ -51,6 +51,7 @@ __all__ = [
     "builds",
     "compile_build",
     "compile_builds",
+    "compiled_kernel",
     "main",
 ]
 
@@ -318,8 +319,11 @@ def _describe(error: BaseException) -> str:
     return texts[0] if len(texts) == 1 else texts[0] + "\n\nraised through:\n" + "\n".join(texts[1:])
 
 
-def compile_build(build: KernelBuild, arch: str = "sm_90") -> KernelResources:
-    """Compiles one build for ``arch`` (a key of :data:`ARCHITECTURES`); compile errors are returned, not raised."""
+def compiled_kernel(build: KernelBuild, arch: str = "sm_90"):
+    """(Triton's CompiledKernel, ptxas's report) of one build for ``arch``; raises what the compiler raises.
+
+    The kernel's ``asm`` holds every stage: ``ttir``, ``ttgir``, ``llir``, ``ptx``, ``cubin``.
+    """
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
     import triton
@@ -333,18 +337,26 @@ def compile_build(build: KernelBuild, arch: str = "sm_90") -> KernelResources:
     target = GPUTarget("cuda", ARCHITECTURES[arch].capability, 32)
     options = {"num_warps": build.num_warps, "num_stages": build.num_stages}
     log = io.StringIO()
+    # A fresh compilation every time (a cache hit would skip ptxas and its report);
+    # Triton prints ptxas's report when dump_ptxas_log is on.
+    with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        triton.knobs.compilation.always_compile = True
+        triton.knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(source, target=target, options=options)
+    return compiled, log.getvalue()
+
+
+def compile_build(build: KernelBuild, arch: str = "sm_90") -> KernelResources:
+    """Compiles one build for ``arch`` (a key of :data:`ARCHITECTURES`); compile errors are returned, not raised."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
     start = time.perf_counter()
     try:
-        # A fresh compilation every time (a cache hit would skip ptxas and its report);
-        # Triton prints ptxas's report when dump_ptxas_log is on.
-        with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
-            triton.knobs.compilation.always_compile = True
-            triton.knobs.nvidia.dump_ptxas_log = True
-            compiled = triton.compile(source, target=target, options=options)
+        compiled, log = compiled_kernel(build, arch)
     except Exception as error:  # noqa: BLE001 - every compiler failure is a finding to report
         return KernelResources(build, arch, error=_describe(error), compile_seconds=time.perf_counter() - start)
     seconds = time.perf_counter() - start
-    registers, stack, stores, loads = _ptxas_numbers(log.getvalue())
+    registers, stack, stores, loads = _ptxas_numbers(log)
     return KernelResources(
         build, arch,
         registers=registers, spill_store_bytes=stores, spill_load_bytes=loads, stack_bytes=stack,
@@ -366,6 +378,7 @@ def compile_builds(
     for arch in archs:
         if arch not in ARCHITECTURES:
             raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
+    items = list(items)
     pairs = [(build, arch) for arch in archs for build in items]
     if jobs == 1:
         results = map(_compile_pair, pairs)
