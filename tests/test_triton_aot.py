@@ -93,6 +93,19 @@ def test_hopper_builds_fit_the_shared_memory_and_register_file(hopper):
 
 
 @needs_compiler
+def test_the_mask_is_in_the_compiled_kernels(hopper):
+    """With r > 0 each tiled kernel has more machine instructions than with r = 0 (the hash, the -inf select)."""
+    _, _, rows = hopper
+    count = {
+        (r["build"]["kernel"], r["build"]["drop"]): r["sass_instructions"]
+        for r in rows
+        if r["build"]["dtype"] == "float16" and r["build"]["all_dropped"] == "uniform"
+    }
+    for kernel in ("forward", "backward_dkdv", "backward_dq"):
+        assert count[kernel, False] > 0 and count[kernel, True] > count[kernel, False] * 1.1, (kernel, count)
+
+
+@needs_compiler
 def test_half_precision_tiles_run_on_tensor_cores_and_float32_stays_exact(hopper):
     """Tensor-core products (wgmma, or mma for tiles under 64 rows) in float16/bfloat16; none in float32 (TF32 would round)."""
     _, _, rows = hopper
@@ -244,6 +257,7 @@ def test_fits_and_unlaunchable_follow_the_architecture_limits():
     assert aot.unlaunchable([big, small]) == []
     table = aot.render_table([small, big, aot.KernelResources(build, "sm_90", error="CompilationError: at 1:0\nmore")])
     assert "**no**" in table and "**compile error**: CompilationError: at 1:0 |" in table
+    assert all(line.count("|") == table.splitlines()[0].count("|") for line in table.splitlines())
 
 
 @needs_triton
@@ -254,6 +268,8 @@ def test_compiling_refuses_interpreted_kernels():
         pytest.skip("the kernels are compiled in this process (CUDA)")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         aot.compile_build(aot.KernelBuild("forward"))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        aot.compiled_kernel(aot.KernelBuild("hash_mask"))
 
 
 @needs_compiler

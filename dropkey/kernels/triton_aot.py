@@ -33,6 +33,7 @@ import io
 import logging
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -144,6 +145,7 @@ class KernelResources:
     stack_bytes: Optional[int] = None
     shared_bytes: Optional[int] = None
     tensor_core: Optional[str] = None  # "wgmma", "mma" or "none"
+    sass_instructions: Optional[int] = None  # machine instructions in the kernel (cuobjdump -sass), loops counted once
     compile_seconds: float = 0.0
 
     @property
@@ -302,6 +304,27 @@ def _ptxas_numbers(log: str) -> tuple[int, int, int, int]:
     return int(registers.group(1)), stack, stores, loads
 
 
+_SASS_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S")
+
+
+def _sass_instructions(cubin: bytes) -> Optional[int]:
+    """Machine instructions in a cubin, from the cuobjdump that ships with triton (None if it cannot run)."""
+    import triton
+
+    with tempfile.TemporaryDirectory(prefix="dropkey-sass-") as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as handle:
+            handle.write(cubin)
+        try:
+            sass = subprocess.run(
+                [triton.knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True, check=True, timeout=120
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as error:
+            logger.warning("cuobjdump could not disassemble a kernel: %s", error)
+            return None
+    return sum(1 for line in sass.splitlines() if _SASS_INSTRUCTION.match(line))
+
+
 def _tensor_core(ptx: str) -> str:
     if "wgmma.mma_async" in ptx:
         return "wgmma"
@@ -350,6 +373,7 @@ def compile_build(build: KernelBuild, arch: str = "sm_90") -> KernelResources:
     """Compiles one build for ``arch`` (a key of :data:`ARCHITECTURES`); compile errors are returned, not raised."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
+    _jit_function(build.kernel)  # interpreted kernels are a usage error, raised, not a compiler finding
     start = time.perf_counter()
     try:
         compiled, log = compiled_kernel(build, arch)
@@ -361,7 +385,7 @@ def compile_build(build: KernelBuild, arch: str = "sm_90") -> KernelResources:
         build, arch,
         registers=registers, spill_store_bytes=stores, spill_load_bytes=loads, stack_bytes=stack,
         shared_bytes=int(compiled.metadata.shared), tensor_core=_tensor_core(compiled.asm["ptx"]),
-        compile_seconds=seconds,
+        sass_instructions=_sass_instructions(compiled.asm["cubin"]), compile_seconds=seconds,
     )
 
 
@@ -419,8 +443,8 @@ def unlaunchable(results: Sequence[KernelResources]) -> list[tuple[str, str, str
 def render_table(results: Sequence[KernelResources]) -> str:
     """A Markdown table: one row per compilation."""
     lines = [
-        "| arch | kernel | dtype | d | mode | BLOCK_M x BLOCK_N | warps | stages | registers | spill st/ld (B) | shared (KiB) | tensor cores | fits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| arch | kernel | dtype | d | mode | BLOCK_M x BLOCK_N | warps | stages | registers | spill st/ld (B) | shared (KiB) | tensor cores | SASS instructions | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
         b = row.build
@@ -429,11 +453,12 @@ def render_table(results: Sequence[KernelResources]) -> str:
         if row.compiled:
             cells = (
                 f"{row.registers}", f"{row.spill_store_bytes}/{row.spill_load_bytes}",
-                f"{row.shared_bytes / 1024:.1f}", row.tensor_core or "?", "yes" if row.fits else "**no**",
+                f"{row.shared_bytes / 1024:.1f}", row.tensor_core or "?", f"{row.sass_instructions or '?'}",
+                "yes" if row.fits else "**no**",
             )
         else:
             first_line = row.error.splitlines()[0][:80].replace("|", "\\|")
-            cells = ("-", "-", "-", "-", f"**compile error**: {first_line}")
+            cells = ("-", "-", "-", "-", "-", f"**compile error**: {first_line}")
         lines.append(f"| {row.arch} | {b.kernel} | {b.dtype} | {b.head_dim} | {mode} | {tiles} | {b.num_warps} | {b.num_stages} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
