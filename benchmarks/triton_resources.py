@@ -139,9 +139,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     record = provenance()  # the commit the kernels were compiled from
     with tempfile.TemporaryDirectory(prefix="dropkey-triton-aot-") as cache:
         os.environ.setdefault("TRITON_CACHE_DIR", cache)
-        results = aot.compile_builds(
-            aot.builds("tuning", head_dims=args.head_dims), archs, jobs=args.jobs, progress=sys.stderr.isatty()
-        )
+        tuning = aot.builds("tuning", head_dims=args.head_dims)
+        results = aot.compile_builds(tuning, archs, jobs=args.jobs, progress=sys.stderr.isatty())
+        unmasked = aot.compile_builds(UNMASKED, archs, jobs=args.jobs)
     failed = [row for row in [*results, *unmasked] if not row.compiled]
     stranded = aot.unlaunchable(results)
     meta = {

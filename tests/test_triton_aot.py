@@ -12,6 +12,7 @@ in float32). Ampere (sm_80) and every autotune candidate at head dims 64..256 ar
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -322,3 +323,55 @@ def test_the_compiled_hash_is_unsigned_32_bit_arithmetic(tmp_path):
     assert not any("shrsi" in line for line in hashing)
     assert "arith.constant dense<-2048144789>" in ttir and "arith.constant dense<-1028477387>" in ttir  # 0x85EBCA6B, 0xC2B2AE35
     assert re.search(r"%flags_\d+ = arith\.cmpi ult", ttir)  # (h >> 8) < threshold, unsigned
+
+
+# --------------------------------------------------------------------------- benchmarks/triton_resources.py
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _resources_script():
+    spec = importlib.util.spec_from_file_location("triton_resources", _ROOT / "benchmarks" / "triton_resources.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@needs_triton
+def test_resource_summary_and_mask_cost_tables_from_given_results():
+    script = _resources_script()
+    assert {b.kernel for b in script.UNMASKED} == {"forward", "backward_dkdv", "backward_dq"}
+    assert all(not b.drop and b.dtype == "bfloat16" and b.head_dim == 64 for b in script.UNMASKED)
+    base = script.UNMASKED[0]
+    masked = dataclasses.replace(base, drop=True)
+    other = dataclasses.replace(masked, block_m=64)
+    results = [
+        aot.KernelResources(masked, "sm_90", registers=200, shared_bytes=1024, spill_store_bytes=0, spill_load_bytes=0, sass_instructions=1500),
+        aot.KernelResources(other, "sm_90", registers=255, shared_bytes=1024, spill_store_bytes=8, spill_load_bytes=8, sass_instructions=900),
+    ]
+    unmasked = [aot.KernelResources(base, "sm_90", registers=150, shared_bytes=1024, sass_instructions=1000)]
+    costs = script.mask_cost(results, unmasked)
+    assert costs == [
+        {"arch": "sm_90", "kernel": base.kernel, "config": base.label, "unmasked": 1000, "masked": 1500, "ratio": 1.5}
+    ]
+    (group,) = script.group_summary(results)
+    assert (group["candidates"], group["launchable"], group["spill_free"], group["least_spill_bytes"]) == (2, 2, 1, 0)
+    meta = {"git_commit": "abc", "triton": "3.9.0", "torch": "2.13", "machine": "x", "compilations": 2, "failed": 0,
+            "unlaunchable": [], "command": "c"}
+    text = script.render(meta, [group], results, costs)
+    assert "| sm_90 | forward | 1000 | 1500 | 1.50x |" in text and "not measured" in text.lower()
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_resource_script_writes_its_tables(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(_ROOT / "benchmarks" / "triton_resources.py"), "--arch", "sm_90", "--head-dims", "64",
+         "--jobs", "2", "--output", str(tmp_path)],
+        env=_compiler_env(tmp_path), capture_output=True, text=True, timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads((tmp_path / "triton_resources.json").read_text())
+    assert data["meta"]["failed"] == 0 and len(data["mask_cost"]) == 3
+    assert all(cost["ratio"] > 1.1 for cost in data["mask_cost"])
+    assert "## What the mask costs" in (tmp_path / "triton_resources.md").read_text()
