@@ -25,6 +25,8 @@ interleaved round-robin, with CUDA events:
 Variants:
 ``sdpa_nomask``  ``F.scaled_dot_product_attention(q, k, v)`` forced to the flash kernel: the speed of light;
 ``triton``       ``dropkey_attention(backend="triton")``: the fused kernel with its hash mask;
+``triton_nomask`` the same kernel at r = 0 (its mask compiled out): splits ``triton``'s gap to SDPA into
+                 the kernel's own (triton_nomask / sdpa_nomask) and the mask's (triton / triton_nomask);
 ``sdpa_mask``    ``dropkey_attention(backend="sdpa")``: SDPA with a boolean mask (Bernoulli mask drawn per call);
 ``flex_hash``    compiled FlexAttention with a ``score_mod`` that computes the same hash mask (int64 ops);
                  fully dropped rows give 0 there (the ``zero`` convention);
@@ -63,9 +65,10 @@ from dropkey.storage import write_json_atomic, write_text_atomic
 RESULTS = Path(__file__).resolve().parent / "results"
 SEQ_LENS = (65, 197, 577, 1024)
 HEAD_DIM = 64
-VARIANTS = ("sdpa_nomask", "triton", "sdpa_mask", "flex_hash", "reference", "paper")
+VARIANTS = ("sdpa_nomask", "triton", "triton_nomask", "sdpa_mask", "flex_hash", "reference", "paper")
 BASELINE = "sdpa_nomask"
 FUSED = "triton"
+FUSED_UNMASKED = "triton_nomask"
 TARGET_STEP_VS_SDPA = 1.15
 TARGET_STEP_VS_SDPA_AT = (197, 577)
 TARGET_SPEEDUP_VS_PAPER = 3.0
@@ -258,7 +261,24 @@ def render(meta: dict, cases: list[dict]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Targets", ""]
     lines += [f"- {key}: {value}" for key, value in meta["targets"].items()]
+    split = decompose(cases)
+    if split:
+        lines += ["", f"## Where `{FUSED}`'s time goes (step medians)", ""]
+        lines += split
     return "\n".join(lines) + "\n"
+
+
+def decompose(cases: list[dict]) -> list[str]:
+    """Per shape: the kernel's own gap to SDPA (at r = 0) and the mask's cost (r > 0 vs r = 0), from step medians."""
+    out = []
+    for case in cases:
+        rows = case["variants"]
+        kernel = _step_ratio(rows.get(FUSED_UNMASKED, {}), rows.get(BASELINE, {}))
+        mask = _step_ratio(rows.get(FUSED, {}), rows.get(FUSED_UNMASKED, {}))
+        if kernel is not None and mask is not None:
+            label = "x".join(str(s) for s in case["shape"])
+            out.append(f"- {label}: kernel at r = 0 / SDPA {kernel:.2f}x; mask (r > 0 / r = 0) {mask:.2f}x")
+    return out
 
 
 def summarise(times: dict[str, list[float]]) -> dict[str, float]:
@@ -318,6 +338,10 @@ def make_variant(name: str, ratio: float, heads: int, seed: int) -> Callable:
         return sdpa_flash
     if name == "triton":
         return lambda q, k, v: dropkey_attention(q, k, v, ratio, generator=seed, backend="triton")
+    if name == "triton_nomask":  # dropkey_attention at r = 0 is plain attention: call the kernel itself
+        from dropkey.kernels import triton_attention
+
+        return lambda q, k, v: triton_attention(q, k, v, 0.0, seed=_hash.hash_seed(seed))
     if name == "sdpa_mask":
         return lambda q, k, v: dropkey_attention(q, k, v, ratio, generator=seed, backend="sdpa", mask="bernoulli")
     if name == "flex_hash":

@@ -68,8 +68,8 @@ def _fake_cases():
 
     cases = []
     for n, fused_step in ((197, 1.1), (577, 1.3)):
-        rows = {"sdpa_nomask": row(0.3, 1.0), "triton": row(0.4, fused_step), "paper": row(1.0, 4.0, 10**6),
-                "flex_hash": {"check": "-", "error": "OOM"}}
+        rows = {"sdpa_nomask": row(0.3, 1.0), "triton": row(0.4, fused_step), "triton_nomask": row(0.35, 0.88),
+                "paper": row(1.0, 4.0, 10**6), "flex_hash": {"check": "-", "error": "OOM"}}
         bench.add_ratios(rows, {"forward": 1e-4, "step": 5e-4})
         cases.append({"shape": [8, 12, n, 64], "floor_ms": {}, "variants": rows})
     return cases
@@ -96,7 +96,9 @@ def test_targets_and_table():
     assert "NVIDIA H200" in text and "nominal 4800 GB/s" in text
     assert "| 8x12x197x64 | triton | ok (1.0e-03) | 0.400 | 0.700 | 1.100 (1.000) | 1.10x | 1.33x | 3.64x | 1.5 | 0 | 45.5 |" in text
     assert "| 8x12x197x64 | flex_hash | - | OOM |" in text
-    assert text.count("| 8x12x") == 8 and "- 8x12x577x64: triton fwd+bwd within 1.15x" in text
+    assert text.count("| 8x12x") == 10 and "- 8x12x577x64: triton fwd+bwd within 1.15x" in text
+    assert "- 8x12x197x64: kernel at r = 0 / SDPA 0.88x; mask (r > 0 / r = 0) 1.25x" in text
+    assert bench.decompose([{"shape": [1, 1, 197, 64], "variants": {"sdpa_nomask": {}, "triton": {}}}]) == []
 
 
 def test_without_cuda_the_script_says_so_and_writes_nothing(tmp_path, capsys, monkeypatch):
