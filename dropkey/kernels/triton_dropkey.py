@@ -367,9 +367,9 @@ INTERPRETED = not isinstance(_fwd_kernel, triton.runtime.JITFunction)
 # Compiled (GPU): the autotuner's candidates, (BLOCK_M, BLOCK_N, num_warps, num_stages),
 # timed per (Nq, Nk, head dims, mode). Half dtypes run their tile products on tensor cores;
 # float32 runs exact IEEE products on CUDA cores, whose Triton lowering keeps whole operand
-# rows per thread, so it gets smaller tiles: ptxas spills 17-47 KB per thread for the half
-# candidates in float32 and nothing for these at d = 64 (benchmarks/results/triton_resources.md,
-# measured by dropkey.kernels.triton_aot without a GPU).
+# rows per thread, so it gets smaller tiles. In float32 on sm_90 at d = 64, 14 of the 18 half
+# candidates made ptxas spill 6-39 KB per thread (the other four 0.25-2.8 KB); these spill
+# nothing (benchmarks/results/triton_resources.md, by dropkey.kernels.triton_aot, no GPU).
 FORWARD_TUNING = ((128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 2), (128, 64, 8, 2))
 BACKWARD_TUNING = ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 128, 4, 2), (64, 32, 4, 2))
 FORWARD_TUNING_FLOAT32 = ((32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (16, 32, 2, 2))
