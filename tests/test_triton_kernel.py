@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 
@@ -270,9 +272,27 @@ def test_without_triton_the_backend_says_how_to_install(monkeypatch):
 @pytest.mark.parametrize("seed", [0, 3, 2**31 + 1, 2**64 - 1])
 def test_kernel_hash_mask_is_bit_exact(seed):
     """The Triton hash (uint32 ops) == the torch hash (int64 ops), bit for bit, at tile-unaligned shapes."""
-    for shape, r in (((2, 3, 17, 33), 0.3), ((1, 1, 1, 1), 0.5), ((3, 5, 18), 0.9), ((2, 2, 2), 0.01)):
+    near_one = 1 - 2.0**-26  # T = 2**24: every logit dropped (the kernels' limit T * 2**8 - 1 wraps to 2**32 - 1)
+    cases = (((2, 3, 17, 33), 0.3), ((1, 1, 1, 1), 0.5), ((3, 5, 18), 0.9), ((2, 2, 2), 0.01), ((2, 9, 9), near_one), ((2, 9, 9), 0.0))
+    assert hash_threshold(near_one) == 2**HASH_BITS
+    for shape, r in cases:
         got = tk.triton_hash_drop_mask(seed, shape, r, device=DEVICE)
         assert torch.equal(got.cpu(), hash_drop_mask(seed, shape, r))
+    assert tk.triton_hash_drop_mask(seed, (2, 9, 9), near_one, device=DEVICE).all()
+
+
+@needs_triton
+@settings(max_examples=300)
+@given(h=st.integers(0, 2**32 - 1), threshold=st.integers(1, 2**HASH_BITS))
+def test_kernel_limit_compare_is_the_specified_threshold_compare(h, threshold):
+    """The kernels test h <= T * 2**8 - 1 (one instruction less); hash_mask.py tests (h >> 8) < T: the same set."""
+    limit = tk._hash_limit(threshold) & 0xFFFFFFFF  # the int32 bit pattern the kernels reinterpret as uint32
+    assert (h <= limit) == ((h >> 8) < threshold)
+    for edge in (threshold * 256 - 1, threshold * 256):
+        if edge < 2**32:
+            assert (edge <= limit) == ((edge >> 8) < threshold)
+    with pytest.raises(ValueError, match="threshold"):
+        tk._hash_limit(2**HASH_BITS + 1)
 
 
 @needs_triton

@@ -105,13 +105,17 @@ def _col_terms(cols):
 
 
 @triton.jit
-def _dropped(row_keys, col_terms, threshold):
-    """Drop flags of a tile: (fmix32(row_key + col_term) >> 8) < threshold; operands pre-broadcast."""
-    return (_fmix32(row_keys + col_terms) >> 8) < threshold.to(tl.uint32)
+def _dropped(row_keys, col_terms, hash_limit):
+    """Drop flags of a tile: fmix32(row_key + col_term) <= hash_limit; operands pre-broadcast.
+
+    ``hash_limit`` = T * 2**8 - 1 (an int32 bit pattern, from ``_hash_limit``), so the test
+    equals hash_mask.py's ``(h >> 8) < T`` for T >= 1 with one instruction less per logit.
+    """
+    return _fmix32(row_keys + col_terms) <= hash_limit.to(tl.uint32, bitcast=True)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
-def _hash_mask_kernel(OUT, NQ, NK, seed_lo, seed_hi, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "hash_limit"])
+def _hash_mask_kernel(OUT, NQ, NK, seed_lo, seed_hi, hash_limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Writes the drop flags (int8) of slice program_id(1) as the attention kernels compute them."""
     bh = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -119,7 +123,7 @@ def _hash_mask_kernel(OUT, NQ, NK, seed_lo, seed_hi, threshold, BLOCK_M: tl.cons
     base = OUT + bh.to(tl.int64) * NQ * NK
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        flags = _dropped(rows[:, None], _col_terms(offs_n)[None, :], threshold)
+        flags = _dropped(rows[:, None], _col_terms(offs_n)[None, :], hash_limit)
         inside = (offs_m[:, None] < NQ) & (offs_n[None, :] < NK)
         tl.store(base + offs_m[:, None] * NK + offs_n[None, :], flags.to(tl.int8), mask=inside)
 
@@ -174,7 +178,7 @@ def _row_stats(PTR, bh, NQ, offs_m, other):
 
 
 @triton.jit
-def _kept(rows, cols, inside, threshold, undropped_rows, DROP: tl.constexpr, UNDROP: tl.constexpr):
+def _kept(rows, cols, inside, hash_limit, undropped_rows, DROP: tl.constexpr, UNDROP: tl.constexpr):
     """Keep flags of a tile (operands pre-broadcast): inside and not hash-dropped; ``undropped_rows`` keep all.
 
     One return statement: the compiler types every return of a function, even one in a
@@ -182,7 +186,7 @@ def _kept(rows, cols, inside, threshold, undropped_rows, DROP: tl.constexpr, UND
     """
     keep = inside
     if DROP:
-        dropped = _dropped(rows, cols, threshold)
+        dropped = _dropped(rows, cols, hash_limit)
         if UNDROP:
             dropped = dropped & ~undropped_rows
         keep = inside & ~dropped
@@ -194,7 +198,7 @@ def _kept(rows, cols, inside, threshold, undropped_rows, DROP: tl.constexpr, UND
 
 @triton.jit
 def _online_softmax(
-    q, rows, k_base, skn, v_base, svn, NK, qk_scale, threshold, offs_d, offs_dv,
+    q, rows, k_base, skn, v_base, svn, NK, qk_scale, hash_limit, offs_d, offs_dv,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DV: tl.constexpr, DROP: tl.constexpr, SUM_V: tl.constexpr, DOT: tl.constexpr,
 ):
@@ -207,7 +211,7 @@ def _online_softmax(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, NK, offs_d, HEAD_D)
         v = _load_tile(v_base, offs_n, svn, NK, offs_dv, HEAD_DV)
-        keep = _kept(rows[:, None], _col_terms(offs_n)[None, :], (offs_n < NK)[None, :], threshold, 0, DROP, False)
+        keep = _kept(rows[:, None], _col_terms(offs_n)[None, :], (offs_n < NK)[None, :], hash_limit, 0, DROP, False)
         s = tl.where(keep, _score(q, tl.trans(k), DOT) * qk_scale, float("-inf"))  # dropped before the max
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf) while a row is empty
@@ -221,11 +225,11 @@ def _online_softmax(
     return m_i, l_i, acc, v_sum
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "hash_limit"])
 def _fwd_kernel(
     Q, K, V, O, LSE, DEAD,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-    H, NQ, NK, qk_scale, seed_lo, seed_hi, threshold,
+    H, NQ, NK, qk_scale, seed_lo, seed_hi, hash_limit,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CONVENTION: tl.constexpr, DROP: tl.constexpr, DOT: tl.constexpr,
@@ -239,7 +243,7 @@ def _fwd_kernel(
     v_base = _slice_ptr(V, bh, H, svb, svh)
     rows = _row_keys(_slice_key(seed_lo, seed_hi, bh), offs_m)
     m_i, l_i, acc, v_sum = _online_softmax(
-        q, rows, k_base, skn, v_base, svn, NK, qk_scale, threshold, offs_d, offs_dv,
+        q, rows, k_base, skn, v_base, svn, NK, qk_scale, hash_limit, offs_d, offs_dv,
         HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_DV, DROP, CONVENTION == 1, DOT,
     )
     empty = m_i == float("-inf")  # l = 0 exactly when no key was kept
@@ -252,7 +256,7 @@ def _fwd_kernel(
     if CONVENTION == 2:
         if tl.max(dead.to(tl.int32), 0) > 0:  # rare: a dead row in this block -> plain softmax pass
             m2, l2, acc2, _ = _online_softmax(
-                q, rows, k_base, skn, v_base, svn, NK, qk_scale, threshold, offs_d, offs_dv,
+                q, rows, k_base, skn, v_base, svn, NK, qk_scale, hash_limit, offs_d, offs_dv,
                 HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_DV, False, False, DOT,
             )
             out = tl.where(dead[:, None], acc2 / l2[:, None], out)
@@ -279,11 +283,11 @@ def _bwd_delta_kernel(
     tl.store(DELTA + bh.to(tl.int64) * NQ + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < NQ)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "hash_limit"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DEAD, DK, DV,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
-    H, NQ, NK, qk_scale, scale, seed_lo, seed_hi, threshold,
+    H, NQ, NK, qk_scale, scale, seed_lo, seed_hi, hash_limit,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CONVENTION: tl.constexpr, DROP: tl.constexpr, DOT: tl.constexpr,
@@ -310,7 +314,7 @@ def _bwd_dkdv_kernel(
         delta = _row_stats(DELTA, bh, NQ, offs_m, 0.0)
         dead = _row_stats(DEAD, bh, NQ, offs_m, 0) != 0
         inside = (offs_n < NK)[:, None] & (offs_m < NQ)[None, :]
-        keep_t = _kept(_row_keys(slice_key, offs_m)[None, :], cols[:, None], inside, threshold, dead[None, :], DROP, CONVENTION == 2)
+        keep_t = _kept(_row_keys(slice_key, offs_m)[None, :], cols[:, None], inside, hash_limit, dead[None, :], DROP, CONVENTION == 2)
         s_t = tl.where(keep_t, _score(k, tl.trans(q), DOT) * qk_scale, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])  # 0 where dropped, and on zero/uniform dead rows (lse = +inf)
         dv += _score(p_t.to(do.dtype), do, DOT)
@@ -324,11 +328,11 @@ def _bwd_dkdv_kernel(
     _store_tile(DV + bh.to(tl.int64) * NK * HEAD_DV, offs_n, HEAD_DV, NK, offs_dv, HEAD_DV, dv)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "hash_limit"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DEAD, DQ,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdb, sdh, sdm,
-    H, NQ, NK, qk_scale, scale, seed_lo, seed_hi, threshold,
+    H, NQ, NK, qk_scale, scale, seed_lo, seed_hi, hash_limit,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CONVENTION: tl.constexpr, DROP: tl.constexpr, DOT: tl.constexpr,
@@ -352,7 +356,7 @@ def _bwd_dq_kernel(
         k = _load_tile(k_base, offs_n, skn, NK, offs_d, HEAD_D)
         v = _load_tile(v_base, offs_n, svn, NK, offs_dv, HEAD_DV)
         inside = (offs_m < NQ)[:, None] & (offs_n < NK)[None, :]
-        keep = _kept(rows[:, None], _col_terms(offs_n)[None, :], inside, threshold, dead[:, None], DROP, CONVENTION == 2)
+        keep = _kept(rows[:, None], _col_terms(offs_n)[None, :], inside, hash_limit, dead[:, None], DROP, CONVENTION == 2)
         s = tl.where(keep, _score(q, tl.trans(k), DOT) * qk_scale, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         ds = p * (_score(do, tl.trans(v), DOT) - delta[:, None])
@@ -445,6 +449,18 @@ def _as_4d(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _hash_limit(threshold: int) -> int:
+    """T * 2**8 - 1 as an int32 bit pattern: a 32-bit hash h has (h >> 8) < T iff h <= it (unsigned; T >= 1).
+
+    T = 2**24 (r within 2**-25 of 1) gives 2**32 - 1: every logit dropped. T = 0 (no mask)
+    gives 0, which the kernels never read (their DROP switch is off).
+    """
+    if not 0 <= threshold <= 1 << 24:
+        raise ValueError(f"threshold must be in [0, 2**24], got {threshold}")
+    limit = (threshold << 8) - 1 if threshold else 0
+    return limit - (1 << 32) if limit >= 1 << 31 else limit
+
+
 def _split_seed(seed: int) -> tuple[int, int]:
     """The two 32-bit words of ``seed`` as int32 bit patterns (so the kernels always see int32 scalars)."""
     words = (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)
@@ -497,7 +513,7 @@ class _TritonDropKey(torch.autograd.Function):
                 q4, k4, v4, out, lse, dead,
                 q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
                 v4.stride(0), v4.stride(1), v4.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                heads, nq, nk, scale * _LOG2E, seed_lo, seed_hi, threshold,
+                heads, nq, nk, scale * _LOG2E, seed_lo, seed_hi, _hash_limit(threshold),
                 HEAD_D=d, HEAD_DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
                 CONVENTION=convention, DROP=threshold > 0, DOT=_dot_mode(q.dtype),
                 **_blocks(INTERPRET_FWD_BLOCKS),
@@ -536,7 +552,7 @@ class _TritonDropKey(torch.autograd.Function):
                 q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
                 v4.stride(0), v4.stride(1), v4.stride(2), do.stride(0), do.stride(1), do.stride(2),
             )
-            common = (heads, nq, nk, scale * _LOG2E, scale, seed_lo, seed_hi, threshold)
+            common = (heads, nq, nk, scale * _LOG2E, scale, seed_lo, seed_hi, _hash_limit(threshold))
             meta = dict(
                 HEAD_D=d, HEAD_DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
                 CONVENTION=convention, DROP=threshold > 0, DOT=_dot_mode(q4.dtype),
@@ -588,10 +604,11 @@ def triton_hash_drop_mask(seed: int, shape: tuple[int, ...], drop_ratio: float, 
     nq, nk = shape[-2], shape[-1]
     slices = math.prod(shape[:-2])
     out = torch.zeros(slices, nq, nk, dtype=torch.int8, device=dev)
-    if out.numel():
+    threshold = hash_threshold(drop_ratio)
+    if out.numel() and threshold:  # T = 0: nothing dropped (the kernel's test needs T >= 1)
         seed_lo, seed_hi = _split_seed(_check_seed(seed))
         block_m, block_n = HASH_MASK_BLOCKS
         _hash_mask_kernel[(triton.cdiv(nq, block_m), slices)](
-            out, nq, nk, seed_lo, seed_hi, hash_threshold(drop_ratio), BLOCK_M=block_m, BLOCK_N=block_n
+            out, nq, nk, seed_lo, seed_hi, _hash_limit(threshold), BLOCK_M=block_m, BLOCK_N=block_n
         )
     return out.bool().view(*shape)
