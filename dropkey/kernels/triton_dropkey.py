@@ -313,7 +313,7 @@ def _bwd_dkdv_kernel(
         lse = _row_stats(LSE, bh, NQ, offs_m, float("inf"))
         delta = _row_stats(DELTA, bh, NQ, offs_m, 0.0)
         dead = _row_stats(DEAD, bh, NQ, offs_m, 0) != 0
-        inside = (offs_n < NK)[:, None] & (offs_m < NQ)[None, :]
+        inside = (offs_n < NK)[:, None]  # rows past NQ need no mask: their lse loads as +inf, so P = 0
         keep_t = _kept(_row_keys(slice_key, offs_m)[None, :], cols[:, None], inside, hash_limit, dead[None, :], DROP, CONVENTION == 2)
         s_t = tl.where(keep_t, _score(k, tl.trans(q), DOT) * qk_scale, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])  # 0 where dropped, and on zero/uniform dead rows (lse = +inf)
@@ -355,7 +355,7 @@ def _bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, NK, offs_d, HEAD_D)
         v = _load_tile(v_base, offs_n, svn, NK, offs_dv, HEAD_DV)
-        inside = (offs_m < NQ)[:, None] & (offs_n < NK)[None, :]
+        inside = (offs_n < NK)[None, :]  # rows past NQ need no mask: their lse loads as +inf, so P = 0
         keep = _kept(rows[:, None], _col_terms(offs_n)[None, :], inside, hash_limit, dead[:, None], DROP, CONVENTION == 2)
         s = tl.where(keep, _score(q, tl.trans(k), DOT) * qk_scale, float("-inf"))
         p = tl.exp2(s - lse[:, None])
