@@ -10,7 +10,9 @@ that are multiples of the head dim). It then reads what the hardware would get:
 - registers per thread, and bytes spilled to local memory (``ptxas -v``, as Triton runs it);
 - shared memory per block (Triton's metadata), against the architecture's opt-in limit;
 - whether the tile products became tensor-core instructions (``wgmma`` on Hopper, ``mma``
-  on Ampere/Ada) -- float32 runs exact IEEE products on CUDA cores by design.
+  on Ampere/Ada) -- float32 runs exact IEEE products on CUDA cores by design;
+- the kernel's machine instructions (``cuobjdump -sass``, also in the wheel), so the cost of
+  the mask can be read as the count with r > 0 against r = 0 (a static count, not a timing).
 
 What this catches that the interpreter cannot: the interpreter runs the kernels as numpy,
 so code the compiler rejects (a type it cannot unify, a shape a tensor-core product does
@@ -249,6 +251,8 @@ def _jit_function(kernel: str):
 
 def _constexprs(build: KernelBuild) -> dict[str, object]:
     """The constexpr values the launch in triton_dropkey passes for this build on a GPU."""
+    import torch
+
     from dropkey.kernels import triton_dropkey as tk
 
     block_d = tk._pow2(build.head_dim)
@@ -260,7 +264,7 @@ def _constexprs(build: KernelBuild) -> dict[str, object]:
         "HEAD_D": build.head_dim, "HEAD_DV": build.head_dim, "BLOCK_D": block_d, "BLOCK_DV": block_d,
         "BLOCK_M": build.block_m, "BLOCK_N": build.block_n,
         "CONVENTION": tk.CONVENTION_CODES[build.all_dropped], "DROP": build.drop,
-        "DOT": 1 if build.dtype == "float32" else 0,  # tk._dot_mode on a GPU
+        "DOT": tk._dot_mode(getattr(torch, build.dtype)),  # compiled (not interpreted) here
     }
 
 
