@@ -44,7 +44,9 @@ needs_compiler = pytest.mark.skipif(bool(_MISSING), reason=_MISSING)
 def _compiler_env(tmp: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "triton-cache")
-    env["PYTHONWARNINGS"] = "ignore"
+    # Warnings are errors, as in the test suite: a compilation that warns (say, about a
+    # compiler default about to change) is reported as failed.
+    env["PYTHONWARNINGS"] = "error"
     return env
 
 

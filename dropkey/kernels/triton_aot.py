@@ -346,6 +346,12 @@ def _describe(error: BaseException) -> str:
     return texts[0] if len(texts) == 1 else texts[0] + "\n\nraised through:\n" + "\n".join(texts[1:])
 
 
+def _compile_options() -> dict[str, object]:
+    from dropkey.kernels import triton_dropkey as tk
+
+    return dict(tk.COMPILE_OPTIONS)
+
+
 def compiled_kernel(build: KernelBuild, arch: str = "sm_90"):
     """(Triton's CompiledKernel, ptxas's report) of one build for ``arch``; raises what the compiler raises.
 
@@ -362,7 +368,7 @@ def compiled_kernel(build: KernelBuild, arch: str = "sm_90"):
     signature, attrs = _signature(fn, build, constexprs)
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", ARCHITECTURES[arch].capability, 32)
-    options = {"num_warps": build.num_warps, "num_stages": build.num_stages}
+    options = {"num_warps": build.num_warps, "num_stages": build.num_stages, **_compile_options()}
     log = io.StringIO()
     # A fresh compilation every time (a cache hit would skip ptxas and its report);
     # Triton prints ptxas's report when dump_ptxas_log is on.

@@ -379,6 +379,10 @@ BACKWARD_TUNING = ((64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8,
 FORWARD_TUNING_FLOAT32 = ((32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (16, 32, 2, 2))
 BACKWARD_TUNING_FLOAT32 = ((32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2), (32, 16, 4, 2))
 DELTA_BLOCK_M = 64  # the delta kernel's query block on GPU (16 under the interpreter)
+# Compiler options of every launch, stated rather than left to the installed Triton's default:
+# FMA contraction on (Triton 3.9 warns that its default turns off in 3.10; the kernels were
+# tested with it on). The interpreter ignores them.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 HASH_MASK_BLOCKS = (16, 16)  # triton_hash_drop_mask's (BLOCK_M, BLOCK_N)
 
 
@@ -516,7 +520,7 @@ class _TritonDropKey(torch.autograd.Function):
                 heads, nq, nk, scale * _LOG2E, seed_lo, seed_hi, _hash_limit(threshold),
                 HEAD_D=d, HEAD_DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
                 CONVENTION=convention, DROP=threshold > 0, DOT=_dot_mode(q.dtype),
-                **_blocks(INTERPRET_FWD_BLOCKS),
+                **_blocks(INTERPRET_FWD_BLOCKS), **COMPILE_OPTIONS,
             )
         ctx.save_for_backward(q4, k4, v4, out, lse, dead)
         ctx.shapes = (q.shape, k.shape, v.shape)
@@ -545,7 +549,7 @@ class _TritonDropKey(torch.autograd.Function):
             block = 16 if INTERPRETED else DELTA_BLOCK_M
             _bwd_delta_kernel[(triton.cdiv(nq, block), slices)](
                 out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                heads, nq, HEAD_DV=dv, BLOCK_DV=_pow2(dv), BLOCK_M=block,
+                heads, nq, HEAD_DV=dv, BLOCK_DV=_pow2(dv), BLOCK_M=block, **COMPILE_OPTIONS,
             )
             seed_lo, seed_hi = _split_seed(seed)
             strides = (
@@ -556,7 +560,7 @@ class _TritonDropKey(torch.autograd.Function):
             meta = dict(
                 HEAD_D=d, HEAD_DV=dv, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
                 CONVENTION=convention, DROP=threshold > 0, DOT=_dot_mode(q4.dtype),
-                **_blocks(INTERPRET_BWD_BLOCKS),
+                **_blocks(INTERPRET_BWD_BLOCKS), **COMPILE_OPTIONS,
             )
             _launch("backward_dkdv", q4.dtype)[_grid("BLOCK_N", nk, slices)](q4, k4, v4, do, lse, delta, dead, grad_k, grad_v, *strides, *common, **meta)
             _launch("backward_dq", q4.dtype)[_grid("BLOCK_M", nq, slices)](q4, k4, v4, do, lse, delta, dead, grad_q, *strides, *common, **meta)
@@ -609,6 +613,6 @@ def triton_hash_drop_mask(seed: int, shape: tuple[int, ...], drop_ratio: float, 
         seed_lo, seed_hi = _split_seed(_check_seed(seed))
         block_m, block_n = HASH_MASK_BLOCKS
         _hash_mask_kernel[(triton.cdiv(nq, block_m), slices)](
-            out, nq, nk, seed_lo, seed_hi, _hash_limit(threshold), BLOCK_M=block_m, BLOCK_N=block_n
+            out, nq, nk, seed_lo, seed_hi, _hash_limit(threshold), BLOCK_M=block_m, BLOCK_N=block_n, **COMPILE_OPTIONS
         )
     return out.bool().view(*shape)
