@@ -2,10 +2,10 @@
 # The one prepared run for a session that is lent a GPU (H100/H200): correctness first, then speed.
 #
 # It uses the GPU machine's own python3 (torch and triton preinstalled, no internet): nothing is
-# installed, the repository goes on PYTHONPATH. Each step has a time limit so the whole run ends
-# inside one 10-minute device call (under 10 minutes even if every step runs out of time); a failing step does not stop the
-# later ones. Logs and results go to $OUT (the device tool brings back at most 8 files), or to
-# ./gpu-session-out without it.
+# installed, the repository goes on PYTHONPATH. Each step has a time limit, so the whole run ends
+# inside one 10-minute device call even if every step runs out of time; a failing step does not
+# stop the later ones. Logs and results go to $OUT (the device tool brings back at most 8 files),
+# or to ./gpu-session-out without it.
 #
 #   env       nvidia-smi, python, torch, triton, the device
 #   compile   the kernels compiled for sm_90 by the machine's own triton (dropkey.kernels.triton_aot)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 import theory
 from dropkey import functional as fn
+from dropkey.kernels import cpu_kernel
+from dropkey.kernels.cpu_kernel import cpp_available
 from dropkey.masks import dropattention_keep_mask, dropkey_keep_mask
 
 BACKENDS = ("reference", "sdpa", "fused", "auto")
@@ -279,17 +281,32 @@ def test_all_dropped_rows_follow_the_convention():
 # --------------------------------------------------------------------------- same distribution as the theory
 
 
-def _empirical_weights(backend, convention, n, r, samples, seed):
-    """Empirical weights: v = eye(N) so the output row is the weight row. Returns (p, weights (S, Nq, N))."""
+def _empirical_weights(backend, convention, n, r, samples, seed, dtype=torch.float64):
+    """Empirical weights: v = eye(N) so the output row is the weight row. Returns (p, weights (S, Nq, N)).
+
+    q, k, v are drawn in ``dtype``; p is the float64 softmax of their logits as computed in ``dtype``.
+    """
     g = torch.Generator().manual_seed(100 + n)
     nq = 3
-    q = torch.randn(1, nq, 4, generator=g, dtype=torch.float64) * 1.5
-    k = torch.randn(1, n, 4, generator=g, dtype=torch.float64) * 1.5
-    v = torch.eye(n, dtype=torch.float64).unsqueeze(0)
-    p = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1)[0].numpy()
+    q = torch.randn(1, nq, 4, generator=g, dtype=dtype) * 1.5
+    k = torch.randn(1, n, 4, generator=g, dtype=dtype) * 1.5
+    v = torch.eye(n, dtype=dtype).unsqueeze(0)
+    p = torch.softmax((q @ k.transpose(-2, -1)).double() / 2.0, dim=-1)[0].numpy()
     qs, ks, vs = (t.expand(samples, *t.shape[1:]) for t in (q, k, v))
     w = fn.dropkey_attention(qs, ks, vs, r, all_dropped=convention, generator=seed, backend=backend)
-    return p, w.numpy()
+    return p, w.double().numpy()
+
+
+def _assert_weights_match_theory(backend, convention, n, r, *, dtype, rounding, sum_atol):
+    """E[w] over 20000 masks within 5 SE (+ ``rounding``) of theory.expected_attention; rows sum to 1 but for zero."""
+    samples = 20000
+    p, w = _empirical_weights(backend, convention, n, r, samples, seed=n * 1000 + int(r * 100), dtype=dtype)
+    expected = theory.expected_attention(p, r, all_dropped=convention)
+    se = np.sqrt(theory.attention_variance(p, r, all_dropped=convention) / samples)
+    deviation = np.abs(w.mean(axis=0) - expected)
+    assert np.all(deviation <= 5 * se + rounding), (deviation / np.maximum(se, 1e-12)).max()
+    if convention != "zero":
+        np.testing.assert_allclose(w.sum(axis=-1), 1.0, atol=sum_atol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -303,14 +320,16 @@ def test_expected_weights_match_theory(backend, convention, n, r):
     Small N with large r makes all-dropped rows frequent (r^N up to 0.34), so the
     convention matters. Seeds are fixed, so the test is deterministic.
     """
-    samples = 20000
-    p, w = _empirical_weights(backend, convention, n, r, samples, seed=n * 1000 + int(r * 100))
-    expected = theory.expected_attention(p, r, all_dropped=convention)
-    se = np.sqrt(theory.attention_variance(p, r, all_dropped=convention) / samples)
-    deviation = np.abs(w.mean(axis=0) - expected)
-    assert np.all(deviation <= 5 * se + 1e-9), (deviation / np.maximum(se, 1e-12)).max()
-    if convention != "zero":
-        np.testing.assert_allclose(w.sum(axis=-1), 1.0, atol=1e-12)
+    _assert_weights_match_theory(backend, convention, n, r, dtype=torch.float64, rounding=1e-9, sum_atol=1e-12)
+
+
+@pytest.mark.skipif(not cpp_available(), reason=f"C++ kernel unavailable: {cpu_kernel.cpp_unavailable_reason()}")
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("n,r", [(2, 0.5), (3, 0.7), (8, 0.1), (8, 0.9)])
+def test_cpp_kernel_expected_weights_match_theory(convention, n, r):
+    """The C++ kernel (float32 only) against the same theory: 1e-6 on top of 5 SE allows for float32
+    rounding of the weights (the SEs are ~1e-3)."""
+    _assert_weights_match_theory("cpp", convention, n, r, dtype=torch.float32, rounding=1e-6, sum_atol=1e-5)
 
 
 def test_post_softmax_dropout_is_unbiased_and_plain_in_eval():

@@ -104,7 +104,7 @@ def test_the_mask_is_in_the_compiled_kernels(hopper):
         for r in rows
         if r["build"]["dtype"] == "float16" and r["build"]["all_dropped"] == "uniform"
     }
-    for kernel in ("forward", "backward_dkdv", "backward_dq"):
+    for kernel in aot.TILED_KERNELS:
         assert count[kernel, False] > 0 and count[kernel, True] > count[kernel, False] * 1.1, (kernel, count)
 
 
@@ -112,7 +112,7 @@ def test_the_mask_is_in_the_compiled_kernels(hopper):
 def test_half_precision_tiles_run_on_tensor_cores_and_float32_stays_exact(hopper):
     """Tensor-core products (wgmma, or mma for tiles under 64 rows) in float16/bfloat16; none in float32 (TF32 would round)."""
     _, _, rows = hopper
-    tiled = [row for row in rows if row["build"]["kernel"] in ("forward", "backward_dkdv", "backward_dq")]
+    tiled = [row for row in rows if row["build"]["kernel"] in aot.TILED_KERNELS]
     assert tiled
     for row in tiled:
         expected = {"none"} if row["build"]["dtype"] == "float32" else {"wgmma", "mma"}

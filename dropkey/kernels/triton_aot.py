@@ -43,6 +43,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+import torch
+
+from dropkey.functional import ALL_DROPPED_CONVENTIONS
+
 __all__ = [
     "ARCHITECTURES",
     "ALL_DROPPED",
@@ -51,6 +55,7 @@ __all__ = [
     "KernelBuild",
     "KernelResources",
     "SCOPES",
+    "TILED_KERNELS",
     "builds",
     "compile_build",
     "compile_builds",
@@ -89,9 +94,9 @@ ARCHITECTURES = {
 }
 KERNELS = ("forward", "backward_dkdv", "backward_dq", "backward_delta", "hash_mask")
 DTYPES = ("float16", "bfloat16", "float32")
-ALL_DROPPED = ("zero", "uniform", "undropped")
+ALL_DROPPED = ALL_DROPPED_CONVENTIONS
 SCOPES = ("smoke", "tuning")
-_TILED = ("forward", "backward_dkdv", "backward_dq")  # the kernels with autotuned (BLOCK_M, BLOCK_N)
+TILED_KERNELS = ("forward", "backward_dkdv", "backward_dq")  # the kernels with autotuned (BLOCK_M, BLOCK_N)
 _TRITON_DTYPE = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
@@ -126,10 +131,14 @@ class KernelBuild:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
     @property
+    def mode(self) -> str:
+        """The all-dropped convention, with ",r=0" when the mask is off."""
+        return f"{self.all_dropped}{'' if self.drop else ',r=0'}"
+
+    @property
     def label(self) -> str:
-        mode = f"{self.all_dropped}{'' if self.drop else ',r=0'}"
         return (
-            f"{self.kernel}[{self.dtype},d={self.head_dim},{mode},"
+            f"{self.kernel}[{self.dtype},d={self.head_dim},{self.mode},"
             f"{self.block_m}x{self.block_n},w{self.num_warps},s{self.num_stages}]"
         )
 
@@ -175,11 +184,9 @@ class KernelResources:
 
 def _tuning(kernel: str, dtype: str) -> tuple[tuple[int, int, int, int], ...]:
     """The autotuner's (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for a kernel and dtype, or its fixed launch."""
-    import torch
-
     from dropkey.kernels import triton_dropkey as tk
 
-    if kernel in _TILED:
+    if kernel in TILED_KERNELS:
         return tk.tuning_candidates(kernel, getattr(torch, dtype))
     if kernel == "backward_delta":
         return ((tk.DELTA_BLOCK_M, 16, 4, 3),)  # Triton's default warps and stages; no BLOCK_N
@@ -202,7 +209,7 @@ def builds(scope: str = "smoke", *, head_dims: Sequence[int] = (64,)) -> list[Ke
     out: list[KernelBuild] = []
     for head_dim in head_dims:
         for dtype in DTYPES:
-            for kernel in _TILED:
+            for kernel in TILED_KERNELS:
                 candidates = _tuning(kernel, dtype) if scope == "tuning" else _tuning(kernel, dtype)[:1]
                 for m, n, w, s in candidates:
                     out.append(KernelBuild(kernel, dtype, head_dim, "uniform", True, m, n, w, s))
@@ -210,7 +217,7 @@ def builds(scope: str = "smoke", *, head_dims: Sequence[int] = (64,)) -> list[Ke
                 m, n, w, s = _tuning("backward_delta", dtype)[0]
                 out.append(KernelBuild("backward_delta", dtype, head_dim, block_m=m, block_n=n, num_warps=w, num_stages=s))
         if scope == "smoke":
-            for kernel in _TILED:
+            for kernel in TILED_KERNELS:
                 m, n, w, s = _tuning(kernel, "float16")[0]
                 for mode, drop in (("zero", True), ("undropped", True), ("uniform", False)):
                     out.append(KernelBuild(kernel, "float16", head_dim, mode, drop, m, n, w, s))
@@ -251,8 +258,6 @@ def _jit_function(kernel: str):
 
 def _constexprs(build: KernelBuild) -> dict[str, object]:
     """The constexpr values the launch in triton_dropkey passes for this build on a GPU."""
-    import torch
-
     from dropkey.kernels import triton_dropkey as tk
 
     block_d = tk._pow2(build.head_dim)
@@ -370,9 +375,15 @@ def compiled_kernel(build: KernelBuild, arch: str = "sm_90"):
     target = GPUTarget("cuda", ARCHITECTURES[arch].capability, 32)
     options = {"num_warps": build.num_warps, "num_stages": build.num_stages, **_compile_options()}
     log = io.StringIO()
-    # A fresh compilation every time (a cache hit would skip ptxas and its report);
-    # Triton prints ptxas's report when dump_ptxas_log is on.
-    with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+    # A fresh compilation every time (a cache hit would skip ptxas and its report), into a
+    # throwaway cache (the artefacts are read from memory); Triton prints ptxas's report when
+    # dump_ptxas_log is on.
+    with (
+        tempfile.TemporaryDirectory(prefix="dropkey-triton-aot-") as cache,
+        triton.knobs.cache.scope(), triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(),
+        contextlib.redirect_stdout(log),
+    ):
+        triton.knobs.cache.dir = cache
         triton.knobs.compilation.always_compile = True
         triton.knobs.nvidia.dump_ptxas_log = True
         compiled = triton.compile(source, target=target, options=options)
@@ -445,7 +456,7 @@ def unlaunchable(results: Sequence[KernelResources]) -> list[tuple[str, str, str
     groups: dict[tuple, bool] = {}
     for row in results:
         b = row.build
-        key = (row.arch, b.kernel, b.dtype, b.head_dim, f"{b.all_dropped}{'' if b.drop else ',r=0'}")
+        key = (row.arch, b.kernel, b.dtype, b.head_dim, b.mode)
         groups[key] = groups.get(key, False) or row.fits
     return [key for key, ok in groups.items() if not ok]
 
@@ -458,8 +469,7 @@ def render_table(results: Sequence[KernelResources]) -> str:
     ]
     for row in results:
         b = row.build
-        mode = f"{b.all_dropped}{'' if b.drop else ', r=0'}"
-        tiles = f"{b.block_m} x {b.block_n}" if b.kernel in _TILED else f"{b.block_m}"
+        tiles = f"{b.block_m} x {b.block_n}" if b.kernel in TILED_KERNELS else f"{b.block_m}"
         if row.compiled:
             cells = (
                 f"{row.registers}", f"{row.spill_store_bytes}/{row.spill_load_bytes}",
@@ -469,7 +479,7 @@ def render_table(results: Sequence[KernelResources]) -> str:
         else:
             first_line = row.error.splitlines()[0][:80].replace("|", "\\|")
             cells = ("-", "-", "-", "-", "-", f"**compile error**: {first_line}")
-        lines.append(f"| {row.arch} | {b.kernel} | {b.dtype} | {b.head_dim} | {mode} | {tiles} | {b.num_warps} | {b.num_stages} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row.arch} | {b.kernel} | {b.dtype} | {b.head_dim} | {b.mode} | {tiles} | {b.num_warps} | {b.num_stages} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -511,9 +521,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     archs = args.arch or ["sm_90"]
-    with tempfile.TemporaryDirectory(prefix="dropkey-triton-aot-") as cache:
-        os.environ.setdefault("TRITON_CACHE_DIR", cache)  # compiled artefacts are not kept
-        results = compile_builds(builds(args.scope, head_dims=args.head_dims), archs, jobs=args.jobs, progress=sys.stderr.isatty())
+    results = compile_builds(builds(args.scope, head_dims=args.head_dims), archs, jobs=args.jobs, progress=sys.stderr.isatty())
     print(render_table(results), end="")
     failed = [row for row in results if not row.compiled]
     stranded = unlaunchable(results)
