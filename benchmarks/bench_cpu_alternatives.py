@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from dropkey.functional import _fused_masked, dropkey_attention
 from dropkey.kernels import cpp_available
-from dropkey.kernels.hash_mask import _COL, _MASK32, _ROW, _fmix32, _mul32, _slice_keys, hash_drop_mask, hash_threshold
+from dropkey.kernels.hash_mask import _MASK32, hash_column_terms, hash_drop_mask, hash_row_keys, hash_threshold
 from dropkey.provenance import provenance
 from dropkey.storage import write_json_atomic, write_text_atomic
 
@@ -75,9 +75,7 @@ def _rand_attention(q, k, v, ratio: float):
 def hash_keys(seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (slice, row) keys (B, H, N) and per key column terms (N,) of the hash mask (hash_mask's spec)."""
     batch, heads, n = shape[0], shape[1], shape[2]
-    slices = _slice_keys(seed, torch.arange(batch * heads, dtype=torch.int64)).view(batch, heads, 1)
-    rows = _mul32(torch.arange(n, dtype=torch.int64), _ROW).view(1, 1, n)
-    return _fmix32(slices ^ rows), _mul32(torch.arange(n, dtype=torch.int64), _COL)
+    return hash_row_keys(seed, batch * heads, n).view(batch, heads, n), hash_column_terms(n)
 
 
 def check_hash_mask(shape: tuple[int, ...]) -> None:

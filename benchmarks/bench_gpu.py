@@ -28,19 +28,30 @@ Variants:
 ``triton_nomask`` the same kernel at r = 0 (its mask compiled out): splits ``triton``'s gap to SDPA into
                  the kernel's own (triton_nomask / sdpa_nomask) and the mask's (triton / triton_nomask);
 ``sdpa_mask``    ``dropkey_attention(backend="sdpa")``: SDPA with a boolean mask (Bernoulli mask drawn per call);
-``flex_hash``    compiled FlexAttention with a ``score_mod`` that computes the same hash mask (int64 ops);
-                 fully dropped rows give 0 there (the ``zero`` convention);
 ``reference``    ``dropkey_attention(backend="reference", mask="hash")``: the materialised specification;
-``paper``        :func:`dropkey.functional.paper_dropkey_attention`: the paper's two-line code.
+``paper``        :func:`dropkey.functional.paper_dropkey_attention`: the paper's two-line code;
+``flex_hash``    compiled FlexAttention with a ``score_mod`` that computes the same hash mask (int64 ops; the
+                 per-row half of the hash looked up from an O(B*H*N) table, as the Triton kernel computes it
+                 once per row block); fully dropped rows give 0 there (the ``zero`` convention).
 
 Targets (MET / NOT MET, from medians): ``triton`` step within 1.15x of
 ``sdpa_nomask`` at N = 197 and 577; ``triton`` step >= 3x faster than ``paper`` at
 every N; zero bytes of N x N state saved for backward by ``triton``.
 
 Results (device, versions, commit) go to benchmarks/results/attention_gpu.{md,json},
-written atomically. Without CUDA the script says so and exits with status 1.
-Usage: python benchmarks/bench_gpu.py [--quick] [--repeats 20] [--warmup 3] [--ratio 0.1]
-       [--tokens 65536] [--heads 12] [--seq-lens 65,197,577,1024] [--output DIR]
+written atomically after every shape, so a run stopped by a time limit keeps the shapes
+it finished (the report says PARTIAL). Without CUDA the script says so and exits with
+status 1.
+
+``--dry-run`` checks the script itself where there is no GPU: the same code on the CPU,
+every variant checked and timed at one tiny shape, the Triton kernels through Triton's
+interpreter (start Python with TRITON_INTERPRET=1). Its timings mean nothing; it writes
+attention_gpu_dry_run.{md,json} only into an explicit --output. FlexAttention has no
+backward on the CPU, so ``flex_hash`` reports that error there
+(tests/test_bench_gpu.py checks its mask in a forward pass instead).
+
+Usage: python benchmarks/bench_gpu.py [--quick | --dry-run] [--repeats 20] [--warmup 3] [--ratio 0.1]
+       [--tokens 65536] [--heads 12] [--seq-lens 65,197,577,1024] [--variants ...] [--output DIR]
 """
 
 from __future__ import annotations
@@ -48,8 +59,10 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import math
+import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -65,13 +78,16 @@ from dropkey.storage import write_json_atomic, write_text_atomic
 RESULTS = Path(__file__).resolve().parent / "results"
 SEQ_LENS = (65, 197, 577, 1024)
 HEAD_DIM = 64
-VARIANTS = ("sdpa_nomask", "triton", "triton_nomask", "sdpa_mask", "flex_hash", "reference", "paper")
+# flex_hash last: its torch.compile is the slowest preparation (table and preparation order)
+VARIANTS = ("sdpa_nomask", "triton", "triton_nomask", "sdpa_mask", "reference", "paper", "flex_hash")
 BASELINE = "sdpa_nomask"
 FUSED = "triton"
 FUSED_UNMASKED = "triton_nomask"
 TARGET_STEP_VS_SDPA = 1.15
 TARGET_STEP_VS_SDPA_AT = (197, 577)
 TARGET_SPEEDUP_VS_PAPER = 3.0
+# --dry-run: one tiny shape on the CPU, every variant through the same code as on a GPU
+DRY_RUN = {"repeats": 2, "warmup": 1, "tokens": 130, "heads": 2, "seq_lens": (65,)}
 # elements of B*H*N*d moved by an ideal fused kernel: forward q, k, v, out; backward q, k, v, out, dO, dq, dk, dv
 FLOOR_ELEMENTS = {"forward": 4, "step": 12}
 # nominal HBM bandwidth (GB/s) by device-name substring, for the nominal floor
@@ -113,24 +129,36 @@ def _positive(text: str) -> int:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the tokens, 5 repeats: a smoke run")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the script itself on the CPU (TRITON_INTERPRET=1): every variant at one tiny shape; "
+                             "the timings mean nothing; files only with --output")
     parser.add_argument("--repeats", type=_positive, default=None, help="timed calls per variant (default 20, quick 5)")
-    parser.add_argument("--warmup", type=_positive, default=3)
+    parser.add_argument("--warmup", type=_positive, default=None, help="untimed calls per variant first (default 3)")
     parser.add_argument("--ratio", type=_ratio, default=0.1, help="drop ratio (default 0.1)")
-    parser.add_argument("--tokens", type=_positive, default=65536, help="B * N per shape (B = tokens // N)")
-    parser.add_argument("--heads", type=_positive, default=12)
-    parser.add_argument("--seq-lens", type=_seq_lens, default=SEQ_LENS, help="comma-separated N (default 65,197,577,1024)")
+    parser.add_argument("--tokens", type=_positive, default=None, help="B * N per shape, B = tokens // N (default 65536)")
+    parser.add_argument("--heads", type=_positive, default=None, help="H (default 12)")
+    parser.add_argument("--seq-lens", type=_seq_lens, default=None, help="comma-separated N (default 65,197,577,1024)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="folder for attention_gpu.{md,json}")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="folder for attention_gpu[_quick|_dry_run].{md,json} (default benchmarks/results; "
+                             "a dry run writes nothing without it)")
     args = parser.parse_args(argv)
     variants = tuple(v for v in args.variants.split(",") if v)
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or BASELINE not in variants:
         parser.error(f"--variants must be a subset of {VARIANTS} including {BASELINE!r}, got {args.variants!r}")
+    if args.quick and args.dry_run:
+        parser.error("--quick and --dry-run exclude each other")
     args.variants = tuple(v for v in VARIANTS if v in variants)
-    if args.repeats is None:
-        args.repeats = 5 if args.quick else 20
+    defaults = DRY_RUN if args.dry_run else {"repeats": 5 if args.quick else 20, "warmup": 3, "tokens": 65536, "heads": 12,
+                                              "seq_lens": SEQ_LENS}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.quick:
         args.tokens = max(1, args.tokens // 4)
+    if args.output is None and not args.dry_run:
+        args.output = RESULTS
     return args
 
 
@@ -223,9 +251,14 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 def render(meta: dict, cases: list[dict]) -> str:
     """The markdown report: one table row per (shape, variant), then notes and targets."""
-    lines = [
-        "# DropKey attention on GPU",
-        "",
+    lines = ["# DropKey attention on GPU", ""]
+    if meta.get("dry_run"):
+        lines += ["**DRY RUN on the CPU**: a check that the script runs end to end (Triton interpreter, tiny shape). "
+                  "The timings, ratios and targets below say nothing about GPU speed.", ""]
+    done, planned = len(cases), meta.get("shapes_planned", len(cases))
+    if done < planned:
+        lines += [f"**PARTIAL**: {done} of {planned} shapes measured so far (the run stopped or is still running).", ""]
+    lines += [
         f"Device: {meta['device']}; torch {meta['versions'].get('torch')}, triton {meta['versions'].get('triton')}, "
         f"CUDA {meta['versions'].get('cuda')}; commit {meta['git_commit']}.",
         "",
@@ -308,26 +341,35 @@ def add_ratios(rows: dict[str, dict], floor: dict[str, float]) -> None:
             row[f"{mode}_floor_fraction_pct"] = 100.0 * floor[mode] * 1e3 / row[key]
 
 
-# --------------------------------------------------------------------------- GPU parts
+# --------------------------------------------------------------------------- the run (CUDA; the CPU in a dry run)
 
 
-def _flex_variant(ratio: float, heads: int, seed: int) -> Callable:
+def _flex_variant(ratio: float, shape: tuple[int, int, int, int], seed: int, device: torch.device) -> Callable:
+    """Compiled FlexAttention whose ``score_mod`` drops the hash mask of ``seed`` for inputs of ``shape``.
+
+    The per-row half of the hash (``hash_row_keys``, O(B*H*N)) and the key terms are looked up
+    from tables, as the Triton kernel computes them once per row block; only ``hash_bits`` (one
+    fmix32) runs per logit. Computing the whole hash inline made the compilation grow
+    exponentially with the hash's depth (torch 2.13 CPU: 12 s for one fmix32, 24 s for two,
+    over 10 minutes and 10 GB for the full hash's four).
+    """
     from torch.nn.attention.flex_attention import flex_attention
 
+    batch, heads, n, _ = shape
     threshold = hash_threshold(ratio)
+    row_keys = _hash.hash_row_keys(seed, batch * heads, n, device=device).view(batch, heads, n)
+    column_terms = _hash.hash_column_terms(n, device=device)
     compiled = torch.compile(flex_attention, dynamic=False)
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        keys = _hash._slice_keys(seed, (b * heads + h).to(torch.int64))
-        rows = _hash._fmix32(keys ^ _hash._mul32(q_idx.to(torch.int64), _hash._ROW))
-        bits = _hash._fmix32((rows + _hash._mul32(kv_idx.to(torch.int64), _hash._COL)) & _hash._MASK32)
+        bits = _hash.hash_bits(row_keys[b, h, q_idx], column_terms[kv_idx])
         return torch.where((bits >> (32 - _hash.HASH_BITS)) < threshold, float("-inf"), score)
 
     return lambda q, k, v: compiled(q, k, v, score_mod=score_mod)
 
 
-def make_variant(name: str, ratio: float, heads: int, seed: int) -> Callable:
-    """The callable (q, k, v) -> out of a variant; hash variants use ``seed`` (an int generator for dropkey_attention)."""
+def make_variant(name: str, ratio: float, shape: tuple[int, int, int, int], seed: int, device: torch.device) -> Callable:
+    """The callable (q, k, v) -> out of a variant for inputs of ``shape`` on ``device``; hash variants use ``seed``."""
     if name == "sdpa_nomask":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -345,16 +387,16 @@ def make_variant(name: str, ratio: float, heads: int, seed: int) -> Callable:
     if name == "sdpa_mask":
         return lambda q, k, v: dropkey_attention(q, k, v, ratio, generator=seed, backend="sdpa", mask="bernoulli")
     if name == "flex_hash":
-        return _flex_variant(ratio, heads, _hash.hash_seed(seed))
+        return _flex_variant(ratio, shape, _hash.hash_seed(seed), device)
     if name == "reference":
         return lambda q, k, v: dropkey_attention(q, k, v, ratio, generator=seed, backend="reference", mask="hash")
     if name == "paper":
-        return lambda q, k, v: paper_dropkey_attention(q, k, v, ratio, generator=torch.Generator("cuda").manual_seed(seed))
+        return lambda q, k, v: paper_dropkey_attention(q, k, v, ratio, generator=torch.Generator(device).manual_seed(seed))
     raise ValueError(f"unknown variant {name!r}")
 
 
 def _expected(name: str, q, k, v, ratio: float, seed: int) -> Optional[torch.Tensor]:
-    """float32 reference output on the identical mask (None where only finiteness is checked)."""
+    """float32 reference output on the identical mask."""
     q32, k32, v32 = (t.detach().float() for t in (q, k, v))
     if name in ("triton", "reference"):
         return dropkey_attention(q32, k32, v32, ratio, generator=seed, backend="reference", mask="hash")
@@ -363,7 +405,7 @@ def _expected(name: str, q, k, v, ratio: float, seed: int) -> Optional[torch.Ten
     if name == "sdpa_mask":
         return dropkey_attention(q32, k32, v32, ratio, generator=seed, backend="reference", mask="bernoulli")
     if name == "paper":  # the same bernoulli draw on the same generator state; uniform rows (bf16 -1e12 overflow-free)
-        gen = torch.Generator("cuda").manual_seed(seed)
+        gen = torch.Generator(q.device).manual_seed(seed)
         shape = (*q.shape[:-1], k.shape[-2])
         drop = torch.bernoulli(torch.ones(shape, device=q.device, dtype=q.dtype) * ratio, generator=gen).bool()
         from dropkey.functional import attention_from_keep_mask
@@ -372,12 +414,14 @@ def _expected(name: str, q, k, v, ratio: float, seed: int) -> Optional[torch.Ten
     return F.scaled_dot_product_attention(q32, k32, v32)
 
 
-def check_variant(name: str, shape: tuple[int, int, int, int], ratio: float, seed: int, dtype: torch.dtype) -> str:
+def check_variant(name: str, shape: tuple[int, int, int, int], ratio: float, seed: int, dtype: torch.dtype,
+                  device: torch.device) -> str:
     """Correctness on a small batch (B = 2): output vs the float32 reference on the same mask; finite grads."""
     _, heads, n, d = shape
-    g = torch.Generator("cuda").manual_seed(1)
-    q, k, v = (torch.randn(2, heads, n, d, device="cuda", generator=g, dtype=dtype).requires_grad_(True) for _ in range(3))
-    out = make_variant(name, ratio, heads, seed)(q, k, v)
+    small = (2, heads, n, d)
+    g = torch.Generator(device).manual_seed(1)
+    q, k, v = (torch.randn(small, device=device, generator=g, dtype=dtype).requires_grad_(True) for _ in range(3))
+    out = make_variant(name, ratio, small, seed, device)(q, k, v)
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     if not (torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in grads)):
         return "FAIL (not finite)"
@@ -387,13 +431,23 @@ def check_variant(name: str, shape: tuple[int, int, int, int], ratio: float, see
     return f"ok ({error:.1e})" if error <= tolerance else f"FAIL ({error:.1e} > {tolerance:.1e})"
 
 
-def _inputs(shape: tuple[int, int, int, int], dtype: torch.dtype):
-    g = torch.Generator("cuda").manual_seed(0)
-    q, k, v = (torch.randn(shape, device="cuda", generator=g, dtype=dtype).requires_grad_(True) for _ in range(3))
-    return q, k, v, torch.randn(shape, device="cuda", generator=g, dtype=dtype)
+def _inputs(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device):
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(shape, device=device, generator=g, dtype=dtype).requires_grad_(True) for _ in range(3))
+    return q, k, v, torch.randn(shape, device=device, generator=g, dtype=dtype)
 
 
-def _time_ms(call: Callable[[], object]) -> float:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_ms(call: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call: CUDA events on a GPU, the wall clock on the CPU (dry run)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        call()
+        return (time.perf_counter() - start) * 1e3
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     call()
@@ -402,17 +456,30 @@ def _time_ms(call: Callable[[], object]) -> float:
     return start.elapsed_time(end)
 
 
-def run_case(shape, variants, ratio, repeats, warmup, dtype, copy_gbs, seed=7) -> dict:
+def _step_peak_mib(step: Callable[[], None], device: torch.device) -> Optional[float]:
+    """Peak memory of one step above the memory allocated before it (CUDA's allocator; None on the CPU)."""
+    if device.type != "cuda":
+        step()
+        return None
+    _synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    _synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def run_case(shape, variants, ratio, repeats, warmup, dtype, copy_gbs, device, seed=7) -> dict:
     batch, heads, n, d = shape
     rows: dict[str, dict] = {}
     calls: dict[str, dict[str, Callable[[], object]]] = {}
-    q, k, v, grad = _inputs(shape, dtype)
+    q, k, v, grad = _inputs(shape, dtype, device)
     for name in variants:
         row: dict = {}
         rows[name] = row
         try:
-            row["check"] = check_variant(name, shape, ratio, seed, dtype)
-            method = make_variant(name, ratio, heads, seed)
+            row["check"] = check_variant(name, shape, ratio, seed, dtype, device)
+            method = make_variant(name, ratio, shape, seed, device)
 
             def forward(method=method):
                 return method(q, k, v)
@@ -425,16 +492,13 @@ def run_case(shape, variants, ratio, repeats, warmup, dtype, copy_gbs, seed=7) -
             for _ in range(warmup):
                 forward()
                 step()
-            torch.cuda.synchronize()
+            _synchronize(device)
             row.update(saved_state(forward, (q, k, v), batch * heads * n * n, ((n, d),)))
             for t in (q, k, v):
                 t.grad = None
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            row["step_peak_mib"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+            peak = _step_peak_mib(step, device)
+            if peak is not None:
+                row["step_peak_mib"] = peak
             calls[name] = {"forward": forward, "step": step}
         except torch.cuda.OutOfMemoryError:
             row["error"] = "OOM"
@@ -445,7 +509,7 @@ def run_case(shape, variants, ratio, repeats, warmup, dtype, copy_gbs, seed=7) -
     for _ in range(repeats):
         for name, call in calls.items():  # round-robin
             for mode in ("forward", "step"):
-                times[name][mode].append(_time_ms(call[mode]))
+                times[name][mode].append(_time_ms(call[mode], device))
     for name in calls:
         rows[name].update(summarise(times[name]))
     floor = floor_seconds(shape, torch.finfo(dtype).bits // 8, copy_gbs)
@@ -453,12 +517,12 @@ def run_case(shape, variants, ratio, repeats, warmup, dtype, copy_gbs, seed=7) -
     return {"shape": list(shape), "floor_ms": {mode: 1e3 * s for mode, s in floor.items()}, "variants": rows}
 
 
-def copy_bandwidth_gbs(megabytes: int = 2048, repeats: int = 10) -> float:
+def copy_bandwidth_gbs(device: torch.device, megabytes: int = 2048, repeats: int = 10) -> float:
     """Achievable bandwidth: a device-to-device copy reads and writes each byte (median of ``repeats``)."""
-    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device="cuda")
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    times = [_time_ms(lambda: dst.copy_(src)) for _ in range(repeats)]
+    times = [_time_ms(lambda: dst.copy_(src), device) for _ in range(repeats)]
     return 2 * src.numel() / (statistics.median(times) * 1e-3) / 1e9
 
 
@@ -472,22 +536,46 @@ def versions() -> dict[str, str]:
     return out
 
 
+def dry_run_problem() -> Optional[str]:
+    """Why a dry run cannot run here (None if it can): it needs triton and its interpreter."""
+    try:
+        from dropkey.kernels import triton_dropkey
+    except ImportError as error:
+        return f"--dry-run runs the Triton kernels under Triton's interpreter, and triton does not import: {error}"
+    if not triton_dropkey.INTERPRETED:
+        return ("--dry-run runs the Triton kernels under Triton's interpreter: start Python with TRITON_INTERPRET=1 "
+                "in the environment (Triton reads it when it is first imported)")
+    return None
+
+
+def write_results(output: Path, stem: str, meta: dict, cases: list[dict]) -> str:
+    """Writes ``stem``.md and .json into ``output`` atomically; returns the markdown."""
+    text = render(meta, cases)
+    write_text_atomic(output / f"{stem}.md", text)
+    write_json_atomic(output / f"{stem}.json", {"meta": meta, "cases": cases})
+    return text
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.dry_run:
+        problem = dry_run_problem()
+        if problem:
+            print(problem, file=sys.stderr)
+            return 1
+        device = torch.device("cpu")
+        device_name = f"CPU ({platform.processor() or platform.machine()}), dry run: Triton interpreter"
+    elif not torch.cuda.is_available():
         print(NO_GPU_MESSAGE, file=sys.stderr)
         return 1
+    else:
+        device = torch.device("cuda")
+        device_name = torch.cuda.get_device_name(device)
     dtype = torch.bfloat16
-    device = torch.cuda.get_device_name()
-    copy_gbs = copy_bandwidth_gbs()
-    cases = []
-    for n in args.seq_lens:
-        shape = (batch_for(n, args.tokens), args.heads, n, HEAD_DIM)
-        print(f"  {shape} ...", file=sys.stderr, flush=True)
-        cases.append(run_case(shape, args.variants, args.ratio, args.repeats, args.warmup, dtype, copy_gbs))
     record = provenance(seed=7)
     meta = {
-        "device": device,
+        "device": device_name,
+        "dry_run": args.dry_run,
         "versions": versions(),
         "git_commit": record["git_commit"],
         "provenance": record,
@@ -498,15 +586,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "quick": args.quick,
-        "copy_bandwidth_gbs": copy_gbs,
-        "nominal_bandwidth_gbs": nominal_bandwidth(device),
+        "copy_bandwidth_gbs": copy_bandwidth_gbs(device, megabytes=64 if args.dry_run else 2048),
+        "nominal_bandwidth_gbs": None if args.dry_run else nominal_bandwidth(device_name),
+        "shapes_planned": len(args.seq_lens),
     }
-    meta["targets"] = evaluate_targets(cases)
-    text = render(meta, cases)
+    stem = "attention_gpu" + ("_dry_run" if args.dry_run else "_quick" if args.quick else "")
+    cases: list[dict] = []
+    for n in args.seq_lens:
+        shape = (batch_for(n, args.tokens), args.heads, n, HEAD_DIM)
+        print(f"  {shape} ...", file=sys.stderr, flush=True)
+        cases.append(run_case(shape, args.variants, args.ratio, args.repeats, args.warmup, dtype, meta["copy_bandwidth_gbs"],
+                              device))
+        meta["targets"] = evaluate_targets(cases)
+        if args.output is not None:  # after every shape: a time limit or a crash keeps the shapes done
+            text = write_results(args.output, stem, meta, cases)
+    if args.output is None:
+        text = render(meta, cases)
     print(text)
-    suffix = "_quick" if args.quick else ""
-    write_text_atomic(args.output / f"attention_gpu{suffix}.md", text)
-    write_json_atomic(args.output / f"attention_gpu{suffix}.json", {"meta": meta, "cases": cases})
     return 0
 
 

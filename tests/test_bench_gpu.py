@@ -1,12 +1,16 @@
-"""The CPU-checkable parts of benchmarks/bench_gpu.py: arguments, floors, saved-state probe, targets, table.
+"""benchmarks/bench_gpu.py on the CPU: arguments, floors, saved-state probe, targets, table, the dry run.
 
-The timing itself needs CUDA (``gpu`` test at the end: a quick run on one shape).
+The dry run sends every variant through the code a GPU run uses (the Triton kernels under
+the interpreter, which conftest.py turns on without CUDA); FlexAttention, which has no CPU
+backward, gets a forward check of its hash mask. Timing on a GPU is the ``gpu`` test: a quick
+run on one shape.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ from dropkey import functional as fn
 ROOT = Path(__file__).resolve().parents[1]
 _SPEC = importlib.util.spec_from_file_location("bench_gpu", ROOT / "benchmarks" / "bench_gpu.py")
 bench = importlib.util.module_from_spec(_SPEC)
+sys.modules["bench_gpu"] = bench  # torch.compile (flex_hash) looks the score_mod's module up by name
 _SPEC.loader.exec_module(bench)
 
 
@@ -27,8 +32,12 @@ def test_arguments_and_defaults():
     quick = bench.parse_args(["--quick", "--seq-lens", "197,577", "--variants", "paper,sdpa_nomask,triton"])
     assert quick.repeats == 5 and quick.tokens == 16384 and quick.seq_lens == (197, 577)
     assert quick.variants == ("sdpa_nomask", "triton", "paper")  # canonical order
+    assert quick.output == bench.RESULTS
+    dry = bench.parse_args(["--dry-run", "--heads", "3"])
+    assert (dry.repeats, dry.warmup, dry.tokens, dry.heads, dry.seq_lens) == (2, 1, 130, 3, (65,))
+    assert dry.output is None  # a dry run writes files only where told to
     for bad in (["--seq-lens", "1,x"], ["--seq-lens", "0"], ["--ratio", "1.0"], ["--ratio", "0"], ["--repeats", "0"],
-                ["--variants", "triton"], ["--variants", "sdpa_nomask,flash3"]):
+                ["--variants", "triton"], ["--variants", "sdpa_nomask,flash3"], ["--quick", "--dry-run"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
 
@@ -117,6 +126,79 @@ def test_committed_gpu_results_say_what_was_measured():
         assert meta["device"] in text and "## Targets" in text
     else:
         assert "NOT measured" in text and "python benchmarks/bench_gpu.py" in text
+
+
+def _needs_interpreter():
+    problem = bench.dry_run_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile internals
+def test_dry_run_checks_and_times_every_variant_on_the_cpu(tmp_path):
+    """Every variant passes its correctness check and is timed; the fused kernel saves no N x N state, the reference does."""
+    _needs_interpreter()
+    argv = ["--dry-run", "--heads", "1", "--tokens", "65", "--repeats", "1", "--output", str(tmp_path)]
+    assert bench.main(argv) == 0
+    data = json.loads((tmp_path / "attention_gpu_dry_run.json").read_text())
+    assert data["meta"]["dry_run"] and data["meta"]["device"].startswith("CPU")
+    (case,) = data["cases"]
+    rows = case["variants"]
+    assert case["shape"] == [1, 1, 65, 64] and set(rows) == set(bench.VARIANTS)
+    for name in bench.VARIANTS:
+        if name == "flex_hash" and "CPU" in rows[name].get("error", ""):  # FlexAttention: no backward on the CPU
+            continue
+        assert rows[name]["check"].startswith("ok") and rows[name]["step_median_ms"] > 0, (name, rows[name])
+    assert rows["triton"]["nn_state_bytes"] == 0 and rows["triton_nomask"]["nn_state_bytes"] == 0
+    assert rows["reference"]["nn_state_bytes"] >= 65 * 65 * 4
+    text = (tmp_path / "attention_gpu_dry_run.md").read_text()
+    assert "DRY RUN on the CPU" in text and "PARTIAL" not in text and "| 1x1x65x64 | triton | ok" in text
+
+
+def test_dry_run_needs_the_interpreter(monkeypatch, capsys, tmp_path):
+    _needs_interpreter()
+    from dropkey.kernels import triton_dropkey
+
+    monkeypatch.setattr(triton_dropkey, "INTERPRETED", False)
+    assert bench.main(["--dry-run", "--output", str(tmp_path)]) == 1
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_that_stops_keeps_the_shapes_it_finished(monkeypatch, tmp_path):
+    """Results are written after every shape: a crash (or the device call's time limit) in the second keeps the first."""
+    _needs_interpreter()
+    finished = _fake_cases()[0]
+
+    def run_case(shape, *args):
+        if shape[2] == 577:
+            raise KeyboardInterrupt  # what a time limit's signal does to the run
+        return {**finished, "shape": list(shape)}
+
+    monkeypatch.setattr(bench, "run_case", run_case)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--dry-run", "--seq-lens", "197,577", "--output", str(tmp_path)])
+    data = json.loads((tmp_path / "attention_gpu_dry_run.json").read_text())
+    assert [case["shape"][2] for case in data["cases"]] == [197]
+    text = (tmp_path / "attention_gpu_dry_run.md").read_text()
+    assert "**PARTIAL**: 1 of 2 shapes" in text and "1.15x of SDPA flash without mask: MET (1.10x)" in text
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile internals
+def test_flex_score_mod_drops_exactly_the_hash_mask():
+    """FlexAttention's score_mod (forward: the CPU has no flex backward) equals the reference on the same hash mask.
+
+    N = 24 at r = 0.9 leaves about 8 of 96 rows fully dropped, so the ``zero`` convention is checked
+    too; another seed's reference must differ (the check can fail).
+    """
+    shape, ratio, seed = (2, 2, 24, 16), 0.9, 11
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+    out = bench.make_variant("flex_hash", ratio, shape, seed, torch.device("cpu"))(q, k, v)
+    dead = bench._hash.hash_drop_mask(bench._hash.hash_seed(seed), (*shape[:3], shape[2]), ratio).all(-1)
+    assert 0 < dead.sum() < dead.numel() / 2
+    torch.testing.assert_close(out, bench._expected("flex_hash", q, k, v, ratio, seed), rtol=1e-5, atol=1e-5)
+    assert (out[dead] == 0).all()
+    assert not torch.allclose(out, bench._expected("flex_hash", q, k, v, ratio, seed + 1), atol=1e-3)
 
 
 @pytest.mark.gpu

@@ -130,6 +130,19 @@ def test_hash_mask_is_the_specified_hash(seed, r):
     assert torch.equal(hash_drop_mask(seed, shape, r), want)
 
 
+def test_hash_halves_are_the_specified_hash():
+    """hash_row_keys (any first slice) and hash_column_terms combine through hash_bits into the specified words."""
+    seed = 2**40 + 3
+    rows = hm.hash_row_keys(seed, 3, 4, first_slice=5)
+    assert rows.shape == (3, 4) and rows.dtype == torch.int64
+    assert torch.equal(rows, hm.hash_row_keys(seed, 8, 4)[5:])
+    bits = hm.hash_bits(rows.unsqueeze(-1), hm.hash_column_terms(6))
+    want = torch.tensor([[[_spec_bits(seed, 5 + s, i, j) for j in range(6)] for i in range(4)] for s in range(3)])
+    assert torch.equal(bits, want)
+    with pytest.raises(ValueError, match="seed"):
+        hm.hash_row_keys(-1, 1, 1)
+
+
 def test_hash_mask_is_a_pure_function_of_its_counters(monkeypatch):
     """Same seed -> same mask, whatever the chunking; another seed, slice or shape prefix changes it consistently."""
     shape = (3, 4, 9, 11)

@@ -38,7 +38,16 @@ import torch
 
 from dropkey.masks import GeneratorLike, _validate_shape, resolve_generator, validate_drop_ratio
 
-__all__ = ["HASH_BITS", "hash_drop_mask", "hash_seed", "hash_seed_tensor", "hash_threshold"]
+__all__ = [
+    "HASH_BITS",
+    "hash_bits",
+    "hash_column_terms",
+    "hash_drop_mask",
+    "hash_row_keys",
+    "hash_seed",
+    "hash_seed_tensor",
+    "hash_threshold",
+]
 
 HASH_BITS = 24  # resolution of the uniform compared with the threshold
 _MASK32 = 0xFFFFFFFF
@@ -105,6 +114,33 @@ def _slice_keys(seed: int, slices: torch.Tensor) -> torch.Tensor:
     return _fmix32(_fmix32((_mul32(slices, _SLICE) + high) & _MASK32) ^ low)
 
 
+def hash_row_keys(seed: int, slices: int, nq: int, *, first_slice: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """The row keys (int64 words in [0, 2**32)) of slices ``first_slice .. first_slice + slices - 1``: shape (slices, nq).
+
+    ``row_keys[s, i] = fmix32(slice_key(seed, first_slice + s) ^ (i * 0x85EBCA77))`` (see the
+    module doc): the per-row half of the hash, O(slices * nq). A kernel (or a FlexAttention
+    ``score_mod``) that looks them up does only :func:`hash_bits` per logit.
+    """
+    seed = _check_seed(seed)
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    keys = _slice_keys(seed, torch.arange(first_slice, first_slice + slices, dtype=torch.int64, device=dev))
+    rows = _mul32(torch.arange(nq, dtype=torch.int64, device=dev), _ROW)
+    return _fmix32(keys.view(-1, 1) ^ rows.view(1, -1))
+
+
+def hash_column_terms(nk: int, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """The key terms ``j * 0xC2B2AE3D mod 2**32`` for j < ``nk`` (int64, shape (nk,))."""
+    return _mul32(torch.arange(nk, dtype=torch.int64, device=device), _COL)
+
+
+def hash_bits(row_keys: torch.Tensor, column_terms: torch.Tensor) -> torch.Tensor:
+    """The 32-bit hash words (int64) ``fmix32(row_key + column_term)`` of broadcast row keys and column terms.
+
+    An entry is dropped iff ``hash_bits(...) >> 8 < hash_threshold(drop_ratio)``.
+    """
+    return _fmix32((row_keys + column_terms) & _MASK32)
+
+
 def hash_drop_mask(
     seed: int,
     shape: Sequence[int],
@@ -131,13 +167,10 @@ def hash_drop_mask(
     if threshold == 0:
         return out.fill_(False)
     flat = out.view(slices, nq, nk)
-    rows = _mul32(torch.arange(nq, dtype=torch.int64, device=dev), _ROW).view(1, nq, 1)
-    cols = _mul32(torch.arange(nk, dtype=torch.int64, device=dev), _COL).view(1, 1, nk)
+    cols = hash_column_terms(nk, device=dev).view(1, 1, nk)
     step = max(1, (_CHUNK_LOGITS if dev.type == "cpu" else _CHUNK_LOGITS << 4) // (nq * nk))
     for lo in range(0, slices, step):
         hi = min(slices, lo + step)
-        keys = _slice_keys(seed, torch.arange(lo, hi, dtype=torch.int64, device=dev)).view(-1, 1, 1)
-        bits = _fmix32((_fmix32(keys ^ rows) + cols) & _MASK32)
-        torch.lt(bits >> (32 - HASH_BITS), threshold, out=flat[lo:hi])
+        rows = hash_row_keys(seed, hi - lo, nq, first_slice=lo, device=dev).unsqueeze(-1)
+        torch.lt(hash_bits(rows, cols) >> (32 - HASH_BITS), threshold, out=flat[lo:hi])
     return out
-
