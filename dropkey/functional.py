@@ -90,8 +90,10 @@ rounding). ``"hash"`` (the ``triton`` and ``cpp`` backends', and the default whe
 drawn by :func:`dropkey.kernels.hash_seed` from ``generator`` (one
 ``torch.randint``); the ``reference``, ``sdpa`` and ``fused`` backends materialise
 that same mask, so ``mask="hash"`` makes every backend, ``triton`` and ``cpp``
-included, agree. ``mask=None``
-picks the resolved backend's own; see :func:`resolve_backend`.
+included, agree. Under :func:`torch.compile` the seed stays a tensor
+(:func:`dropkey.kernels.hash_seed_tensor`) and the mask is one opaque op, so the
+graph does not break there. ``mask=None`` picks the resolved backend's own; see
+:func:`resolve_backend`.
 """
 
 from __future__ import annotations
@@ -333,7 +335,9 @@ def _sdpa_masked(
     keep = keep.expand(*keep.shape[:-1], nk)
     # (..., Nq or 1, 1); a uint8 max is several times faster than bool any() on CPU
     dead = keep.view(torch.uint8).amax(dim=-1, keepdim=True) == 0
-    if owned and keep.is_contiguous():
+    # in place when the mask is ours; not under torch.compile: functionalising an in-place op on
+    # the result of expand (even a no-op one) fails there (torch 2.13: "Subtraction ... two bool tensors")
+    if owned and keep.is_contiguous() and not torch.compiler.is_compiling():
         safe = keep.logical_or_(dead)
     else:
         safe = keep | dead
@@ -1011,15 +1015,16 @@ def dropkey_attention(
     if kind == "hash":
         from dropkey.kernels import hash_drop_mask, hash_seed, hash_seed_tensor
 
-        if resolved == "cpp":  # the seed stays a tensor: no host sync, nothing for a tracer to break on
-            from dropkey.kernels import cpp_attention
-
-            return cpp_attention(q, k, v, r, seed=hash_seed_tensor(generator), all_dropped=convention, scale=scale_value)
-        seed = hash_seed(generator)
         if resolved == "triton":
             from dropkey.kernels import triton_attention
 
-            return triton_attention(q, k, v, r, seed=seed, all_dropped=convention, scale=scale_value)
+            return triton_attention(q, k, v, r, seed=hash_seed(generator), all_dropped=convention, scale=scale_value)
+        # the seed stays a tensor: nothing for a tracer to break on (the kernel and the mask read it inside their ops)
+        seed = hash_seed_tensor(generator)
+        if resolved == "cpp":
+            from dropkey.kernels import cpp_attention
+
+            return cpp_attention(q, k, v, r, seed=seed, all_dropped=convention, scale=scale_value)
         drop = hash_drop_mask(seed, shape, r, device=q.device)
         return _dispatch(resolved, q, k, v, drop, convention, scale_value, owned=True)
     gen = resolve_generator(generator, q.device)

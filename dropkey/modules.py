@@ -342,9 +342,9 @@ class DropKeyAttention(nn.Module):
         device = torch.device("cpu") if device is None else torch.device(device)
         r, gen = self.drop_ratio, self._generator_for(device)
         if self.variant == "dropkey" and functional.resolve_backend(self.backend, device, dtype)[1] == "hash":
-            from dropkey.kernels import hash_drop_mask, hash_seed
+            from dropkey.kernels import hash_drop_mask, hash_seed_tensor
 
-            return hash_drop_mask(hash_seed(gen), shape, r, device=device).logical_not_()
+            return hash_drop_mask(hash_seed_tensor(gen), shape, r, device=device).logical_not_()
         if self.variant in ("dropkey", "dropout"):
             return masks.dropkey_keep_mask(shape, r, generator=gen, device=device)
         if self.variant == "dropattention":

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import dropkey.functional as fn
-from dropkey.kernels import cpu_kernel, hash_drop_mask
+from dropkey.kernels import cpu_kernel, hash_drop_mask, hash_mask
 from dropkey.kernels.cpu_kernel import CppKernelUnavailableError, cpp_attention, cpp_available
 
 CONVENTIONS = fn.ALL_DROPPED_CONVENTIONS
@@ -317,9 +317,13 @@ def test_torch_compile_keeps_the_kernel_in_one_graph():
 
 def test_seed_tensor_round_trips_every_64_bit_seed():
     for seed in (0, 1, 2**63 - 1, 2**63, 2**64 - 1):
-        assert cpu_kernel._seed_word(cpu_kernel.seed_tensor(seed)) == seed
-    with pytest.raises(ValueError, match="seed must be an int or a one-element int64 CPU tensor"):
+        assert hash_mask.seed_word(cpu_kernel.seed_tensor(seed)) == seed
+    with pytest.raises(ValueError, match="seed must be an int or a one-element int64 tensor"):
         cpu_kernel.seed_tensor(torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="seed must be an int or a one-element int64 tensor"):
+        cpu_kernel.seed_tensor(torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="CPU tensor"):
+        cpu_kernel.seed_tensor(torch.zeros(1, dtype=torch.int64, device="meta"))
     with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
         cpu_kernel.seed_tensor(2**64)
 

@@ -450,14 +450,14 @@ def test_large_mask_uses_bounded_chunks(monkeypatch):
 # --------------------------------------------------------------------------- torch.compile
 
 
-def _compiled_matches_eager(compile_backend):
+def _compiled_matches_eager(compile_backend, backend="fused", mask=None, fullgraph=False):
     torch._dynamo.reset()
     q, k, v = _qkv(batch=(2, 2), nq=5, nk=5, dtype=torch.float32, requires_grad=True)
 
     def step(q, k, v):
-        return fn.dropkey_attention(q, k, v, 0.3, generator=3, backend="fused", all_dropped="zero")
+        return fn.dropkey_attention(q, k, v, 0.3, generator=3, backend=backend, mask=mask, all_dropped="zero")
 
-    compiled = torch.compile(step, backend=compile_backend)
+    compiled = torch.compile(step, backend=compile_backend, fullgraph=fullgraph)
     out = compiled(q, k, v)
     torch.testing.assert_close(out, step(q, k, v))
     got = torch.autograd.grad(out.square().sum(), (q, k, v))
@@ -466,8 +466,41 @@ def _compiled_matches_eager(compile_backend):
         torch.testing.assert_close(a, b)
 
 
-def test_torch_compile_aot_eager():
-    _compiled_matches_eager("aot_eager")
+@pytest.mark.parametrize("mask", ["bernoulli", "hash"])
+@pytest.mark.parametrize("backend", ["reference", "sdpa", "fused"])
+def test_torch_compile_aot_eager(backend, mask):
+    """Every mask backend traces (the sdpa one failed under torch.compile until its in-place mask fix-up was skipped there)."""
+    _compiled_matches_eager("aot_eager", backend, mask)
+
+
+def test_torch_compile_keeps_the_hash_mask_one_op():
+    """Under torch.compile the hash mask is one opaque op (its seed a tensor: no graph break, fullgraph works).
+
+    Traced op by op, the hash's few dozen integer ops made inductor's code generation take time
+    exponential in their depth: over 10 minutes and 10 GB for one small mask on this CPU.
+    """
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    q, k, v = _qkv(batch=(2, 2), nq=5, nk=5, dtype=torch.float32)
+    compiled = torch.compile(lambda q, k, v: fn.dropkey_attention(q, k, v, 0.3, backend="reference", mask="hash"),
+                             backend=recording_backend, fullgraph=True)
+    torch.manual_seed(8)
+    out = compiled(q, k, v)
+    torch.manual_seed(8)
+    torch.testing.assert_close(out, fn.dropkey_attention(q, k, v, 0.3, backend="reference", mask="hash"))
+    (graph,) = graphs
+    assert "dropkey_lab.hash_drop_mask" in graph and "bitwise_xor" not in graph and "__xor__" not in graph
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_inductor_with_the_hash_mask():
+    """inductor compiles the hash-mask path in seconds (it took over 10 minutes before the mask became one op)."""
+    _compiled_matches_eager("inductor", "fused", "hash")
 
 
 @pytest.mark.slow

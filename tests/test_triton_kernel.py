@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import dropkey.kernels as kernels
 from dropkey import functional as fn
-from dropkey.kernels import HASH_BITS, hash_drop_mask, hash_seed, hash_threshold
+from dropkey.kernels import HASH_BITS, hash_drop_mask, hash_seed, hash_seed_tensor, hash_threshold
 from dropkey.kernels import hash_mask as hm
 from dropkey.modules import DropKeyAttention
 
@@ -141,6 +141,18 @@ def test_hash_halves_are_the_specified_hash():
     assert torch.equal(bits, want)
     with pytest.raises(ValueError, match="seed"):
         hm.hash_row_keys(-1, 1, 1)
+
+
+def test_hash_mask_takes_its_seed_as_a_tensor_and_its_op_passes_opcheck():
+    """A one-element int64 seed tensor (two's complement above 2**63) gives the int seed's mask;
+    the custom op that torch.compile sees passes torch.library.opcheck."""
+    shape = (2, 3, 4, 5)
+    for seed in (0, 9, 2**63 + 5, 2**64 - 1):
+        assert torch.equal(hash_drop_mask(hm.seed_tensor(seed), shape, 0.3), hash_drop_mask(seed, shape, 0.3))
+    assert torch.equal(hash_drop_mask(hash_seed_tensor(4), shape, 0.3), hash_drop_mask(hash_seed(4), shape, 0.3))
+    torch.library.opcheck(hm._hash_drop_mask_op, (hm.seed_tensor(9), list(shape), 0.3, torch.device("cpu")))
+    with pytest.raises(ValueError, match="one-element int64 tensor"):
+        hash_drop_mask(torch.zeros(2, dtype=torch.int64), shape, 0.3)
 
 
 def test_hash_mask_is_a_pure_function_of_its_counters(monkeypatch):
@@ -521,3 +533,18 @@ def test_cuda_drop_rate_from_the_kernel_is_unbiased():
     p, count = hash_threshold(0.1) / 2**HASH_BITS, dropped.numel()
     assert abs(dropped.mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / count)
     np.testing.assert_array_equal((out == 0).cpu().numpy(), hash_drop_mask(hash_seed(0), (8, 4, n, n), 0.1).numpy())
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile internals
+def test_cuda_torch_compile_of_the_kernel_equals_eager():
+    """A compiled ViT-style call (auto -> triton on CUDA) gives the eager kernel's values and gradients
+    (dynamo may capture the kernel or break the graph around it; either must be correct)."""
+    q, k, v = _qkv(batch=(2, 3), nq=65, nk=65, d=64, dv=64, dtype=torch.bfloat16, seed=5)
+    compiled = torch.compile(lambda q, k, v: fn.dropkey_attention(q, k, v, 0.1, generator=7))
+    out = compiled(q, k, v)
+    ref = fn.dropkey_attention(q, k, v, 0.1, generator=7, backend="triton")
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(torch.autograd.grad(out.float().sum(), (q, k, v)), torch.autograd.grad(ref.float().sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)

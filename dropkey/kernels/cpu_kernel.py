@@ -52,7 +52,8 @@ from typing import Optional
 
 import torch
 
-from dropkey.kernels.hash_mask import _check_seed, hash_threshold
+from dropkey.kernels import hash_mask
+from dropkey.kernels.hash_mask import hash_threshold
 
 logger = logging.getLogger(__name__)
 
@@ -249,11 +250,6 @@ def _strides(t: torch.Tensor) -> _Strides:
     return _Strides(t.stride(0), t.stride(1), t.stride(2) if t.shape[2] > 1 else t.shape[3])
 
 
-def _seed_word(seed: torch.Tensor) -> int:
-    """The 64-bit seed word held (two's complement) in a one-element int64 tensor."""
-    return int(seed.reshape(()).item()) & ((1 << 64) - 1)
-
-
 # The kernel as two torch custom ops (forward, backward) with autograd: torch.compile and
 # other tracers see opaque ops with known output shapes instead of a ctypes call, so a
 # compiled model keeps the kernel without a graph break. The seed travels as a tensor (read
@@ -274,7 +270,7 @@ def _forward(
     lse = torch.empty(batch, heads, nq, dtype=torch.float32)
     status = _library().dropkey_cpu_forward(
         q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(), _strides(out),
-        lse.data_ptr(), _Shape(batch, heads, nq, nk, d, dv), scale, _seed_word(seed), threshold, convention,
+        lse.data_ptr(), _Shape(batch, heads, nq, nk, d, dv), scale, hash_mask.seed_word(seed), threshold, convention,
         torch.get_num_threads(),
     )
     if status != 0:  # the Python side validates first: this is a bug, not bad input
@@ -310,7 +306,7 @@ def _backward(
         q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(), _strides(out),
         lse.data_ptr(), grad.data_ptr(), _strides(grad), grad_q.data_ptr(), _strides(grad_q),
         grad_k.data_ptr(), _strides(grad_k), grad_v.data_ptr(), _strides(grad_v),
-        _Shape(batch, heads, nq, nk, d, dv), scale, _seed_word(seed), threshold, convention, torch.get_num_threads(),
+        _Shape(batch, heads, nq, nk, d, dv), scale, hash_mask.seed_word(seed), threshold, convention, torch.get_num_threads(),
     )
     if status != 0:
         raise RuntimeError(f"dropkey_cpu_backward rejected its arguments (shape {tuple(q.shape)}, {tuple(k.shape)})")
@@ -376,13 +372,9 @@ class _EagerDropKey(torch.autograd.Function):
 def seed_tensor(seed: "int | torch.Tensor") -> torch.Tensor:
     """A hash seed (an int in [0, 2**64), or a one-element int64 CPU tensor such as
     :func:`~dropkey.kernels.hash_seed_tensor` draws) as the kernel's one-element int64 tensor."""
-    if isinstance(seed, torch.Tensor):
-        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device.type != "cpu":
-            raise ValueError(f"seed must be an int or a one-element int64 CPU tensor, got {seed.dtype} of shape "
-                             f"{tuple(seed.shape)} on {seed.device}")
-        return seed.reshape(1)
-    value = _check_seed(seed)
-    return torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64)
+    if isinstance(seed, torch.Tensor) and seed.device.type != "cpu":
+        raise ValueError(f"seed must be an int or a one-element int64 CPU tensor, got a tensor on {seed.device}")
+    return hash_mask.seed_tensor(seed)
 
 
 def cpp_attention(
@@ -424,7 +416,7 @@ def cpp_attention(
         from dropkey.functional import attention_from_keep_mask
         from dropkey.kernels.hash_mask import hash_drop_mask
 
-        keep = hash_drop_mask(_seed_word(seed_value), (*lead, nq, nk), drop_ratio).logical_not_()
+        keep = hash_drop_mask(seed_value, (*lead, nq, nk), drop_ratio).logical_not_()
         return attention_from_keep_mask(q, k, v, keep, all_dropped=all_dropped, scale=scale_value, backend="reference")
     if not cpp_available():  # before anything is recorded
         raise _unavailable()

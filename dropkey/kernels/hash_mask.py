@@ -27,6 +27,13 @@ is one add and one fmix32 (two multiplies, three xor-shifts).
 Torch has no unsigned 32-bit arithmetic, so words live in int64 tensors and each
 32 x 32-bit product is formed from 16-bit halves (every partial product stays
 below 2**49: exact, no reliance on signed overflow).
+
+The two halves of the hash are public: :func:`hash_row_keys` (per slice and query,
+O(slices * Nq)) and :func:`hash_column_terms` (per key), combined per logit by
+:func:`hash_bits`; code that computes the mask itself (a FlexAttention ``score_mod``)
+looks the row keys up instead of rehashing them per logit. Seeds may be ints or
+one-element int64 tensors (:func:`seed_tensor`, :func:`seed_word`); under
+:func:`torch.compile`, :func:`hash_drop_mask` is one custom op.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ __all__ = [
     "hash_seed",
     "hash_seed_tensor",
     "hash_threshold",
+    "seed_tensor",
+    "seed_word",
 ]
 
 HASH_BITS = 24  # resolution of the uniform compared with the threshold
@@ -92,6 +101,24 @@ def _check_seed(seed: object) -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < (1 << 64):
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     return int(seed)
+
+
+def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
+    """A hash seed as a one-element int64 tensor: an int in [0, 2**64) (two's complement above
+    2**63, on the CPU), or a one-element int64 tensor such as :func:`hash_seed_tensor` draws (as is)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"seed must be an int or a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+        return seed.reshape(1)
+    value = _check_seed(seed)
+    return torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64)
+
+
+def seed_word(seed: int | torch.Tensor) -> int:
+    """The 64-bit seed in [0, 2**64) of an int or a one-element int64 tensor (read two's complement; a host sync)."""
+    if isinstance(seed, torch.Tensor):
+        return int(seed_tensor(seed).reshape(()).item()) & ((1 << 64) - 1)
+    return _check_seed(seed)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -142,7 +169,7 @@ def hash_bits(row_keys: torch.Tensor, column_terms: torch.Tensor) -> torch.Tenso
 
 
 def hash_drop_mask(
-    seed: int,
+    seed: int | torch.Tensor,
     shape: Sequence[int],
     drop_ratio: float,
     *,
@@ -152,14 +179,25 @@ def hash_drop_mask(
 
     Entry ``(..., i, j)`` of leading flat index ``s`` is dropped iff
     ``(bits(seed, s, i, j) >> 8) < hash_threshold(drop_ratio)`` (see the module
-    doc): the mask the Triton kernel computes tile by tile, bit for bit. Computed
-    in chunks of slices, so temporaries stay a few MiB beyond the 1-byte-per-logit
-    result.
+    doc): the mask the Triton kernel computes tile by tile, bit for bit. ``seed``: an
+    int in [0, 2**64) or a one-element int64 tensor (:func:`hash_seed_tensor`'s draw,
+    so traced code needs no ``.item()``). Computed in chunks of slices, so temporaries
+    stay a few MiB beyond the 1-byte-per-logit result.
+
+    Under :func:`torch.compile` this is one opaque op (``dropkey_lab::hash_drop_mask``)
+    that runs these same eager maths: traced, the hash's few dozen integer ops made
+    inductor's code generation take time exponential in their depth (minutes and
+    gigabytes for one small mask).
     """
-    seed = _check_seed(seed)
     shape = _validate_shape(shape)
     threshold = hash_threshold(drop_ratio)
     dev = torch.device("cpu") if device is None else torch.device(device)
+    if torch.compiler.is_compiling():
+        return _hash_drop_mask_op(seed_tensor(seed), list(shape), float(drop_ratio), dev)
+    return _hash_drop_mask(seed_word(seed), shape, threshold, dev)
+
+
+def _hash_drop_mask(seed: int, shape: tuple[int, ...], threshold: int, dev: torch.device) -> torch.Tensor:
     out = torch.empty(shape, dtype=torch.bool, device=dev)
     slices, nq, nk = math.prod(shape[:-2]), shape[-2], shape[-1]
     if out.numel() == 0:
@@ -174,3 +212,13 @@ def hash_drop_mask(
         rows = hash_row_keys(seed, hi - lo, nq, first_slice=lo, device=dev).unsqueeze(-1)
         torch.lt(hash_bits(rows, cols) >> (32 - HASH_BITS), threshold, out=flat[lo:hi])
     return out
+
+
+@torch.library.custom_op("dropkey_lab::hash_drop_mask", mutates_args=())
+def _hash_drop_mask_op(seed: torch.Tensor, shape: list[int], drop_ratio: float, device: torch.device) -> torch.Tensor:
+    return _hash_drop_mask(seed_word(seed), tuple(shape), hash_threshold(drop_ratio), device)
+
+
+@_hash_drop_mask_op.register_fake
+def _hash_drop_mask_shape(seed, shape, drop_ratio, device):  # type: ignore[no-untyped-def]
+    return torch.empty(shape, dtype=torch.bool, device=device)
