@@ -394,6 +394,7 @@ def coverage_counts(grid: tuple[int, int], kind: str = "block", size: int = 3) -
     return counts
 
 
+@torch.compiler.disable  # a cached scalar solve (numpy, scipy): torch.compile cannot trace numpy's setflags
 @functools.lru_cache(maxsize=1024)
 def _solve_seed_rate(drop_ratio: float, grid: tuple[int, int], kind: str, size: int) -> float:
     from scipy.optimize import brentq
