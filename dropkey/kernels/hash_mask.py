@@ -103,6 +103,11 @@ def _check_seed(seed: object) -> int:
     return int(seed)
 
 
+def _check_count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+
+
 def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
     """A hash seed as a one-element int64 tensor: an int in [0, 2**64) (two's complement above
     2**63, on the CPU), or a one-element int64 tensor such as :func:`hash_seed_tensor` draws (as is)."""
@@ -149,6 +154,8 @@ def hash_row_keys(seed: int, slices: int, nq: int, *, first_slice: int = 0, devi
     ``score_mod``) that looks them up does only :func:`hash_bits` per logit.
     """
     seed = _check_seed(seed)
+    for name, value in (("slices", slices), ("nq", nq), ("first_slice", first_slice)):
+        _check_count(name, value)
     dev = torch.device("cpu") if device is None else torch.device(device)
     keys = _slice_keys(seed, torch.arange(first_slice, first_slice + slices, dtype=torch.int64, device=dev))
     rows = _mul32(torch.arange(nq, dtype=torch.int64, device=dev), _ROW)
@@ -157,6 +164,7 @@ def hash_row_keys(seed: int, slices: int, nq: int, *, first_slice: int = 0, devi
 
 def hash_column_terms(nk: int, *, device: torch.device | str | None = None) -> torch.Tensor:
     """The key terms ``j * 0xC2B2AE3D mod 2**32`` for j < ``nk`` (int64, shape (nk,))."""
+    _check_count("nk", nk)
     return _mul32(torch.arange(nk, dtype=torch.int64, device=device), _COL)
 
 
