@@ -450,14 +450,14 @@ def test_large_mask_uses_bounded_chunks(monkeypatch):
 # --------------------------------------------------------------------------- torch.compile
 
 
-def _compiled_matches_eager(compile_backend, backend="fused", mask=None, fullgraph=False):
+def _compiled_matches_eager(compile_backend, backend="fused", mask=None):
     torch._dynamo.reset()
     q, k, v = _qkv(batch=(2, 2), nq=5, nk=5, dtype=torch.float32, requires_grad=True)
 
     def step(q, k, v):
         return fn.dropkey_attention(q, k, v, 0.3, generator=3, backend=backend, mask=mask, all_dropped="zero")
 
-    compiled = torch.compile(step, backend=compile_backend, fullgraph=fullgraph)
+    compiled = torch.compile(step, backend=compile_backend)
     out = compiled(q, k, v)
     torch.testing.assert_close(out, step(q, k, v))
     got = torch.autograd.grad(out.square().sum(), (q, k, v))
@@ -477,7 +477,7 @@ def test_torch_compile_keeps_the_hash_mask_one_op():
     """Under torch.compile the hash mask is one opaque op (its seed a tensor: no graph break, fullgraph works).
 
     Traced op by op, the hash's few dozen integer ops made inductor's code generation take time
-    exponential in their depth: over 10 minutes and 10 GB for one small mask on this CPU.
+    exponential in their depth: one small mask was still compiling after 200 s on a 2-core CPU.
     """
     graphs = []
 
@@ -499,7 +499,7 @@ def test_torch_compile_keeps_the_hash_mask_one_op():
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_torch_compile_inductor_with_the_hash_mask():
-    """inductor compiles the hash-mask path in seconds (it took over 10 minutes before the mask became one op)."""
+    """inductor compiles the hash-mask path in seconds (it still ran after 150 s before the mask became one op)."""
     _compiled_matches_eager("inductor", "fused", "hash")
 
 
