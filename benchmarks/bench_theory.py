@@ -5,10 +5,11 @@ For N in {16, 65, 197, 577} keys (ViT rows: 65 = 8x8 patches + class token,
 
 - the median time to compute all N coefficients with method="integral",
 - its error on every one of the N coefficients: against enumeration (N = 16)
-  and against an independent high-precision reference (N >= 65: mpmath
-  tanh-sinh quadrature at 30 digits of the original integral
+  and against an independent high-precision reference (N >= 65:
+  :func:`theory.reference.mpmath_coefficients`, mpmath tanh-sinh quadrature at
+  30 digits of the original integral
   c_j = (1-r) int_0^oo e^(-t p_j) prod_{k!=j} (r + (1-r) e^(-t p_k)) dt,
-  not the integral method's split and log-space form),
+  not the integral method's substitution, grid and log-space form),
 - the time a Monte-Carlo estimate needs to reach 1e-3 relative accuracy (one
   standard error, from the exact variance) on every coefficient, measured by
   sampling that many masks (median of 3 runs), and the ratio to the exact method,
@@ -31,16 +32,16 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
-import mpmath
 import numpy as np
 
 from dropkey.provenance import provenance
 from dropkey.storage import write_json_atomic, write_text_atomic
 from theory import attention_variance, sampled_expected_attention, smoothing_coefficients
-from theory.integral import INTEGRAL_RTOL
+from theory.integral import STEP
+from theory.reference import REFERENCE_DIGITS, mpmath_coefficients
 from theory.rows import softmax_gaussian_rows
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,7 +49,6 @@ DROP_RATIO = 0.1
 SIZES = (16, 65, 197, 577)
 SWEEP_KEYS = 197
 SWEEP_DROP_RATIOS = (0.001, 0.3, 0.7, 0.99)
-REFERENCE_DIGITS = 30
 TARGET_SECONDS_N197 = 0.020
 TARGET_RELATIVE_ERROR = 1e-10
 MC_REPEATS = 3
@@ -63,47 +63,6 @@ def median_seconds(function: Callable[[], object], repeats: int) -> float:
         function()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def mpmath_coefficients(
-    p: np.ndarray, keys: Iterable[int], r: float, digits: int = REFERENCE_DIGITS
-) -> tuple[dict[int, float], float]:
-    """c_j = (1-r) int_0^oo e^(-t p_j) prod_{k != j} (r + (1-r) e^(-t p_k)) dt for each j in ``keys``.
-
-    tanh-sinh quadrature at ``digits`` digits, with break points at every decade the
-    weights live on. The product over k != j is the full product over k divided by
-    j's own factor, which is >= r, so the division loses nothing; the full product is
-    cached per node (every key's quadrature visits the same nodes), which makes all N
-    coefficients cost little more than one. Returns ({j: c_j}, the largest relative
-    error mpmath estimates for its quadratures).
-    """
-    values: dict[int, float] = {}
-    worst_estimate = 0.0
-    with mpmath.workdps(digits):
-        weights = [mpmath.mpf(float(x)) for x in p]
-        keep = 1 - mpmath.mpf(r)
-        drop = mpmath.mpf(r)
-        cache: dict[mpmath.mpf, mpmath.mpf] = {}
-
-        def full_product(t: mpmath.mpf) -> mpmath.mpf:
-            value = cache.get(t)
-            if value is None:
-                value = mpmath.fprod(drop + keep * mpmath.exp(-t * w) for w in weights)
-                cache[t] = value
-            return value
-
-        decades = sorted({mpmath.mpf(10) ** k for k in range(-1, int(np.ceil(-np.log10(p.min()))) + 3)})
-        for j in keys:
-            own = weights[int(j)]
-
-            def integrand(t: mpmath.mpf, own: mpmath.mpf = own) -> mpmath.mpf:
-                decay = mpmath.exp(-t * own)
-                return decay * full_product(t) / (drop + keep * decay)
-
-            integral, error = mpmath.quad(integrand, [0, *decades, mpmath.inf], error=True)
-            values[int(j)] = float(keep * integral)
-            worst_estimate = max(worst_estimate, float(error / integral))
-    return values, worst_estimate
 
 
 def reference_keys(p: np.ndarray, quick: bool) -> np.ndarray:
@@ -244,17 +203,36 @@ def machine_note(
         f"The machine's {os.cpu_count()} CPU cores were shared with other "
         "processes (other engineers' builds and tests) during the run, so absolute times are noisy "
         f"and on the slow side; 1-minute load average {load_before[0]:.2f} before, {load_after[0]:.2f} after. "
-        f"The integral method's convergence target is INTEGRAL_RTOL = {INTEGRAL_RTOL:g} (successive "
-        "step-halved estimates agree to it); the errors above are measured against the reference, "
+        f"The integral method is a trapezoid in u = log t with the fixed step {STEP:g} (checked against "
+        "the step twice as large); the errors above are measured against the reference, "
         f"whose own relative quadrature error mpmath estimates at most {reference_estimate:.0e}."
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 reference keys per row, fewer repeats, no sweep")
+def benchmark_parser(description: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options every theory benchmark takes: --quick, --seed, --no-save."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-save", action="store_true", help="print only")
+    return parser
+
+
+def save_results(stem: str, title: str, body: str, record: dict, seed: int) -> None:
+    """Write RESULTS/<stem>.json (the record plus its provenance) and RESULTS/<stem>.md."""
+    record = {**record, "provenance": provenance(seed=seed)}
+    write_json_atomic(RESULTS / f"{stem}.json", record)
+    meta = record["provenance"]
+    write_text_atomic(
+        RESULTS / f"{stem}.md",
+        f"# {title}\n\n{body}\n\n"
+        f"Machine: {meta['machine']}; versions: {meta['versions']}; commit {meta['git_commit']}; "
+        f"seed {seed}; command `{meta['command']}`; {meta['utc_time']}.\n",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser(__doc__.splitlines()[0], "3 reference keys per row, fewer repeats, no sweep")
     args = parser.parse_args(argv)
 
     load_before = os.getloadavg()
@@ -266,23 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     reference_estimate = max(item["reference_error_estimate"] for item in rows + sweep)
     note = machine_note(load_before, load_after, reference_estimate, args.quick)
     sections = [table, verdict] + ([f"Accuracy across drop ratios:\n\n{format_sweep(sweep)}"] if sweep else []) + [note]
-    print("\n\n".join(sections))
+    body = "\n\n".join(sections)
+    print(body)
     if not args.no_save:
         record = {
             "drop_ratio": DROP_RATIO, "rows": rows, "drop_ratio_sweep": sweep, "verdict": verdict,
-            "quick": args.quick, "integral_rtol": INTEGRAL_RTOL, "reference_digits": REFERENCE_DIGITS,
+            "quick": args.quick, "integral_step": STEP, "reference_digits": REFERENCE_DIGITS,
             "load_average_before": list(load_before), "load_average_after": list(load_after),
-            "provenance": provenance(seed=args.seed),
         }
-        write_json_atomic(RESULTS / "theory_cpu.json", record)
-        meta = record["provenance"]
-        body = "\n\n".join(sections)
-        write_text_atomic(
-            RESULTS / "theory_cpu.md",
-            f"# Exact smoothing coefficients: integral method (r = {DROP_RATIO})\n\n{body}\n\n"
-            f"Machine: {meta['machine']}; versions: {meta['versions']}; commit {meta['git_commit']}; "
-            f"seed {args.seed}; command `{meta['command']}`; {meta['utc_time']}.\n",
-        )
+        save_results("theory_cpu", f"Exact smoothing coefficients: integral method (r = {DROP_RATIO})", body,
+                     record, args.seed)
     return 0
 
 

@@ -39,7 +39,7 @@ ROW = np.array([0.6, 0.3, 0.1])
         ([1.2, -0.2], "non-negative"),
         ([0.5, 0.4], "sum to 1"),
         ([[0.5, 0.5], [0.9, 0.2]], "row 1 sums"),
-        (np.ones((2, 2, 2)) / 2, "1-D"),
+        ([[[0.5, 0.5]], [[0.5, 0.5]], [[0.9, 0.2]]], "row \\(2, 0\\) sums"),  # (..., N) batches name the index
         (np.float64(1.0), "1-D"),
         (np.zeros((0,)), "at least one"),
         (np.array([0.5 + 0j, 0.5]), "real numbers"),

@@ -13,10 +13,9 @@ N log r and k log1p(-r), the integral's factors by logaddexp) and 1 - r is
 exact for r >= 1/2; every tolerance below is relative to the size of the
 quantities compared, which shrink like 1 - r near r = 1.
 
-Numerical tolerance: the integral method stops when successive estimates agree
-to INTEGRAL_RTOL = 1e-13 relative, and is measured within ~1e-14 of 30-digit
-references (benchmarks/results/theory_cpu.md); inequalities are asserted up to
-TOL = 1e-11 relative. Where a strict inequality is asserted, it is through a
+Numerical tolerance: the integral method's fixed-step trapezoid is within ~1e-14
+relative of 30-digit references (theory/integral.py, benchmarks/results/
+expected_attention_cpu.md); inequalities are asserted up to TOL = 1e-11 relative. Where a strict inequality is asserted, it is through a
 *derived lower bound* on the gap, so "strict" means "by at least that margin".
 The Monte-Carlo test uses a fixed seed per example and 5 standard errors, the
 standard error computed from the exact variance (so rare events such as "only

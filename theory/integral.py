@@ -1,146 +1,398 @@
-"""Exact moments of DropKey attention weights from the integral representation.
+"""Exact moments of DropKey attention weights from the integral representation, batched.
 
-Derivation (checked symbolically in :mod:`theory.derivations`). For a kept key j
+Representation (checked symbolically in :mod:`theory.derivations`). For a kept key j
 with weight p_j, let S = sum_{i != j} b_i p_i over the other *present* keys
 (p_i > 0), m of them, each kept with probability 1 - r. Using
 1/x^k = 1/(k-1)! * integral_0^inf t^(k-1) e^(-t x) dt and independence,
 
-    E[1/(p_j + S)^k] = 1/(k-1)! * integral_0^inf t^(k-1) e^(-t p_j) G_j(t) dt,
-    G_j(t) = E[e^(-t S)] = prod_{i != j} (r + (1 - r) e^(-t p_i)).
+    M_k(j) = E[(p_j / (p_j + S))^k] = 1/(k-1)! integral_0^inf (t p_j)^k e^(-t p_j) G_j(t) dt / t,
+    G_j(t) = E[e^(-t S)] = prod_{i != j} f_i(t),   f_i(t) = r + (1 - r) e^(-t p_i),
 
-G_j tends to r^m (all others dropped) as t -> inf. We split that constant off,
-which integrates in closed form, and keep the *regular part*
+so that E[w_j^k] = (1 - r) M_k(j) (zero convention) and c_j = (1 - r) M_1(j) / p_j.
+M_k(j) is the k-th moment of w_j given that key j is kept: between 0 and 1, and at
+least max(r^m, p_j^k). An absent key (p_j = 0) has the marginal coefficient
+c_j = (1 - r) E[1/S ; S > 0] = (1 - r) integral_0^inf (G(t) - r^m) dt, G = prod_i f_i.
 
-    Reg_k(j) = 1/(k-1)! * integral_0^inf t^(k-1) e^(-t p_j) (G_j(t) - r^m) dt  >= 0,
+Numerics (design and measurements in docs/theory_numerics.md). With t = e^u every
+integrand is an entire function of u that grows like e^(k u) as u -> -inf and decays
+double-exponentially once t p_j is large, so the trapezoidal rule on a uniform u-grid
+converges geometrically: its error is about 2 |Gamma(k + 2 pi i / h)| / (k-1)!
+relative, 1.2e-14 for first moments at the step h = STEP = 0.28 (second moments use
+SECOND_MOMENT_STEP = 0.24: 1e-15). The grid is fixed in advance, per row:
 
-so that, exactly and with no cancellation,
+- it starts at u = LOWER_U = -2; the infinitely many nodes below are summed in closed
+  form from the Taylor expansion (TAYLOR_TERMS = 8 terms) of e^(-t p_j) G_j(t) at t = 0;
+  the row sums to 1, so the expansion's coefficients are O(1/n!) for every row and
+  what it leaves out is below 1e-15 relative;
+- it ends where the right tail is provably below TAIL_TOLERANCE relative to M_k(j),
+  at t = X / p_min with X ~ 36 for ViT-like rows (a bound in the row's r, m, p_min);
+- every node costs one pass over the row, shared by all N keys: G_j = G / f_j with
+  G = exp(sum_i log f_i), so a row costs N x T exponentials and logarithms (T ~ 70
+  nodes for ViT rows), and the sum over nodes is one matrix product.
 
-    E[w_j^k] = (1 - r) * (r^m + p_j^k Reg_k(j))          (zero convention)
-    c_j      = (1 - r) * (r^m / p_j + Reg_1(j)).
+Each estimate is checked at no extra cost against the trapezoid on every other node
+(step 2h): the trapezoid's error at h is about the square of its error at 2h, so rows
+whose two estimates differ by more than CHECK_TOLERANCE (none among ViT-like rows, whose
+difference is about 1e-6) are recomputed with the step halved, up to MAX_HALVINGS times.
 
-Numerics. With t = e^u the integrand is an entire function of u that decays
-like e^(k u) as u -> -inf and double-exponentially once t p is large, so the
-trapezoidal rule on a uniform u-grid converges geometrically in the step h. We
-halve h until successive estimates agree to INTEGRAL_RTOL. Everything is evaluated
-in log space:  G_j(t) - r^m = r^m * expm1(A_j(t)),
-A_j(t) = sum_{i != j} log1p(((1 - r)/r) e^(-t p_i)),
-so no product underflows, even for r^m far below 1e-308.
-
-Cost: O(R * N * nodes) for R rows of N keys; each node costs one pass over the
-row, shared by all N coefficients (the leave-one-out sum A_j is a subtraction).
+Rows are processed in blocks whose workspace stays under a byte budget
+(MAX_WORKSPACE_BYTES unless the caller passes another), and within a block in
+cache-sized chunks of rows with similar grids.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
-#: Convergence target of the step-halving loop: it stops once successive estimates
-#: agree to this relative tolerance. The error it reaches is smaller, because the
-#: trapezoidal rule converges geometrically and the last halving gains many digits:
-#: below 1e-14 relative (at most 9.5e-15) against 30-digit mpmath on every
-#: coefficient of ViT-like rows with N <= 577 at r = 0.1, and on all 197 keys for
-#: r from 0.001 to 0.99 (benchmarks/bench_theory.py, results/theory_cpu.md).
-INTEGRAL_RTOL = 1e-13
-_FIRST_STEP = 0.5  # initial trapezoid step in u = log t
-_MAX_HALVINGS = 8  # step never goes below 0.5 / 2^8
-_LOWER_U = -40.0  # e^(-40) ~ 4e-18: truncation below is far under rtol
-_MAX_BLOCK_ENTRIES = 2_000_000  # (rows x nodes x keys) float64 entries held at once
+#: Trapezoid step in u = log t: its error is about 2 |Gamma(k + 2 pi i / h)| / (k-1)! relative,
+#: 1.2e-14 for first moments (k = 1) at STEP.
+STEP = 0.28
+#: The step when second moments (k = 2) are wanted: 1e-15 for them (and 4e-17 for the first).
+SECOND_MOMENT_STEP = 0.24
+#: First node of the grid, u = log t; the nodes below are summed in closed form.
+LOWER_U = -2.0
+#: Taylor terms (beyond the constant) of the integrands at t = 0 used for the nodes below LOWER_U.
+TAYLOR_TERMS = 8
+#: The right tail beyond the grid is below this, relative to the moment it belongs to.
+TAIL_TOLERANCE = 1e-17
+#: Largest accepted relative difference between the estimates at steps h and 2h.
+CHECK_TOLERANCE = 1e-5
+#: Step halvings tried for rows that fail the check (never needed by ViT-like rows).
+MAX_HALVINGS = 3
+#: Default bound on the bytes of workspace held at once, beyond the float64 copy of the
+#: input rows and the results (each rows x keys x 8 bytes).
+MAX_WORKSPACE_BYTES = 64 * 2**20
+
+# t p is clipped at _CLIP before exp: an underflowing or subnormal exp is 10-100x slower
+# than a normal one. e^(-700) stands in for 0, which changes nothing at float64
+# precision when r p_min^k >= _CLIP_SAFE (see _needs_exact_zeros); other rows zero the
+# clipped entries explicitly.
+_CLIP = 700.0
+_CLIP_SAFE = 1e-280
+# Moments smaller than this are not compared by the step check (absolute error below
+# 1e-290: only keys whose weight^k is that small, e.g. second moments of weights < 1e-145).
+_CHECK_FLOOR = 1e-280
+# Entries of one (rows x nodes x keys) chunk: 512 KiB per float64 buffer, cache-sized.
+_CHUNK_ENTRIES = 1 << 16
+# Float64 buffers of chunk size held at once (x, y/f, W_1, W_2 or log1p terms).
+_CHUNK_BUFFERS = 4
+# Float64 values held at once per (row, key) of a block: the rows, the Taylor terms and
+# coefficients (2 TAYLOR_TERMS + 1), estimates at two steps for two orders and their
+# reordered copies, with room to spare.
+_PER_ENTRY_VALUES = 2 * TAYLOR_TERMS + 16
 
 
-def _upper_u(p_min: float, n_keys: int, order: int) -> float:
-    """Upper end of the u-grid: beyond it, every regular-part tail is below ~1e-17.
+@dataclass(frozen=True)
+class KeptMoments:
+    """Results of :func:`kept_moments` for R rows of N keys.
 
-    The regular integrand of key j is at most m t^(k-1) e^(-t (p_j + p_other_min)),
-    and every scale it is compared with is at least 1, so t_max * p_min of about
-    45 + log(N / p_min), times the order for the t^(k-1) factor, is enough.
+    moments: (len(orders), R, N), M_k(j) = E[(p_j / (p_j + S))^k], 0 for absent keys.
+    marginal: (R,), E[1/S ; S > 0] over the present keys (what an absent key's
+    coefficient is made of); NaN for rows without absent keys unless requested for all.
     """
-    t_max = order * (45.0 + math.log(n_keys / p_min)) / p_min
-    return math.log(t_max)
+
+    moments: np.ndarray
+    marginal: np.ndarray
 
 
-def _log_integrand(u: np.ndarray, rows: np.ndarray, drop_ratio: float, order: int) -> np.ndarray:
-    """log of the regular-part integrand (including dt = t du) at nodes u.
+def kept_moments(
+    rows: np.ndarray,
+    drop_ratio: float,
+    orders: tuple[int, ...] = (1,),
+    *,
+    marginal: bool = False,
+    workspace_bytes: int | None = None,
+) -> KeptMoments:
+    """M_k(j) for every key of every row and order k in ``orders`` (1 and/or 2).
 
-    u: (M,) nodes; rows: (R, N). Returns (R, M, N); -inf where the integrand is 0.
-
-    We write G_j - r^m = G_j * (1 - r^m / G_j) = G_j * (-expm1(-A_j)) and take
-    log G_j = sum_{i != j} log(r + (1 - r) e^(-t p_i)) directly, each factor by
-    logaddexp: writing G_j as r^m e^(A_j) instead would cancel two numbers of size
-    m |log r| (1e4 for a 577-key row at r = 1e-15) and lose 1e-12 of accuracy.
+    rows: (R, N) float64, validated attention rows; 0 < drop_ratio < 1. With
+    ``marginal``, also E[1/S ; S > 0] for every row that has an absent key.
+    ``workspace_bytes`` bounds the memory held at once (default MAX_WORKSPACE_BYTES).
     """
-    log_r = math.log(drop_ratio)
-    log_keep = math.log1p(-drop_ratio)
-    log_q = log_keep - log_r  # log((1 - r) / r), finite for any r in (0, 1)
-    present = rows > 0  # (R, N); an absent key's factor is 1 (log 0)
-    x = np.exp(u)[None, :, None] * rows[:, None, :]  # (R, M, N)  t * p_i
-    log_factor = np.where(present[:, None, :], np.logaddexp(log_r, log_keep - x), 0.0)
-    log_ratio = np.where(present[:, None, :], np.logaddexp(0.0, log_q - x), 0.0)  # log(factor / r)
-    log_g = log_factor.sum(axis=2, keepdims=True) - log_factor  # log G_j, leave-one-out
-    leave_one_out = np.maximum(log_ratio.sum(axis=2, keepdims=True) - log_ratio, 0.0)  # A_j
-    with np.errstate(divide="ignore"):  # A_j == 0 -> log(0) = -inf, integrand 0
-        log_excess = np.log(-np.expm1(-leave_one_out))
-    return order * u[None, :, None] - x + np.minimum(log_g, 0.0) + log_excess - math.lgamma(order)
-
-
-def _trapezoid_sum(u: np.ndarray, rows: np.ndarray, drop_ratio: float, order: int) -> np.ndarray:
-    """sum over nodes of the integrand, (R, N); the caller multiplies by the step.
-
-    Nodes are processed in chunks so memory stays under _MAX_BLOCK_ENTRIES entries.
-    """
-    chunk = max(1, _MAX_BLOCK_ENTRIES // rows.size)
-    total = np.zeros_like(rows)
-    for start in range(0, u.size, chunk):
-        total += np.exp(_log_integrand(u[start : start + chunk], rows, drop_ratio, order)).sum(axis=1)
-    return total
-
-
-def regular_part(rows: np.ndarray, drop_ratio: float, order: int) -> np.ndarray:
-    """Reg_order(j) for every key of every row, (R, N). Requires 0 < drop_ratio < 1."""
     if not 0.0 < drop_ratio < 1.0:
-        raise ValueError(f"regular_part needs 0 < drop_ratio < 1, got {drop_ratio!r}")
+        raise ValueError(f"kept_moments needs 0 < drop_ratio < 1, got {drop_ratio!r}")
+    if not set(orders) <= {1, 2} or not orders:
+        raise ValueError(f"orders must be a non-empty subset of (1, 2), got {orders!r}")
+    budget = MAX_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
     n_rows, n_keys = rows.shape
-    result = np.empty_like(rows)
-    # Rows share a grid within a block; a block holds at least 256 nodes per chunk.
-    block_rows = max(1, _MAX_BLOCK_ENTRIES // (256 * n_keys))
-    for start in range(0, n_rows, block_rows):
-        result[start : start + block_rows] = _regular_part_block(
-            rows[start : start + block_rows], drop_ratio, order
+    moments = np.zeros((len(orders), n_rows, n_keys))
+    marginals = np.full(n_rows, np.nan)
+    block = rows_per_block(n_keys, budget - 8 * _CHUNK_BUFFERS * _chunk_entries(n_keys, budget), _PER_ENTRY_VALUES)
+    for start in range(0, n_rows, block):
+        stop = min(n_rows, start + block)
+        _Block(rows[start:stop], drop_ratio, orders, marginal, budget).solve(
+            moments[:, start:stop], marginals[start:stop]
         )
-    return result
+    return KeptMoments(moments, marginals)
 
 
-def _regular_part_block(rows: np.ndarray, drop_ratio: float, order: int) -> np.ndarray:
-    p_min = float(rows[rows > 0].min())
-    u_hi = _upper_u(p_min, rows.shape[1], order)
-    step = _FIRST_STEP
-    n_intervals = int(math.ceil((u_hi - _LOWER_U) / step))
-    node_sum = _trapezoid_sum(_LOWER_U + step * np.arange(n_intervals + 1), rows, drop_ratio, order)
-    estimate = step * node_sum
+def rows_per_block(n_keys: int, budget: int, values_per_entry: int) -> int:
+    """Rows whose ``values_per_entry`` float64 values per key fit in ``budget`` bytes (at least 1)."""
+    return max(1, budget // (8 * values_per_entry * n_keys))
 
-    # What each estimate is compared with: E[1/(p_j + S)^k] = r^m / p_j^k + Reg,
-    # or Reg alone for an absent key (p_j = 0).
-    present = rows > 0
-    n_others = present.sum(axis=1, keepdims=True) - present
-    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
-        singular = np.where(present, np.exp(n_others * math.log(drop_ratio)) / rows**order, 0.0)
 
-    for _ in range(_MAX_HALVINGS):
-        midpoints = _LOWER_U + step * (np.arange(n_intervals) + 0.5)
-        node_sum = node_sum + _trapezoid_sum(midpoints, rows, drop_ratio, order)
-        n_intervals *= 2
-        step /= 2
-        refined = step * node_sum
-        change = np.abs(refined - estimate)
-        estimate = refined
-        if np.all(change <= INTEGRAL_RTOL * (estimate + singular)):
-            return estimate
-    worst = float(np.max(change / np.maximum(estimate + singular, np.finfo(float).tiny)))
-    raise RuntimeError(
-        f"integral method did not reach rtol {INTEGRAL_RTOL:g} after {_MAX_HALVINGS} step "
-        f"halvings (last relative change {worst:.3g}); please report this row"
-    )
+def _chunk_entries(n_keys: int, budget: int) -> int:
+    """Entries of one chunk buffer: cache-sized, within a quarter of the budget, at least one node."""
+    return max(n_keys, min(_CHUNK_ENTRIES, budget // (8 * _CHUNK_BUFFERS * 4)))
+
+
+def _geometric_sums(step: float, lowest: int) -> np.ndarray:
+    """sum_{n >= 1} t_n^q for t_n = e^(LOWER_U - n step) and q = lowest .. lowest + TAYLOR_TERMS."""
+    powers = np.arange(lowest, lowest + TAYLOR_TERMS + 1, dtype=float)
+    return np.exp(powers * (LOWER_U - step)) / -np.expm1(-powers * step)
+
+
+class _Block:
+    """One block of rows: their grids, the chunked trapezoid sums and the closed-form left tails."""
+
+    def __init__(self, rows: np.ndarray, r: float, orders: tuple[int, ...], marginal: bool, budget: int):
+        self.rows = rows
+        self.r = r
+        self.orders = orders
+        self.present = rows > 0
+        self.n_present = self.present.sum(axis=1)
+        absent_rows = self.n_present < rows.shape[1]
+        self.marginal_rows = absent_rows if marginal else np.zeros(rows.shape[0], dtype=bool)
+        self.p_min = np.where(self.present, rows, np.inf).min(axis=1)
+        self.chunk_entries = _chunk_entries(rows.shape[1], budget)
+        self.log_r = math.log(r)
+        self.log_keep = math.log1p(-r)
+        upper = np.max([self._tail_x(order) for order in orders], axis=0)
+        if self.marginal_rows.any():
+            upper = np.where(self.marginal_rows, np.maximum(upper, self._marginal_tail_x()), upper)
+        self.log_upper_t = np.log(upper / self.p_min)
+        # e^(-700) may stand in for a smaller exp(-t p) unless r p_min^k is tiny (see _CLIP).
+        self.exact_zeros = r * self.p_min ** max(orders) < _CLIP_SAFE
+
+    def _tail_x(self, order: int) -> np.ndarray:
+        """X with tail <= TAIL_TOLERANCE * M_k(j) for every key j, per row.
+
+        Beyond t = X / p_min the tail of key j is at most G_j(T) Gamma(k, X) / (k-1)!, with
+        G_j(T) <= (r + (1 - r) e^-X)^m, and M_k(j) >= max(p_min^k, r^m); solved for X by
+        a few fixed-point steps from X = 36.
+        """
+        m = self.n_present - 1
+        floor = np.maximum(order * np.log(self.p_min), m * self.log_r)
+        x = np.full(self.rows.shape[0], 36.0)
+        for _ in range(4):
+            log_tail = m * np.logaddexp(self.log_r, self.log_keep - x) + (order - 1) * np.log1p(x) - x
+            x = x + np.maximum(log_tail - floor - math.log(TAIL_TOLERANCE), 0.0)
+        return x
+
+    def _marginal_tail_x(self) -> np.ndarray:
+        """X for E[1/S ; S > 0]: its tail is at most m (1-r) (r + (1-r) e^-X)^(m-1) e^-X / p_min,
+        and E[1/S ; S > 0] >= 1 - r^m."""
+        m = self.n_present
+        floor = np.log(-np.expm1(m * self.log_r)) - np.log(m)
+        x = np.full(self.rows.shape[0], 36.0)
+        for _ in range(4):
+            log_tail = (m - 1) * np.logaddexp(self.log_r, self.log_keep - x) - x - np.log(self.p_min)
+            x = x + np.maximum(log_tail - floor - math.log(TAIL_TOLERANCE), 0.0)
+        return x
+
+    def solve(self, moments_out: np.ndarray, marginal_out: np.ndarray) -> None:
+        """Fill moments_out (orders, R, N) and marginal_out (R,) for this block."""
+        pending = np.arange(self.rows.shape[0])
+        step = STEP if max(self.orders) == 1 else SECOND_MOMENT_STEP
+        for _ in range(MAX_HALVINGS + 1):
+            fine, coarse, marginal_fine, marginal_coarse = self._estimates(pending, step)
+            moments_out[:, pending] = fine
+            marginal_out[pending] = np.where(self.marginal_rows[pending], marginal_fine, np.nan)
+            # Relative change; moments below _CHECK_FLOOR (absent keys: 0) are not checked.
+            row_change = (np.abs(fine - coarse) / np.maximum(fine, _CHECK_FLOOR)).max(axis=(0, 2))
+            with np.errstate(invalid="ignore"):  # NaN / NaN for rows without a marginal: unused
+                marginal_change = np.abs(marginal_fine - marginal_coarse) / marginal_fine
+            row_change = np.where(self.marginal_rows[pending], np.maximum(row_change, marginal_change), row_change)
+            failed = row_change > CHECK_TOLERANCE
+            if not failed.any():
+                return
+            log.debug("%d rows changed by up to %.2g between steps %g and %g; halving the step",
+                      failed.sum(), row_change.max(), 2 * step, step)
+            pending, step = pending[failed], step / 2
+        raise RuntimeError(
+            f"integral method: {pending.size} rows still differ by more than {CHECK_TOLERANCE:g} between "
+            f"steps {4 * step:g} and {2 * step:g} after {MAX_HALVINGS} halvings; please report these rows"
+        )
+
+    def _estimates(self, which: np.ndarray, step: float) -> tuple[np.ndarray, ...]:
+        """Moments (orders, R, N) and marginals (R,) of the rows ``which`` at steps h and 2h."""
+        counts = np.ceil((self.log_upper_t[which] - LOWER_U) / step).astype(np.int64) + 1
+        with_marginal = self.marginal_rows[which]
+        # Rows with marginals first, then by node count, so that chunks share one grid.
+        order = np.lexsort((counts, ~with_marginal))
+        rows, counts, with_marginal = which[order], counts[order], with_marginal[order]
+        p = self.rows[rows]
+        sums = np.zeros((len(self.orders), 2, *p.shape))
+        marginals = np.zeros((2, p.shape[0]))
+        size = min(self.chunk_entries, int(counts.max()) * p.size)
+        buffers = [np.empty(size) for _ in range(_CHUNK_BUFFERS if with_marginal.any() else _CHUNK_BUFFERS - 1)]
+        for start, stop in self._chunks(counts, with_marginal, p.shape[1]):
+            self._add_nodes(
+                p[start:stop],
+                int(counts[stop - 1]),
+                step,
+                bool(self.exact_zeros[rows[start:stop]].any()),
+                self.present[rows[start:stop]] if with_marginal[start] else None,
+                sums[:, :, start:stop],
+                marginals[:, start:stop],
+                buffers,
+            )
+        self._add_left_tails(p, step, sums, marginals, with_marginal)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        return sums[:, 0][:, inverse], sums[:, 1][:, inverse], marginals[0][inverse], marginals[1][inverse]
+
+    def _chunks(self, counts: np.ndarray, with_marginal: np.ndarray, n_keys: int):
+        """(start, stop) of consecutive sorted rows: about chunk_entries per node, one kind of row."""
+        start, n_rows = 0, counts.size
+        while start < n_rows:
+            size = max(1, self.chunk_entries // (int(counts[min(start + 1, n_rows) - 1]) * n_keys))
+            stop = min(n_rows, start + size)
+            size = max(1, self.chunk_entries // (int(counts[stop - 1]) * n_keys))
+            stop = min(n_rows, start + size)
+            if with_marginal[start] != with_marginal[stop - 1]:
+                stop = start + int(np.argmin(with_marginal[start:stop]))
+            yield start, stop
+            start = stop
+
+    def _add_nodes(self, p, n_nodes, step, exact_zeros, present, sums, marginals, buffers) -> None:
+        """Add the trapezoid terms of nodes 0..n_nodes-1 (steps h and 2h) for rows p (R, N).
+
+        sums: (orders, 2, R, N) and marginals: (2, R), added to in place; ``present`` is the
+        rows' present-key mask when their marginal is wanted, else None.
+        """
+        n_rows, n_keys = p.shape
+        per_piece = max(1, self.chunk_entries // (n_rows * n_keys))
+        for first in range(0, n_nodes, per_piece):
+            nodes = np.arange(first, min(n_nodes, first + per_piece))
+            u = LOWER_U + step * nodes
+            shape = (n_rows, nodes.size, n_keys)
+            neg_x, y, weighted = (buffer[: math.prod(shape)].reshape(shape) for buffer in buffers[:3])
+            np.einsum("t,rn->rtn", -np.exp(u), p, out=neg_x)  # -t p
+            np.maximum(neg_x, -_CLIP, out=neg_x)
+            np.exp(neg_x, out=y)
+            if exact_zeros:
+                np.copyto(y, 0.0, where=neg_x <= -_CLIP)
+            if present is not None:
+                log_excess = self._log_excess(y, present, buffers[3][: y.size].reshape(shape))
+            np.multiply(neg_x, y, out=weighted)  # -x y
+            y *= 1.0 - self.r
+            y += self.r  # f = r + (1 - r) y
+            weighted /= y  # -x y / f = -W_1
+            np.log(y, out=y)
+            log_g = y.sum(axis=2)  # (R, T): log G, G the product of every key's factor
+            with np.errstate(under="ignore"):
+                node_weights = step * np.exp(log_g)
+            even = nodes % 2 == 0
+            columns = np.zeros((n_rows, 2, nodes.size))
+            columns[:, 0] = node_weights
+            columns[:, 1, even] = 2.0 * node_weights[:, even]
+            for index, order in enumerate(self.orders):
+                if order == 1:
+                    sums[index] -= np.matmul(columns, weighted).transpose(1, 0, 2)
+                else:
+                    np.multiply(weighted, neg_x, out=neg_x)  # x^2 y / f = W_2
+                    sums[index] += np.matmul(columns, neg_x).transpose(1, 0, 2)
+            if present is not None:
+                with np.errstate(under="ignore"):
+                    terms = np.exp(log_g + u + log_excess)  # t (G - r^m)
+                marginals[0] += step * terms.sum(axis=1)
+                marginals[1] += 2.0 * step * terms[:, even].sum(axis=1)
+
+    def _log_excess(self, y: np.ndarray, present: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """log(1 - r^m / G) per (row, node), from A = log(G / r^m) = sum_present log1p(q y_i)."""
+        np.multiply(y, math.exp(self.log_keep - self.log_r), out=scratch)
+        scratch *= present[:, None, :]
+        np.log1p(scratch, out=scratch)
+        with np.errstate(divide="ignore"):  # A = 0 only where G = r^m: that term is 0
+            return np.log(-np.expm1(-scratch.sum(axis=2)))
+
+    def _add_left_tails(self, p, step, sums, marginals, with_marginal) -> None:
+        """Add the nodes below LOWER_U, summed from the Taylor expansion at t = 0.
+
+        Below LOWER_U every integrand is t^k F(t) with F(t) = e^(-t p_j) G_j(t) (G(t) - r^m
+        for the marginal), and sum_{n >= 1} t_n^q = e^(q (LOWER_U - h)) / (1 - e^(-q h)) in
+        closed form for the nodes t_n = e^(LOWER_U - n h). F is entire with
+        |Taylor coefficient n| <= sqrt(2 pi n) / n! (Cauchy's bound on |t| = n, as the row
+        sums to 1), so TAYLOR_TERMS terms leave out less than 1e-15 relative (module doc).
+        """
+        own = self._taylor_coefficients(p, own=True)  # (terms + 1, R, N)
+        whole = None
+        if with_marginal.any():
+            whole = self._taylor_coefficients(p, own=False)  # (terms + 1, R, 1)
+            whole[0] -= np.exp(self.n_present_of(p) * self.log_r)  # G - r^m
+        for level, level_step in enumerate((step, 2.0 * step)):
+            for index, order in enumerate(self.orders):
+                s = _geometric_sums(level_step, order)
+                series = np.tensordot(s, own, axes=1)
+                sums[index, level] += level_step * p**order * series / math.factorial(order - 1)
+            if whole is not None:
+                series = np.tensordot(_geometric_sums(level_step, 1), whole, axes=1)[:, 0]
+                marginals[level] += np.where(with_marginal, level_step * series, 0.0)
+
+    @staticmethod
+    def n_present_of(p: np.ndarray) -> np.ndarray:
+        return (p > 0).sum(axis=1, keepdims=True)
+
+    def _taylor_coefficients(self, p: np.ndarray, *, own: bool) -> np.ndarray:
+        """Taylor coefficients c_0..c_K at t = 0 of e^(-t p_j) G_j(t) (own) or of G(t), K = TAYLOR_TERMS.
+
+        log f_i(t) = sum_n kappa_n (-t p_i)^n / n! with kappa_n the cumulants of a
+        Bernoulli(1 - r) variable, so log F has coefficients l_n = kappa_n (-1)^n s_n / n!
+        (s_n the sum of p_i^n over the factors; l_1 also gets -p_j), and F = exp(log F)
+        by the recurrence c_n = (1/n) sum_{m=1}^n m l_m c_(n-m).
+        """
+        terms = TAYLOR_TERMS
+        n = np.arange(1, terms + 1)
+        scale = np.array(_bernoulli_cumulants(1.0 - self.r)) * (-1.0) ** n / _FACTORIALS[1:] * n  # m kappa_m (-1)^m / m!
+        weighted = np.cumprod(np.broadcast_to(p, (terms, *p.shape)), axis=0)  # p^1 .. p^K
+        totals = weighted.sum(axis=2, keepdims=True)
+        if own:
+            np.subtract(totals, weighted, out=weighted)  # s_m = sum over the others
+        else:
+            weighted = totals
+        weighted *= scale[:, None, None]  # m l_m
+        if own:
+            weighted[0] -= p
+        coefficients = np.empty((terms + 1, *weighted.shape[1:]))
+        coefficients[0] = 1.0
+        for order in range(1, terms + 1):
+            # c_n = (1/n) sum_{m=1}^n m l_m c_(n-m)
+            np.einsum("m...,m...->...", weighted[:order], coefficients[order - 1 :: -1][:order],
+                      out=coefficients[order])
+            coefficients[order] /= order
+        return coefficients
+
+
+_FACTORIALS = np.array([math.factorial(n) for n in range(TAYLOR_TERMS + 1)], dtype=float)
+
+
+def _cumulant_polynomials(count: int) -> tuple[tuple[int, ...], ...]:
+    """Integer coefficients (in powers of s) of the Bernoulli(s) cumulants kappa_1..kappa_count.
+
+    kappa_1 = s and kappa_(n+1) = s (1 - s) d kappa_n / ds.
+    """
+    polynomial = [0, 1]
+    found = []
+    for _ in range(count):
+        found.append(tuple(polynomial))
+        derivative = [k * c for k, c in enumerate(polynomial)][1:]
+        polynomial = [0] * (len(derivative) + 2)
+        for k, c in enumerate(derivative):  # times s - s^2
+            polynomial[k + 1] += c
+            polynomial[k + 2] -= c
+    return tuple(found)
+
+
+_CUMULANT_POLYNOMIALS = _cumulant_polynomials(TAYLOR_TERMS)
+
+
+def _bernoulli_cumulants(s: float) -> list[float]:
+    """kappa_1..kappa_TAYLOR_TERMS of a Bernoulli(s) variable."""
+    return [sum(c * s**k for k, c in enumerate(coefficients)) for coefficients in _CUMULANT_POLYNOMIALS]

@@ -46,9 +46,9 @@ def sampled_expected_attention(
     passed so callers derive child seeds. Memory is bounded by sampling in chunks
     (the result does not depend on the chunking).
     """
-    rows, was_1d = check_attention_rows(p)
-    if not was_1d:
-        raise ValueError(f"p must be one row (1-D) here, got shape {rows.shape}")
+    rows, batch_shape = check_attention_rows(p)
+    if batch_shape:
+        raise ValueError(f"p must be one row (1-D) here, got shape {(*batch_shape, rows.shape[1])}")
     r = check_drop_ratio(drop_ratio)
     convention = check_option(all_dropped, ALL_DROPPED_CONVENTIONS, name="all_dropped")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:

@@ -20,34 +20,49 @@ not used. With the "uniform" or "undropped" convention, c_j of an absent key is
 still that marginal coefficient (the convention adds nothing to a zero weight).
 
 Methods: ``"enumerate"`` sums over all 2^N keep masks (N <= ENUMERATE_MAX_KEYS);
-``"integral"`` uses the exact integral representation (any N; its quadrature
-stops once successive estimates agree to INTEGRAL_RTOL = 1e-13 relative, and the
-error it reaches is below 1e-14 relative: at most 9.5e-15 over every coefficient
-of ViT-like rows with N <= 577 against 30-digit mpmath, see
-benchmarks/results/theory_cpu.md); ``"auto"`` enumerates for
-N <= AUTO_ENUMERATE_MAX_KEYS and integrates otherwise. Every function accepts one row (N,) or a batch (R, N) and returns the
-same shape, as float64. ``drop_ratio == 0`` returns p (or 1, or 0) exactly.
+``"integral"`` uses the exact integral representation (any N), evaluated by a
+trapezoid on a fixed grid in log t, batched over rows (:mod:`theory.integral`):
+its error is below 1e-13 relative on every coefficient (about 1e-14 measured
+against mpmath and exact sums, N up to 577, weights down to 1e-300, r from 0.001
+to 0.99; benchmarks/results/expected_attention_cpu.md); ``"auto"`` enumerates for
+N <= AUTO_ENUMERATE_MAX_KEYS and integrates otherwise.
+
+Shapes and types. Every function accepts one row (N,) or any batch (..., N) (one
+row per leading index) and returns p's shape, as float64. A torch tensor p (any
+real dtype, any device) is computed on in float64 and comes back as a float64
+tensor on p's device (:mod:`theory.tensors`; theory never imports torch).
+``drop_ratio == 0`` returns p (or 1, or 0) exactly. Memory: rows are processed in
+blocks, so that besides p's float64 copy and the result at most ``workspace_bytes``
+(default :data:`theory.integral.MAX_WORKSPACE_BYTES`, 64 MiB) are held at once.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from theory.enumeration import ENUMERATE_MAX_KEYS, enumerated_weight_moment
-from theory.integral import regular_part
+from theory.integral import MAX_WORKSPACE_BYTES, kept_moments, rows_per_block
+from theory.tensors import to_numpy
 from theory.validation import (
     ALL_DROPPED_CONVENTIONS,
     check_attention_rows,
     check_drop_ratio,
     check_option,
+    check_workspace_bytes,
 )
 
 METHODS = ("auto", "enumerate", "integral")
 
 #: "auto" enumerates up to this many keys (2^10 masks: exact and instant).
 AUTO_ENUMERATE_MAX_KEYS = 10
+
+# (row, key) float64 values the assembly below holds per block: rows, moments of two
+# orders, the all-dropped terms and the result, with room to spare.
+_ASSEMBLY_VALUES = 8
 
 
 def _resolve_method(method: object, n_keys: int) -> str:
@@ -60,6 +75,39 @@ def _resolve_method(method: object, n_keys: int) -> str:
             f"got N = {n_keys}; use method='integral' or 'auto'"
         )
     return method
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A validated call: rows (R, N), how to shape and return results, and the options."""
+
+    rows: np.ndarray
+    batch_shape: tuple[int, ...]
+    restore: Callable[[np.ndarray], object]
+    drop_ratio: float
+    all_dropped: str
+    method: str
+    workspace_bytes: int
+
+    def blockwise(self, compute: Callable[[np.ndarray], np.ndarray]) -> object:
+        """Apply ``compute`` to blocks of rows that keep the workspace in budget; shape the result."""
+        n_rows, n_keys = self.rows.shape
+        result = np.empty_like(self.rows)
+        block = rows_per_block(n_keys, self.workspace_bytes // 2, _ASSEMBLY_VALUES)
+        for start in range(0, n_rows, block):
+            result[start : start + block] = compute(self.rows[start : start + block])
+        return self.restore(result.reshape(*self.batch_shape, n_keys))
+
+
+def _request(p: object, drop_ratio: object, all_dropped: object, method: object, workspace_bytes: object) -> _Request:
+    array, restore = to_numpy(p)
+    rows, batch_shape = check_attention_rows(array)
+    r = check_drop_ratio(drop_ratio)
+    convention = check_option(all_dropped, ALL_DROPPED_CONVENTIONS, name="all_dropped")
+    resolved = _resolve_method(method, rows.shape[1])
+    budget = check_workspace_bytes(workspace_bytes)
+    return _Request(rows, batch_shape, restore, r, convention, resolved,
+                    MAX_WORKSPACE_BYTES if budget is None else budget)
 
 
 def _all_dropped_probability(rows: np.ndarray, drop_ratio: float) -> np.ndarray:
@@ -78,91 +126,105 @@ def _all_dropped_weight(rows: np.ndarray, all_dropped: str, order: int) -> np.nd
     return rows**order  # "undropped"
 
 
-def _weight_moment_parts(
-    rows: np.ndarray, drop_ratio: float, order: int, method: str
-) -> np.ndarray:
-    """E[w_j^order] under the zero convention, (R, N), for 0 < r < 1."""
-    if method == "enumerate":
-        return enumerated_weight_moment(rows, drop_ratio, order)
-    regular = regular_part(rows, drop_ratio, order)
-    present = rows > 0
-    n_others = present.sum(axis=1, keepdims=True) - present
-    alone = np.exp(n_others * math.log(drop_ratio))  # P(all other present keys dropped)
-    moment = (1.0 - drop_ratio) * (alone + rows**order * regular)
-    return np.where(present, moment, 0.0)
+def _weight_moments(
+    request: _Request, rows: np.ndarray, orders: tuple[int, ...], *, marginal: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """E[w_j^k] for k in ``orders`` under the request's convention, (len(orders), R, N), 0 < r < 1.
+
+    With ``marginal``, also the absent-key coefficient (1 - r) E[1/S ; S > 0] of every
+    row with an absent key (NaN elsewhere), shape (R, 1); it always comes from the
+    integral method.
+    """
+    r = request.drop_ratio
+    budget = request.workspace_bytes // 2
+    coefficient = np.full((rows.shape[0], 1), np.nan)
+    if request.method == "enumerate":
+        moments = np.stack([enumerated_weight_moment(rows, r, order) for order in orders])
+        absent = (rows == 0).any(axis=1)
+        if marginal and absent.any():
+            found = kept_moments(rows[absent], r, (1,), marginal=True, workspace_bytes=budget).marginal
+            coefficient[absent, 0] = (1.0 - r) * found
+    else:
+        found = kept_moments(rows, r, orders, marginal=marginal, workspace_bytes=budget)
+        moments = (1.0 - r) * found.moments
+        coefficient[:, 0] = (1.0 - r) * found.marginal
+    alone = _all_dropped_probability(rows, r)
+    for index, order in enumerate(orders):
+        moments[index] += alone * _all_dropped_weight(rows, request.all_dropped, order)
+    return moments, coefficient
 
 
-def _weight_moment(
-    p: object, drop_ratio: object, all_dropped: object, method: object, order: int
-) -> tuple[np.ndarray, np.ndarray, float, bool]:
-    """Validate, then E[w_j^order] under the chosen convention; also the checked rows."""
-    rows, was_1d = check_attention_rows(p)
-    r = check_drop_ratio(drop_ratio)
-    convention = check_option(all_dropped, ALL_DROPPED_CONVENTIONS, name="all_dropped")
-    resolved = _resolve_method(method, rows.shape[1])
-    if r == 0.0:
-        return rows**order, rows, r, was_1d
-    moment = _weight_moment_parts(rows, r, order, resolved)
-    moment += _all_dropped_probability(rows, r) * _all_dropped_weight(rows, convention, order)
-    return moment, rows, r, was_1d
-
-
-def _shape_like_input(values: np.ndarray, was_1d: bool) -> np.ndarray:
-    return values[0] if was_1d else values
-
-
-def expected_attention(
-    p: object, drop_ratio: object, *, all_dropped: str = "zero", method: str = "auto"
-) -> np.ndarray:
+def expected_attention(p: object, drop_ratio: object, *, all_dropped: str = "zero", method: str = "auto",
+                       workspace_bytes: int | None = None) -> object:
     """E[w] for attention row(s) p under DropKey with drop ratio r in [0, 1).
 
-    p: (N,) or (R, N) non-negative weights, each row summing to 1 (within 1e-6).
-    Returns an array of p's shape. ``drop_ratio == 0`` returns p exactly.
+    p: (..., N) non-negative weights, each row summing to 1 (within 1e-6), as a numpy
+    array, nested lists or a torch tensor. Returns an array of p's shape: float64 numpy,
+    or a float64 torch tensor on p's device for a tensor p. ``drop_ratio == 0`` returns
+    p exactly. ``workspace_bytes`` bounds the memory held at once besides the input's
+    float64 copy and the result (default :data:`theory.integral.MAX_WORKSPACE_BYTES`).
 
     >>> expected_attention([0.5, 0.5], 0.5).tolist()  # each key alone w.p. 1/4, both w.p. 1/4
     [0.375, 0.375]
     """
-    moment, _, _, was_1d = _weight_moment(p, drop_ratio, all_dropped, method, order=1)
-    return _shape_like_input(moment, was_1d)
+    request = _request(p, drop_ratio, all_dropped, method, workspace_bytes)
+    if request.drop_ratio == 0.0:
+        return request.blockwise(lambda rows: rows)
+    return request.blockwise(lambda rows: _weight_moments(request, rows, (1,))[0][0])
 
 
-def smoothing_coefficients(
-    p: object, drop_ratio: object, *, all_dropped: str = "zero", method: str = "auto"
-) -> np.ndarray:
+def smoothing_coefficients(p: object, drop_ratio: object, *, all_dropped: str = "zero", method: str = "auto",
+                           workspace_bytes: int | None = None) -> object:
     """Smoothing coefficients c with E[w] = c * p (see the module doc for p_j = 0).
 
-    ``drop_ratio == 0`` returns ones exactly.
+    Shapes, types and options as :func:`expected_attention`. ``drop_ratio == 0``
+    returns ones exactly.
     """
-    moment, rows, r, was_1d = _weight_moment(p, drop_ratio, all_dropped, method, order=1)
-    if r == 0.0:
-        return _shape_like_input(np.ones_like(rows), was_1d)
-    present = rows > 0
-    coefficients = np.divide(moment, rows, out=np.zeros_like(rows), where=present)
-    if not np.all(present):
-        # Absent keys: the marginal coefficient (1 - r) E[1/S ; S > 0], integral only.
-        marginal = (1.0 - r) * regular_part(rows, r, order=1)
-        coefficients = np.where(present, coefficients, marginal)
-    return _shape_like_input(coefficients, was_1d)
+    request = _request(p, drop_ratio, all_dropped, method, workspace_bytes)
+    if request.drop_ratio == 0.0:
+        return request.blockwise(np.ones_like)
+
+    def coefficients(rows: np.ndarray) -> np.ndarray:
+        moments, absent_key = _weight_moments(request, rows, (1,), marginal=True)
+        present = rows > 0
+        return np.where(present, np.divide(moments[0], rows, out=np.zeros_like(rows), where=present), absent_key)
+
+    return request.blockwise(coefficients)
 
 
-def attention_variance(
-    p: object, drop_ratio: object, *, all_dropped: str = "zero", method: str = "auto"
-) -> np.ndarray:
-    """Var[w_j] under DropKey, from the exact second moment E[w_j^2] minus E[w_j]^2."""
-    first, _, _, was_1d = _weight_moment(p, drop_ratio, all_dropped, method, order=1)
-    second, _, _, _ = _weight_moment(p, drop_ratio, all_dropped, method, order=2)
-    return _shape_like_input(np.maximum(second - first**2, 0.0), was_1d)
+def attention_variance(p: object, drop_ratio: object, *, all_dropped: str = "zero", method: str = "auto",
+                       workspace_bytes: int | None = None) -> object:
+    """Var[w_j] under DropKey, from the exact second moment E[w_j^2] minus E[w_j]^2.
+
+    Shapes, types and options as :func:`expected_attention`; both moments come from
+    one pass of the integral method.
+    """
+    request = _request(p, drop_ratio, all_dropped, method, workspace_bytes)
+    if request.drop_ratio == 0.0:
+        return request.blockwise(np.zeros_like)
+
+    def variance(rows: np.ndarray) -> np.ndarray:
+        first, second = _weight_moments(request, rows, (1, 2))[0]
+        return np.maximum(second - first**2, 0.0)
+
+    return request.blockwise(variance)
 
 
-def dropout_expected_attention(p: object, drop_ratio: object) -> np.ndarray:
-    """E[w] under post-softmax inverted dropout, w_j = b_j p_j / (1 - r): exactly p (c = 1)."""
-    rows, was_1d = check_attention_rows(p)
-    check_drop_ratio(drop_ratio)
-    return _shape_like_input(rows, was_1d)
+def dropout_expected_attention(p: object, drop_ratio: object) -> object:
+    """E[w] under post-softmax inverted dropout, w_j = b_j p_j / (1 - r): exactly p (c = 1).
+
+    Shapes and types as :func:`expected_attention`.
+    """
+    return _dropout(p, drop_ratio, lambda rows, r: rows)
 
 
-def dropout_attention_variance(p: object, drop_ratio: object) -> np.ndarray:
+def dropout_attention_variance(p: object, drop_ratio: object) -> object:
     """Var[w_j] under post-softmax inverted dropout: r / (1 - r) * p_j^2."""
-    rows, was_1d = check_attention_rows(p)
+    return _dropout(p, drop_ratio, lambda rows, r: r / (1.0 - r) * rows**2)
+
+
+def _dropout(p: object, drop_ratio: object, formula: Callable[[np.ndarray, float], np.ndarray]) -> object:
+    array, restore = to_numpy(p)
+    rows, batch_shape = check_attention_rows(array)
     r = check_drop_ratio(drop_ratio)
-    return _shape_like_input(r / (1.0 - r) * rows**2, was_1d)
+    return restore(formula(rows, r).reshape(*batch_shape, rows.shape[1]))

@@ -35,29 +35,32 @@ def check_option(value: object, allowed: tuple[str, ...], *, name: str) -> str:
     return value
 
 
-def check_attention_rows(p: object, *, name: str = "p") -> tuple[np.ndarray, bool]:
-    """Validate attention weights and return them as a 2-D float64 array.
+def check_attention_rows(p: object, *, name: str = "p") -> tuple[np.ndarray, tuple[int, ...]]:
+    """Validate attention weights and return them as a 2-D float64 array of rows.
 
-    Accepts one row (1-D, shape (N,)) or a batch of rows (2-D, shape (R, N)),
-    N >= 1. Weights must be finite, non-negative and each row must sum to 1
-    within :data:`ROW_SUM_TOLERANCE`. Returns ``(rows, was_1d)``.
+    Accepts one row (1-D, shape (N,)) or any batch of rows (shape (..., N), one row
+    per leading index), N >= 1 and at least one row. Weights must be finite,
+    non-negative and each row must sum to 1 within :data:`ROW_SUM_TOLERANCE`.
+    Returns ``(rows, batch_shape)``: rows of shape (R, N), R = prod(batch_shape), a
+    fresh copy; ``batch_shape`` is ``p.shape[:-1]`` (``()`` for one row).
     """
     try:
         array = np.asarray(p)
     except Exception as exc:  # ragged lists and the like
-        raise ValueError(f"{name} must be a 1-D or 2-D array of attention weights: {exc}") from exc
+        raise ValueError(f"{name} must be an array of attention weights, shape (..., N): {exc}") from exc
     if array.dtype == object or not (
         np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
     ):
         raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
-    if array.ndim not in (1, 2):
+    if array.ndim < 1:
         raise ValueError(
-            f"{name} must be 1-D (one row) or 2-D (one row per query), got {array.ndim}-D "
-            f"with shape {array.shape}"
+            f"{name} must be 1-D (one row) or more, shape (..., N) with one row per leading index, "
+            f"got a 0-D value"
         )
-    if array.shape[-1] < 1 or (array.ndim == 2 and array.shape[0] < 1):
+    if array.size < 1:
         raise ValueError(f"{name} must have at least one row and one key, got shape {array.shape}")
-    rows = np.array(array, dtype=np.float64, ndmin=2, copy=True)
+    batch_shape = array.shape[:-1]
+    rows = np.array(array, dtype=np.float64, copy=True).reshape(-1, array.shape[-1])
     if not np.all(np.isfinite(rows)):
         raise ValueError(f"{name} must be finite (no NaN or inf)")
     if np.any(rows < 0):
@@ -65,8 +68,18 @@ def check_attention_rows(p: object, *, name: str = "p") -> tuple[np.ndarray, boo
     sums = rows.sum(axis=1)
     worst = int(np.argmax(np.abs(sums - 1.0)))
     if abs(sums[worst] - 1.0) > ROW_SUM_TOLERANCE:
+        where = worst if len(batch_shape) <= 1 else tuple(int(i) for i in np.unravel_index(worst, batch_shape))
         raise ValueError(
             f"each row of {name} must sum to 1 within {ROW_SUM_TOLERANCE:g}; "
-            f"row {worst} sums to {sums[worst]!r}"
+            f"row {where} sums to {sums[worst]!r}"
         )
-    return rows, array.ndim == 1
+    return rows, batch_shape
+
+
+def check_workspace_bytes(value: object, *, name: str = "workspace_bytes") -> int | None:
+    """Return ``value`` (None, or an integer number of bytes >= 1), or raise ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be None or a positive integer number of bytes, got {value!r}")
+    return int(value)
