@@ -234,6 +234,29 @@ def training_weights(
     return torch.where(all_dropped, torch.full_like(p, 1.0 / n), kept / torch.where(all_dropped, 1.0, norm))
 
 
+def training_gradients(
+    regulariser: str,
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    target: torch.Tensor,
+    keep: torch.Tensor | None,
+    drop_ratio: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the summed training loss 1/2 sum_b ||sum_j w_j v_j - y_b||^2 for one mask per problem.
+
+    logits (B, N), values (B, N, d), target (B, d), keep (B, N) or None for 'none'.
+    Returns (d/dlogits (B, N), d/dvalues (B, N, d)); problems do not interact, so
+    row b of each is problem b's own gradient. The inputs are not modified.
+    """
+    logits = logits.detach().requires_grad_(True)
+    values = values.detach().requires_grad_(True)
+    weights = training_weights(regulariser, logits, keep, drop_ratio)
+    output = torch.einsum("bn,bnd->bd", weights, values)
+    loss = 0.5 * ((output - target) ** 2).sum()
+    grad_logits, grad_values = torch.autograd.grad(loss, (logits, values))
+    return grad_logits, grad_values
+
+
 def _snapshot(
     logits: torch.Tensor, values: torch.Tensor, target: torch.Tensor, m: float
 ) -> dict[str, np.ndarray]:
@@ -394,12 +417,7 @@ def _train(
         keep = None
         if regulariser != "none":
             keep = torch.rand((b, n), generator=mask_generator, dtype=torch.float64) >= drop_ratio
-        logits.requires_grad_(True)
-        values.requires_grad_(True)
-        weights = training_weights(regulariser, logits, keep, drop_ratio)
-        output = torch.einsum("bn,bnd->bd", weights, values)
-        loss = 0.5 * ((output - target) ** 2).sum()
-        grad_logits, grad_values = torch.autograd.grad(loss, (logits, values))
+        grad_logits, grad_values = training_gradients(regulariser, logits, values, target, keep, drop_ratio)
         with torch.no_grad():
             logits = (logits - lr_logits * grad_logits).detach()
             values = (values - lr_values * grad_values).detach()
