@@ -21,7 +21,7 @@ relative, 1.2e-14 for first moments at the step h = STEP = 0.28 (second moments 
 SECOND_MOMENT_STEP = 0.24: 1e-15). The grid is fixed in advance, per row:
 
 - it starts at u = LOWER_U = -2; the infinitely many nodes below are summed in closed
-  form from the Taylor expansion (TAYLOR_TERMS = 8 terms) of e^(-t p_j) G_j(t) at t = 0;
+  form from the Taylor expansion (8 terms, :mod:`theory.left_tail`) of the integrand at t = 0;
   the row sums to 1, so the expansion's coefficients are O(1/n!) for every row and
   what it leaves out is below 1e-15 relative;
 - it ends where the right tail is provably below TAIL_TOLERANCE relative to M_k(j),
@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from theory.left_tail import LeftTails
+
 log = logging.getLogger(__name__)
 
 #: Trapezoid step in u = log t: its error is about 2 |Gamma(k + 2 pi i / h)| / (k-1)! relative,
@@ -57,8 +59,6 @@ STEP = 0.28
 SECOND_MOMENT_STEP = 0.24
 #: First node of the grid, u = log t; the nodes below are summed in closed form.
 LOWER_U = -2.0
-#: Taylor terms (beyond the constant) of the integrands at t = 0 used for the nodes below LOWER_U.
-TAYLOR_TERMS = 8
 #: The right tail beyond the grid is below this, relative to the moment it belongs to.
 TAIL_TOLERANCE = 1e-17
 #: Largest accepted relative difference between the estimates at steps h and 2h.
@@ -80,12 +80,14 @@ _CLIP_SAFE = 1e-280
 _CHECK_FLOOR = 1e-280
 # Entries of one (rows x nodes x keys) chunk: 512 KiB per float64 buffer, cache-sized.
 _CHUNK_ENTRIES = 1 << 16
+# Nodes per piece of a chunk: a piece skips the keys that are negligible from its first node.
+_PIECE_NODES = 16
 # Float64 buffers of chunk size held at once (x, y/f, W_1, W_2 or log1p terms).
 _CHUNK_BUFFERS = 4
-# Float64 values held at once per (row, key) of a block: the rows, the Taylor terms and
-# coefficients (2 TAYLOR_TERMS + 1), estimates at two steps for two orders and their
-# reordered copies, with room to spare.
-_PER_ENTRY_VALUES = 2 * TAYLOR_TERMS + 16
+# Float64 values held at once per (row, key) of a block: the sorted rows and key order,
+# the key death times, estimates at two steps for two orders and their reordered copies,
+# the left tails, with room to spare.
+_PER_ENTRY_VALUES = 24
 
 
 @dataclass(frozen=True)
@@ -140,12 +142,6 @@ def rows_per_block(n_keys: int, budget: int, values_per_entry: int) -> int:
 def _chunk_entries(n_keys: int, budget: int) -> int:
     """Entries of one chunk buffer: cache-sized, within a quarter of the budget, at least one node."""
     return max(n_keys, min(_CHUNK_ENTRIES, budget // (8 * _CHUNK_BUFFERS * 4)))
-
-
-def _geometric_sums(step: float, lowest: int) -> np.ndarray:
-    """sum_{n >= 1} t_n^q for t_n = e^(LOWER_U - n step) and q = lowest .. lowest + TAYLOR_TERMS."""
-    powers = np.arange(lowest, lowest + TAYLOR_TERMS + 1, dtype=float)
-    return np.exp(powers * (LOWER_U - step)) / -np.expm1(-powers * step)
 
 
 class _Block:
@@ -224,10 +220,13 @@ class _Block:
         """Moments (orders, R, N) and marginals (R,) of the rows ``which`` at steps h and 2h."""
         counts = np.ceil((self.log_upper_t[which] - LOWER_U) / step).astype(np.int64) + 1
         with_marginal = self.marginal_rows[which]
-        # Rows with marginals first, then by node count, so that chunks share one grid.
+        # Rows with marginals first, then by node count, so that chunks share one grid;
+        # keys by decreasing weight, so that the keys a node can skip come first.
         order = np.lexsort((counts, ~with_marginal))
         rows, counts, with_marginal = which[order], counts[order], with_marginal[order]
-        p = self.rows[rows]
+        key_order = np.argsort(-self.rows[rows], axis=1)
+        p = np.take_along_axis(self.rows[rows], key_order, axis=1)
+        death_u = self._death_u(p)
         sums = np.zeros((len(self.orders), 2, *p.shape))
         marginals = np.zeros((2, p.shape[0]))
         size = min(self.chunk_entries, int(counts.max()) * p.size)
@@ -238,7 +237,8 @@ class _Block:
                 int(counts[stop - 1]),
                 step,
                 bool(self.exact_zeros[rows[start:stop]].any()),
-                self.present[rows[start:stop]] if with_marginal[start] else None,
+                p[start:stop] > 0 if with_marginal[start] else None,
+                None if with_marginal[start] else death_u[start:stop],
                 sums[:, :, start:stop],
                 marginals[:, start:stop],
                 buffers,
@@ -246,35 +246,58 @@ class _Block:
         self._add_left_tails(p, step, sums, marginals, with_marginal)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
-        return sums[:, 0][:, inverse], sums[:, 1][:, inverse], marginals[0][inverse], marginals[1][inverse]
+        unsorted = np.empty_like(sums)
+        np.put_along_axis(unsorted, np.broadcast_to(key_order, sums.shape), sums, axis=-1)
+        return unsorted[:, 0][:, inverse], unsorted[:, 1][:, inverse], marginals[0][inverse], marginals[1][inverse]
+
+    def _death_u(self, p: np.ndarray) -> np.ndarray:
+        """log t beyond which key j can be skipped: f_j taken as r and W_j as 0, per (row, key).
+
+        Skipped at t >= X_j / p_j, with X_j large enough that (a) every skipped factor
+        changes log G by at most q e^-X_j, q = (1 - r) / r, N of them below 1e-17 in all,
+        and (b) the skipped terms of key j's own moment, at most (h / r) X^k e^-X with
+        G_j <= 1 and f_j >= r, stay below 1e-17 p_j^k <= 1e-17 M_k(j). +inf for absent keys.
+        """
+        k = max(self.orders)
+        with np.errstate(divide="ignore"):
+            log_p = np.log(p)
+        factors = math.log(p.shape[1]) + self.log_keep - self.log_r - math.log(1e-17)
+        own = math.log(STEP) - self.log_r - math.log(1e-17) - k * log_p
+        x = np.maximum(factors, own + k * math.log(50.0))
+        for _ in range(2):
+            x = np.maximum(factors, own + k * np.log(x))
+        return np.where(p > 0, np.log(x) - log_p, np.inf)
 
     def _chunks(self, counts: np.ndarray, with_marginal: np.ndarray, n_keys: int):
-        """(start, stop) of consecutive sorted rows: about chunk_entries per node, one kind of row."""
+        """(start, stop) of consecutive sorted rows, chunk_entries per _PIECE_NODES nodes, one kind of row."""
         start, n_rows = 0, counts.size
         while start < n_rows:
-            size = max(1, self.chunk_entries // (int(counts[min(start + 1, n_rows) - 1]) * n_keys))
-            stop = min(n_rows, start + size)
-            size = max(1, self.chunk_entries // (int(counts[stop - 1]) * n_keys))
-            stop = min(n_rows, start + size)
+            nodes = min(_PIECE_NODES, int(counts[start]))
+            stop = min(n_rows, start + max(1, self.chunk_entries // (nodes * n_keys)))
             if with_marginal[start] != with_marginal[stop - 1]:
                 stop = start + int(np.argmin(with_marginal[start:stop]))
             yield start, stop
             start = stop
 
-    def _add_nodes(self, p, n_nodes, step, exact_zeros, present, sums, marginals, buffers) -> None:
+    def _add_nodes(self, p, n_nodes, step, exact_zeros, present, death_u, sums, marginals, buffers) -> None:
         """Add the trapezoid terms of nodes 0..n_nodes-1 (steps h and 2h) for rows p (R, N).
 
-        sums: (orders, 2, R, N) and marginals: (2, R), added to in place; ``present`` is the
-        rows' present-key mask when their marginal is wanted, else None.
+        p: rows with keys by decreasing weight. sums: (orders, 2, R, N) and marginals: (2, R),
+        added to in place; ``present`` is the rows' present-key mask when their marginal is
+        wanted, else None; ``death_u`` (R, N) the log t from which each key may be skipped
+        (None: skip none). Nodes go in pieces; a piece skips the keys every row may skip at
+        its first node (a prefix, as keys are sorted).
         """
         n_rows, n_keys = p.shape
         per_piece = max(1, self.chunk_entries // (n_rows * n_keys))
         for first in range(0, n_nodes, per_piece):
             nodes = np.arange(first, min(n_nodes, first + per_piece))
             u = LOWER_U + step * nodes
-            shape = (n_rows, nodes.size, n_keys)
+            skipped = 0 if death_u is None else int((death_u <= u[0]).sum(axis=1).min())
+            live = p[:, skipped:]
+            shape = (n_rows, nodes.size, n_keys - skipped)
             neg_x, y, weighted = (buffer[: math.prod(shape)].reshape(shape) for buffer in buffers[:3])
-            np.einsum("t,rn->rtn", -np.exp(u), p, out=neg_x)  # -t p
+            np.einsum("t,rn->rtn", -np.exp(u), live, out=neg_x)  # -t p
             np.maximum(neg_x, -_CLIP, out=neg_x)
             np.exp(neg_x, out=y)
             if exact_zeros:
@@ -286,7 +309,7 @@ class _Block:
             y += self.r  # f = r + (1 - r) y
             weighted /= y  # -x y / f = -W_1
             np.log(y, out=y)
-            log_g = y.sum(axis=2)  # (R, T): log G, G the product of every key's factor
+            log_g = y.sum(axis=2) + skipped * self.log_r  # (R, T): log G, G the product of every factor
             with np.errstate(under="ignore"):
                 node_weights = step * np.exp(log_g)
             even = nodes % 2 == 0
@@ -295,10 +318,10 @@ class _Block:
             columns[:, 1, even] = 2.0 * node_weights[:, even]
             for index, order in enumerate(self.orders):
                 if order == 1:
-                    sums[index] -= np.matmul(columns, weighted).transpose(1, 0, 2)
+                    sums[index, :, :, skipped:] -= np.matmul(columns, weighted).transpose(1, 0, 2)
                 else:
                     np.multiply(weighted, neg_x, out=neg_x)  # x^2 y / f = W_2
-                    sums[index] += np.matmul(columns, neg_x).transpose(1, 0, 2)
+                    sums[index, :, :, skipped:] += np.matmul(columns, neg_x).transpose(1, 0, 2)
             if present is not None:
                 with np.errstate(under="ignore"):
                     terms = np.exp(log_g + u + log_excess)  # t (G - r^m)
@@ -314,85 +337,10 @@ class _Block:
             return np.log(-np.expm1(-scratch.sum(axis=2)))
 
     def _add_left_tails(self, p, step, sums, marginals, with_marginal) -> None:
-        """Add the nodes below LOWER_U, summed from the Taylor expansion at t = 0.
-
-        Below LOWER_U every integrand is t^k F(t) with F(t) = e^(-t p_j) G_j(t) (G(t) - r^m
-        for the marginal), and sum_{n >= 1} t_n^q = e^(q (LOWER_U - h)) / (1 - e^(-q h)) in
-        closed form for the nodes t_n = e^(LOWER_U - n h). F is entire with
-        |Taylor coefficient n| <= sqrt(2 pi n) / n! (Cauchy's bound on |t| = n, as the row
-        sums to 1), so TAYLOR_TERMS terms leave out less than 1e-15 relative (module doc).
-        """
-        own = self._taylor_coefficients(p, own=True)  # (terms + 1, R, N)
-        whole = None
-        if with_marginal.any():
-            whole = self._taylor_coefficients(p, own=False)  # (terms + 1, R, 1)
-            whole[0] -= np.exp(self.n_present_of(p) * self.log_r)  # G - r^m
+        """Add the nodes below LOWER_U, summed in closed form (:mod:`theory.left_tail`)."""
+        tails = LeftTails(p, self.r)
         for level, level_step in enumerate((step, 2.0 * step)):
             for index, order in enumerate(self.orders):
-                s = _geometric_sums(level_step, order)
-                series = np.tensordot(s, own, axes=1)
-                sums[index, level] += level_step * p**order * series / math.factorial(order - 1)
-            if whole is not None:
-                series = np.tensordot(_geometric_sums(level_step, 1), whole, axes=1)[:, 0]
-                marginals[level] += np.where(with_marginal, level_step * series, 0.0)
-
-    @staticmethod
-    def n_present_of(p: np.ndarray) -> np.ndarray:
-        return (p > 0).sum(axis=1, keepdims=True)
-
-    def _taylor_coefficients(self, p: np.ndarray, *, own: bool) -> np.ndarray:
-        """Taylor coefficients c_0..c_K at t = 0 of e^(-t p_j) G_j(t) (own) or of G(t), K = TAYLOR_TERMS.
-
-        log f_i(t) = sum_n kappa_n (-t p_i)^n / n! with kappa_n the cumulants of a
-        Bernoulli(1 - r) variable, so log F has coefficients l_n = kappa_n (-1)^n s_n / n!
-        (s_n the sum of p_i^n over the factors; l_1 also gets -p_j), and F = exp(log F)
-        by the recurrence c_n = (1/n) sum_{m=1}^n m l_m c_(n-m).
-        """
-        terms = TAYLOR_TERMS
-        n = np.arange(1, terms + 1)
-        scale = np.array(_bernoulli_cumulants(1.0 - self.r)) * (-1.0) ** n / _FACTORIALS[1:] * n  # m kappa_m (-1)^m / m!
-        weighted = np.cumprod(np.broadcast_to(p, (terms, *p.shape)), axis=0)  # p^1 .. p^K
-        totals = weighted.sum(axis=2, keepdims=True)
-        if own:
-            np.subtract(totals, weighted, out=weighted)  # s_m = sum over the others
-        else:
-            weighted = totals
-        weighted *= scale[:, None, None]  # m l_m
-        if own:
-            weighted[0] -= p
-        coefficients = np.empty((terms + 1, *weighted.shape[1:]))
-        coefficients[0] = 1.0
-        for order in range(1, terms + 1):
-            # c_n = (1/n) sum_{m=1}^n m l_m c_(n-m)
-            np.einsum("m...,m...->...", weighted[:order], coefficients[order - 1 :: -1][:order],
-                      out=coefficients[order])
-            coefficients[order] /= order
-        return coefficients
-
-
-_FACTORIALS = np.array([math.factorial(n) for n in range(TAYLOR_TERMS + 1)], dtype=float)
-
-
-def _cumulant_polynomials(count: int) -> tuple[tuple[int, ...], ...]:
-    """Integer coefficients (in powers of s) of the Bernoulli(s) cumulants kappa_1..kappa_count.
-
-    kappa_1 = s and kappa_(n+1) = s (1 - s) d kappa_n / ds.
-    """
-    polynomial = [0, 1]
-    found = []
-    for _ in range(count):
-        found.append(tuple(polynomial))
-        derivative = [k * c for k, c in enumerate(polynomial)][1:]
-        polynomial = [0] * (len(derivative) + 2)
-        for k, c in enumerate(derivative):  # times s - s^2
-            polynomial[k + 1] += c
-            polynomial[k + 2] -= c
-    return tuple(found)
-
-
-_CUMULANT_POLYNOMIALS = _cumulant_polynomials(TAYLOR_TERMS)
-
-
-def _bernoulli_cumulants(s: float) -> list[float]:
-    """kappa_1..kappa_TAYLOR_TERMS of a Bernoulli(s) variable."""
-    return [sum(c * s**k for k, c in enumerate(coefficients)) for coefficients in _CUMULANT_POLYNOMIALS]
+                sums[index, level] += tails.moment(LOWER_U, level_step, order)
+            if with_marginal.any():
+                marginals[level] += np.where(with_marginal, tails.marginal(LOWER_U, level_step), 0.0)
