@@ -9,10 +9,16 @@ Numeric API (the contract other packages call):
 - :func:`dropout_expected_attention`, :func:`dropout_attention_variance` -- the
   same for post-softmax (inverted) attention dropout.
 
+The exact functions take one row (N,), any batch (..., N) or a torch tensor (a
+float64 tensor comes back, on its device); :mod:`theory.integral` documents the
+batched method and its memory bound (``workspace_bytes``, default
+:data:`MAX_WORKSPACE_BYTES`), docs/theory_numerics.md its numerics.
+
 Symbolic derivations live in :mod:`theory.derivations` (imported lazily: sympy is slow to load).
 """
 
 from theory.enumeration import ENUMERATE_MAX_KEYS
+from theory.integral import MAX_WORKSPACE_BYTES
 from theory.sampling import SampledAttention, sampled_expected_attention
 from theory.smoothing import (
     AUTO_ENUMERATE_MAX_KEYS,
@@ -29,6 +35,7 @@ __all__ = [
     "ALL_DROPPED_CONVENTIONS",
     "AUTO_ENUMERATE_MAX_KEYS",
     "ENUMERATE_MAX_KEYS",
+    "MAX_WORKSPACE_BYTES",
     "METHODS",
     "ROW_SUM_TOLERANCE",
     "SampledAttention",

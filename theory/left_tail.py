@@ -107,20 +107,25 @@ class LeftTails:
         self.row_series = exp_series(factor_logs[:, None] * np.array(power_sums))  # A_a: (K + 1, R)
         self.key_series = key_series(drop_ratio)  # B_b: (K + 1,)
         self.alone = np.exp((p > 0).sum(axis=1) * math.log(drop_ratio))  # r^m over the present keys
+        self.powers: np.ndarray | None = None
 
-    def moment(self, first_u: float, step: float, order: int) -> np.ndarray:
-        """(R, N): h / (k-1)! sum_{n >= 1} x_n^k B(x_n) G(t_n) for every key, k = order."""
+    def moments(self, first_u: float, steps: tuple[float, ...], order: int) -> np.ndarray:
+        """(len(steps), R, N): h / (k-1)! sum_{n >= 1} x_n^k B(x_n) G(t_n) for every key, k = order."""
         terms = TAYLOR_TERMS
-        # D_b = sum_a S_(k+a+b) A_a over a + b <= K: a Hankel matrix times the row series.
-        sums = np.append(geometric_sums(first_u, step, order), 0.0)
         index = np.add.outer(np.arange(terms + 1), np.arange(terms + 1))
-        hankel = sums[np.where(index <= terms, index, terms + 1)]
-        coefficients = self.key_series[:, None] * (hankel @ self.row_series)  # (K + 1, R): of p_j^b
-        polynomial = np.broadcast_to(coefficients[terms][:, None], self.p.shape).copy()
-        for b in range(terms - 1, -1, -1):  # Horner in p_j
-            polynomial *= self.p
-            polynomial += coefficients[b][:, None]
-        return step / math.factorial(order - 1) * self.p**order * polynomial
+        coefficients = []
+        for step in steps:
+            # D_b = sum_a S_(k+a+b) A_a over a + b <= K: a Hankel matrix times the row series.
+            sums = np.append(geometric_sums(first_u, step, order), 0.0)
+            hankel = sums[np.where(index <= terms, index, terms + 1)]
+            scale = step / math.factorial(order - 1)
+            coefficients.append(scale * self.key_series[:, None] * (hankel @ self.row_series))  # of p_j^b
+        if self.powers is None:  # p_j^0 .. p_j^K, shared by every call
+            self.powers = np.empty((terms + 1, *self.p.shape))
+            self.powers[0] = 1.0
+            for b in range(1, terms + 1):
+                np.multiply(self.powers[b - 1], self.p, out=self.powers[b])
+        return np.einsum("sbr,brn->srn", np.array(coefficients), self.powers) * self.powers[order]
 
     def marginal(self, first_u: float, step: float) -> np.ndarray:
         """(R,): h sum_{n >= 1} t_n (G(t_n) - r^m), the absent-key integrand's left tail."""
