@@ -74,8 +74,11 @@ def grouped_coefficients(row: np.ndarray, r: float, convention: str) -> np.ndarr
         others = counts.copy()
         others[index] -= 1
         coefficient = (1 - r) * grouped_expectation(own, list(values), list(others), r)
-        dropped = {"zero": 0.0, "uniform": 1.0 / (n_present * own), "undropped": 1.0}[convention]
-        result[row == own] = coefficient + r**n_present * dropped
+        # r^N' times the all-dropped weight / own, in logs: own may be subnormal.
+        log_alone = n_present * math.log(r)
+        dropped = {"zero": 0.0, "undropped": math.exp(log_alone),
+                   "uniform": math.exp(log_alone - math.log(n_present) - math.log(own))}[convention]
+        result[row == own] = coefficient + dropped
     if np.any(row == 0):
         result[row == 0] = (1 - r) * grouped_expectation(0.0, list(values), list(counts), r)
     return result
@@ -293,6 +296,19 @@ def test_clipped_exponentials_are_exact_zeros_where_it_matters():
     r = 1e-200
     reference = grouped_coefficients(row, r, "zero")
     assert relative_error(smoothing_coefficients(row, r), reference) <= MAX_RELATIVE_ERROR
+
+
+def test_subnormal_weights_are_exact_or_infinite_never_nan():
+    """Weights below 1e-308 need t beyond float64's range: the grid is shifted by a power of 2.
+    Coefficients stay exact while they fit in float64 and are +inf (not NaN) beyond."""
+    row = grouped_row([1 - 10e-200 - 10 * 4e-320, 1e-200, 4e-320], [1, 10, 10], 2, np.random.default_rng(11))
+    for r in (0.001, 0.1):
+        reference = grouped_coefficients(row, r, "uniform")
+        assert relative_error(smoothing_coefficients(row, r, all_dropped="uniform"), reference) <= MAX_RELATIVE_ERROR
+    beyond = smoothing_coefficients(row, 0.9)  # c ~ r^m / p for the subnormal keys, E[1/S] for absent ones
+    overflowing = (row == 4e-320) | (row == 0)
+    assert np.all(beyond[overflowing] == np.inf) and np.all(np.isfinite(beyond[~overflowing]))
+    assert np.all(np.isfinite(expected_attention(row, 0.9))) and np.all(np.isfinite(attention_variance(row, 0.9)))
 
 
 def test_tail_bound_covers_tiny_drop_ratios():

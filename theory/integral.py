@@ -82,6 +82,8 @@ _CLIP_SAFE = 1e-280
 _CHECK_FLOOR = 1e-280
 # Entries of one (rows x nodes x keys) chunk: 512 KiB per float64 buffer, cache-sized.
 _CHUNK_ENTRIES = 1 << 16
+# Largest u = log t used as is; beyond (weights below ~1e-280) t p is formed as (t / 2^b) (p 2^b).
+_MAX_U = 650.0
 # Nodes per piece of a chunk: a piece skips the keys that are negligible from its first node.
 _PIECE_NODES = 16
 # Float64 buffers of chunk size held at once (x, y/f, W_1, W_2 or log1p terms).
@@ -164,7 +166,7 @@ class _Block:
         upper = np.max([self._tail_x(order) for order in orders], axis=0)
         if self.marginal_rows.any():
             upper = np.where(self.marginal_rows, np.maximum(upper, self._marginal_tail_x()), upper)
-        self.log_upper_t = np.log(upper / self.p_min)
+        self.log_upper_t = np.log(upper) - np.log(self.p_min)  # no overflow for subnormal p_min
         # e^(-700) may stand in for a smaller exp(-t p) unless r p_min^k is tiny (see _CLIP).
         self.exact_zeros = r * self.p_min ** max(orders) < _CLIP_SAFE
 
@@ -299,13 +301,17 @@ class _Block:
             live = p[:, skipped:]
             shape = (n_rows, nodes.size, n_keys - skipped)
             neg_x, y, weighted = (buffer[: math.prod(shape)].reshape(shape) for buffer in buffers[:3])
-            np.einsum("t,rn->rtn", -np.exp(u), live, out=neg_x)  # -t p
+            if u[-1] > _MAX_U:  # t would overflow (subnormal weights): (t / 2^b) (p 2^b) instead
+                bits = math.ceil((u[-1] - _MAX_U) / math.log(2.0))
+                np.einsum("t,rn->rtn", -np.exp(u - bits * math.log(2.0)), np.ldexp(live, bits), out=neg_x)
+            else:
+                np.einsum("t,rn->rtn", -np.exp(u), live, out=neg_x)  # -t p
             np.maximum(neg_x, -_CLIP, out=neg_x)
             np.exp(neg_x, out=y)
             if exact_zeros:
                 np.copyto(y, 0.0, where=neg_x <= -_CLIP)
             if present is not None:
-                log_excess = self._log_excess(y, present, buffers[3][: y.size].reshape(shape))
+                log_excess = self._log_excess(neg_x, y, present, buffers[3][: y.size].reshape(shape))
             np.multiply(neg_x, y, out=weighted)  # -x y
             y *= 1.0 - self.r
             y += self.r  # f = r + (1 - r) y
@@ -325,16 +331,19 @@ class _Block:
                     np.multiply(weighted, neg_x, out=neg_x)  # x^2 y / f = W_2
                     sums[index, :, :, skipped:] += np.matmul(columns, neg_x).transpose(1, 0, 2)
             if present is not None:
-                with np.errstate(under="ignore"):
+                with np.errstate(under="ignore", over="ignore"):  # +inf: E[1/S] beyond float64
                     terms = np.exp(log_g + u + log_excess)  # t (G - r^m)
                 marginals[0] += step * terms.sum(axis=1)
                 marginals[1] += 2.0 * step * terms[:, even].sum(axis=1)
 
-    def _log_excess(self, y: np.ndarray, present: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-        """log(1 - r^m / G) per (row, node), from A = log(G / r^m) = sum_present log1p(q y_i)."""
-        np.multiply(y, math.exp(self.log_keep - self.log_r), out=scratch)
-        scratch *= present[:, None, :]
-        np.log1p(scratch, out=scratch)
+    def _log_excess(self, neg_x: np.ndarray, y: np.ndarray, present: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+        """log(1 - r^m / G) per (row, node), from A = log(G / r^m) = sum_present log1p(q y_i).
+
+        log1p(q y) is formed as logaddexp(0, log q - x): q = (1 - r) / r overflows for r < 1e-308.
+        """
+        np.add(neg_x, self.log_keep - self.log_r, out=scratch)
+        np.logaddexp(0.0, scratch, out=scratch)
+        np.copyto(scratch, 0.0, where=(y == 0.0) | ~present[:, None, :])  # exact zeros, absent keys
         with np.errstate(divide="ignore"):  # A = 0 only where G = r^m: that term is 0
             return np.log(-np.expm1(-scratch.sum(axis=2)))
 

@@ -31,7 +31,9 @@ Shapes and types. Every function accepts one row (N,) or any batch (..., N) (one
 row per leading index) and returns p's shape, as float64. A torch tensor p (any
 real dtype, any device) is computed on in float64 and comes back as a float64
 tensor on p's device (:mod:`theory.tensors`; theory never imports torch).
-``drop_ratio == 0`` returns p (or 1, or 0) exactly. Memory: rows are processed in
+``drop_ratio == 0`` returns p (or 1, or 0) exactly. A coefficient that exceeds
+float64's range (weights near 1e-308 and below, c_j ~ r^m / p_j) is +inf, never NaN;
+E[w] and Var[w] stay finite. Memory: rows are processed in
 blocks, so that besides p's float64 copy and the result at most ``workspace_bytes``
 (default :data:`theory.integral.MAX_WORKSPACE_BYTES`, 64 MiB) are held at once.
 """
@@ -187,7 +189,9 @@ def smoothing_coefficients(p: object, drop_ratio: object, *, all_dropped: str = 
     def coefficients(rows: np.ndarray) -> np.ndarray:
         moments, absent_key = _weight_moments(request, rows, (1,), marginal=True)
         present = rows > 0
-        return np.where(present, np.divide(moments[0], rows, out=np.zeros_like(rows), where=present), absent_key)
+        with np.errstate(over="ignore"):  # c_j beyond float64 (weights ~1e-308 and below): +inf
+            coefficients = np.divide(moments[0], rows, out=np.zeros_like(rows), where=present)
+        return np.where(present, coefficients, absent_key)
 
     return request.blockwise(coefficients)
 
