@@ -113,11 +113,25 @@ def _train_summary(config, result) -> int:
     return 0
 
 
+def _print_decisions(result) -> None:
+    """The registered decision of every claim this experiment result measures (this scale only)."""
+    from reports import claims as registry
+    from reports.evidence import Evidence, experiment_evidence
+
+    evidence = Evidence(experiments={result.name: experiment_evidence(result.folder, result.name, result.scale)})
+    for claim_id in result.summary["claims"]:
+        verdict = registry.assess(registry.claim(claim_id), evidence)
+        print(f"  {claim_id}: {verdict.status}")
+        for finding in verdict.findings:
+            print(f"    {finding.text()}")
+
+
 def _command_experiment(args: argparse.Namespace) -> int:
-    """Run one experiment (or all) at a scale; print its measurements with their standard errors."""
+    """Run (or re-analyse) one experiment or all at a scale; print each claim's registered decision."""
     from dropkey.data import DataError
     from dropkey.experiments import EXPERIMENT_NAMES, run_experiment
     from dropkey.experiments.analysis import IncompleteRun
+    from dropkey.experiments.results import reanalyse
     from dropkey.train import TrainingDiverged
 
     names = EXPERIMENT_NAMES if args.name == "all" else (args.name,)
@@ -128,19 +142,21 @@ def _command_experiment(args: argparse.Namespace) -> int:
         except ValueError:
             print(f"dropkey-lab experiment: error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
             return 2
+    command = ["dropkey-lab"] + list(sys.argv[1:])
     for name in names:
         try:
-            result = run_experiment(
-                name, args.scale, runs_dir=args.runs_dir, results_dir=args.results_dir, data_dir=args.data_dir,
-                device=args.device, seeds=seeds, jobs=args.jobs, progress=not args.no_progress,
-                command=["dropkey-lab"] + list(sys.argv[1:]),
-            )
-        except (DataError, TrainingDiverged, IncompleteRun, ValueError) as error:
+            if args.reanalyse:
+                result = reanalyse(args.results_dir, args.scale, name, command=command)
+            else:
+                result = run_experiment(
+                    name, args.scale, runs_dir=args.runs_dir, results_dir=args.results_dir, data_dir=args.data_dir,
+                    device=args.device, seeds=seeds, jobs=args.jobs, progress=not args.no_progress, command=command,
+                )
+        except (DataError, TrainingDiverged, IncompleteRun, ValueError, FileNotFoundError, KeyError) as error:
             print(f"dropkey-lab experiment: error in {name}: {error}", file=sys.stderr)
             return 1
         print(f"{name} ({args.scale} scale, {result.summary['runs']} runs) -> {result.folder}")
-        for row in result.measurements.itertuples():
-            print(f"  {row.claim_id}: {row.quantity} = {row.value:+.4g} ± {row.standard_error:.2g} (n = {row.n})")
+        _print_decisions(result)
     return 0
 
 
@@ -219,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--seeds", default=None, help="comma-separated seeds (default: the scale's)")
     ex.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (default 1)")
     ex.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ex.add_argument("--reanalyse", action="store_true",
+                    help="train nothing: recompute the per-seed and comparison tables of an existing result folder")
     ex.set_defaults(handler=_command_experiment)
     return parser
 

@@ -24,7 +24,11 @@ Without Re-attention, softmax gradients sum to 0 over a row, so the signed
 Cross-layer similarity (DeepViT, arXiv 2103.11886, section 3): for blocks p, q,
 head h and token t, the cosine similarity between column t of block p's map and
 column t of block q's map (the attention token t receives from every query),
-averaged over batch and tokens. By default the maps are the ones that multiply V
+averaged over batch and tokens. The uncentred cosine is close to 1 for any two
+near-uniform maps (an untrained network scores ~1), so the suite also records the
+*centred* similarity (``measure="correlation"``): the Pearson correlation of the two
+columns, which a per-map shift or scale does not move and which is 0 on average for
+unrelated maps. By default the maps are the ones that multiply V
 (after Re-attention, where it is used: DeepViT's definition); ``source="weights"``
 uses the softmax weights before any mixing instead. The two agree without
 Re-attention; with it the mixed maps are BatchNorm-normalised over heads (signed,
@@ -96,18 +100,46 @@ def column_cosine_similarity(maps_a: Tensor, maps_b: Tensor) -> Tensor:
     return F.cosine_similarity(maps_a.double(), maps_b.double(), dim=-2)
 
 
-def cross_layer_similarity(maps: Sequence[Tensor], *, pairs: str = "adjacent") -> pd.DataFrame:
+#: A column whose centred norm is below this fraction of its uncentred norm is numerically constant.
+CONSTANT_COLUMN_TOLERANCE = 1e-9
+
+
+def column_correlation(maps_a: Tensor, maps_b: Tensor) -> Tensor:
+    """Centred similarity: Pearson correlation over queries of column t of two maps (B, H, N, N) -> (B, H, N).
+
+    Each column is centred on its mean over queries before the cosine, so a per-map shift and
+    scale (what a BatchNorm over heads applies) leaves it unchanged, and a uniform map does not
+    score 1 with every other map. A numerically constant column has no correlation: NaN.
+    """
+    a, b = maps_a.double(), maps_b.double()
+    a_centred = a - a.mean(dim=-2, keepdim=True)
+    b_centred = b - b.mean(dim=-2, keepdim=True)
+    norm_a, norm_b = a_centred.norm(dim=-2), b_centred.norm(dim=-2)
+    constant = (norm_a <= CONSTANT_COLUMN_TOLERANCE * a.norm(dim=-2)) | (norm_b <= CONSTANT_COLUMN_TOLERANCE * b.norm(dim=-2))
+    value = (a_centred * b_centred).sum(dim=-2) / (norm_a * norm_b).clamp_min(torch.finfo(torch.float64).tiny)
+    return torch.where(constant, torch.full_like(value, float("nan")), value)
+
+
+#: How two maps' columns are compared: DeepViT's uncentred cosine, or the centred (Pearson) correlation.
+SIMILARITY_MEASURES = {"cosine": column_cosine_similarity, "correlation": column_correlation}
+
+
+def cross_layer_similarity(maps: Sequence[Tensor], *, pairs: str = "adjacent", measure: str = "cosine") -> pd.DataFrame:
     """Tidy similarity rows (block_a, block_b, head, value) for maps[i] of block i, each (B, H, N, N).
 
-    pairs: ``"adjacent"`` (each block vs the next) or ``"all"`` (every p < q).
+    pairs: ``"adjacent"`` (each block vs the next) or ``"all"`` (every p < q). measure: ``"cosine"``
+    (DeepViT's definition) or ``"correlation"`` (centred; constant columns are left out of the mean).
     """
     if pairs not in SIMILARITY_PAIRS:
         raise ValueError(f"pairs must be one of {SIMILARITY_PAIRS}, got {pairs!r}")
+    if measure not in SIMILARITY_MEASURES:
+        raise ValueError(f"measure must be one of {tuple(SIMILARITY_MEASURES)}, got {measure!r}")
+    compare = SIMILARITY_MEASURES[measure]
     indices = range(len(maps))
     chosen = zip(indices, indices[1:]) if pairs == "adjacent" else itertools.combinations(indices, 2)
     rows = []
     for a, b in chosen:
-        per_head = column_cosine_similarity(maps[a], maps[b]).mean(dim=(0, 2))  # (H,)
+        per_head = compare(maps[a], maps[b]).nanmean(dim=(0, 2))  # (H,)
         rows += [
             {"block_a": a, "block_b": b, "head": h, "value": float(v)} for h, v in enumerate(per_head.tolist())
         ]
@@ -259,11 +291,12 @@ class AttentionRecorder:
                 })
         return pd.DataFrame(rows, columns=["layer", "module", "head", "metric", "value", "count"])
 
-    def similarity_frame(self, *, pairs: str = "adjacent", source: str = "maps") -> pd.DataFrame:
+    def similarity_frame(self, *, pairs: str = "adjacent", source: str = "maps", measure: str = "cosine") -> pd.DataFrame:
         """DeepViT cross-layer similarity of the stored maps or softmax weights (needs ``store_maps=True``).
 
         source: ``"maps"`` (what multiplies V, after Re-attention: DeepViT's definition) or
-        ``"weights"`` (the softmax weights before any mixing); see the module doc.
+        ``"weights"`` (the softmax weights before any mixing); see the module doc. measure:
+        ``"cosine"`` (DeepViT's) or ``"correlation"`` (centred, see :func:`column_correlation`).
         """
         if not self.store_maps:
             raise ValueError("similarity_frame needs AttentionRecorder(..., store_maps=True)")
@@ -274,4 +307,4 @@ class AttentionRecorder:
         if layers != list(range(len(self.layers))):
             raise ValueError("no maps recorded for some layers; run a forward pass inside the recorder")
         stacked = [torch.cat(recorded[layer], dim=0) for layer in layers]
-        return cross_layer_similarity(stacked, pairs=pairs)
+        return cross_layer_similarity(stacked, pairs=pairs, measure=measure)

@@ -27,7 +27,9 @@ Run folder (``out_dir``): ``config.json``, ``provenance.json``, ``metrics.csv`` 
 epoch), ``diagnostics.csv`` (tidy: epoch, layer, module, head, metric, value, count,
 other_layer; ``metric == "similarity"`` rows are DeepViT's cross-layer similarity between
 ``layer`` and ``other_layer`` of the maps that multiply V, ``"similarity_softmax"`` the same of the
-softmax weights before any Re-attention mixing), ``checkpoint.pt``.
+softmax weights before any Re-attention mixing, ``"similarity_centred"`` the centred (Pearson)
+similarity of the maps that multiply V; epoch 0 rows describe the network at initialisation),
+``checkpoint.pt``.
 
 Randomness: every stream is derived from ``seed`` with ``numpy.random.SeedSequence`` (model
 init, data order, augmentation, subset, DropKey masks, the global torch RNG used by
@@ -94,6 +96,9 @@ METRIC_COLUMNS = (
     "images_per_s", "epoch_time_s", "wall_time_s",
 )
 DIAGNOSTIC_COLUMNS = ("epoch", "layer", "module", "head", "metric", "value", "count", "other_layer")
+#: cross-layer similarity rows of diagnostics.csv: (metric, maps compared, measure) -- see dropkey.diagnostics
+SIMILARITY_METRICS = (("similarity", "maps", "cosine"), ("similarity_softmax", "weights", "cosine"),
+                      ("similarity_centred", "maps", "correlation"))
 _DATASET_AUGMENT = {"cifar10": (4, True), "fashion_mnist": (2, False), "digits": (0, False)}
 
 
@@ -659,8 +664,8 @@ class Trainer:
         model.zero_grad(set_to_none=True)
         rows = [dict(row, epoch=epoch, other_layer=None) for row in recorder.to_frame().to_dict("records")]
         modules = [name for name, _ in recorder.layers]
-        for metric, source in (("similarity", "maps"), ("similarity_softmax", "weights")):
-            for row in recorder.similarity_frame(pairs="adjacent", source=source).to_dict("records"):
+        for metric, source, measure in SIMILARITY_METRICS:
+            for row in recorder.similarity_frame(pairs="adjacent", source=source, measure=measure).to_dict("records"):
                 rows.append({
                     "epoch": epoch, "layer": int(row["block_a"]), "module": modules[int(row["block_a"])],
                     "head": int(row["head"]), "metric": metric, "value": float(row["value"]),
@@ -714,6 +719,8 @@ class Trainer:
                 f"{self.checkpoint_path} exists; pass resume=True (--resume) to continue it, or choose another out_dir"
             )
         self._write_run_files()
+        if c.diagnostics_every and self.start_epoch == 0 and self.is_main and not self.diagnostics:
+            self.diagnostics.extend(self.collect_diagnostics(0))  # the network at initialisation
         for epoch in range(self.start_epoch, c.epochs):
             started = time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch + 1}

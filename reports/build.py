@@ -14,7 +14,6 @@ build trains nothing); the pages show every scale found in ``results_dir``.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -22,12 +21,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dropkey.storage import write_text_atomic
+from dropkey.storage import write_bytes_atomic, write_text_atomic
 from reports import claims as registry
 from reports.equations import page_equations
+from reports.evidence import (
+    VIT_SCALES,
+    Evidence,
+    experiment_evidence,
+    load_experiment_evidence,
+)
 from reports.figures import study_figures
-from reports.html import csv_download, flatten, render, table_html
-from reports.studies import ROOT, STUDIES, THEORY, StudyResult, default_configs, run_studies, study
+from reports.forest import forest_figure
+from reports.html import Downloads, check_page_size, flatten, render, table_html
+from reports.studies import (
+    ROOT,
+    STUDIES,
+    THEORY,
+    StudyResult,
+    default_configs,
+    page_text,
+    run_studies,
+    study,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +80,28 @@ def load_experiments(results_dir: Path) -> dict[str, list]:
 
     found: dict[str, list] = {}
     for name in EXPERIMENT_NAMES:
-        for scale in reversed(registry.VIT_SCALES):
-            if (Path(results_dir) / scale / name / "provenance.json").is_file():
+        for scale in reversed(VIT_SCALES):
+            folder = Path(results_dir) / scale / name
+            if (folder / "provenance.json").is_file():
+                experiment_evidence(folder, name, scale)  # EvidenceError for a folder of an older format
                 found.setdefault(name, []).append(load_result(results_dir, scale, name))
     return found
 
 
-def _evidence(results: Mapping[str, StudyResult], results_dir: Path) -> registry.Evidence:
+def _evidence(results: Mapping[str, StudyResult], results_dir: Path) -> Evidence:
     simulations = {name: result for name, result in results.items() if name != THEORY.name}
     derivations = {}
     if THEORY.name in results:
         derivations = {record["key"]: record for record in results[THEORY.name].summary["derivations"]}
-    return registry.Evidence(
+    return Evidence(
         summaries={name: result.summary for name, result in simulations.items()},
         frames={name: result.frame for name, result in simulations.items()},
         derivations=derivations,
-        vit=registry.load_vit_measurements(results_dir),
+        experiments=load_experiment_evidence(results_dir),
     )
 
 
-def _claim_rows(
-    evidence: registry.Evidence, results: Mapping[str, StudyResult], experiments: Mapping[str, list]
-) -> list[dict[str, Any]]:
+def _claim_rows(evidence: Evidence, results: Mapping[str, StudyResult], experiments: Mapping[str, list]) -> list[dict[str, Any]]:
     rows = []
     for claim in registry.CLAIMS:
         links = []
@@ -102,34 +117,43 @@ def _claim_rows(
     return rows
 
 
+def _check_rows(evidence: Evidence) -> list[dict[str, Any]]:
+    rows = []
+    for check in registry.CHECKS:
+        status, key = check.evaluate(evidence)
+        rows.append({"check": check, "status": status, "key": key})
+    return rows
+
+
 def _derivation_keys(claim_rows: list[dict[str, Any]], page: str) -> list[str]:
     """The derivations behind the claims a page measures, in registry order, each once."""
     keys = [key for row in claim_rows if page in row["claim"].measured_by for key in row["claim"].theory]
     return list(dict.fromkeys(keys))
 
 
-def _study_page(result: StudyResult, claim_rows: list[dict[str, Any]], nav: list[dict[str, str]]) -> str:
+def _figure_entries(figures, downloads: Downloads, prefix: str) -> list[dict[str, Any]]:
+    return [{"slug": f.slug, "title": f.title, "caption": f.caption, "markup": f.markup,
+             "download": downloads.add(f.data, f"{prefix}-{f.slug}.csv", f.title)} for f in figures]
+
+
+def _study_page(result: StudyResult, claim_rows: list[dict[str, Any]], check_rows: list[dict[str, Any]],
+                nav: list[dict[str, str]], downloads: Downloads) -> str:
     name = result.study.name
-    figures = []
-    for figure in study_figures(name, result.frame, result.summary):
-        download = csv_download(figure.data, f"{name}-{figure.slug}.csv", figure.title)
-        figures.append(
-            {"slug": figure.slug, "title": figure.title, "caption": figure.caption, "markup": figure.markup, "download": download}
-        )
-    module = importlib.import_module(result.study.module)
+    figures = _figure_entries(study_figures(name, result.frame, result.summary), downloads, name)
     return render(
         "study.html.j2",
         page_title=result.study.title,
         nav=nav,
         name=name,
         title=result.study.title,
-        description=(module.__doc__ or "").strip(),
+        **page_text(result.study),
         claims=[row for row in claim_rows if name in row["claim"].measured_by],
+        checks=[row for row in check_rows if row["check"].measured_by == name],
         equations=page_equations(name),
         derivation_keys=_derivation_keys(claim_rows, name),
         figures=figures,
         summary_rows=flatten(result.summary),
-        downloads=[csv_download(result.frame, f"{name}-results.csv", "every row of the study")],
+        downloads=[downloads.add(result.frame, f"{name}-results.csv", "every row of the study")],
         head_table=table_html(result.frame, max_rows=20),
         config=result.config,
         provenance=result.provenance,
@@ -137,21 +161,17 @@ def _study_page(result: StudyResult, claim_rows: list[dict[str, Any]], nav: list
     )
 
 
-def _experiment_section(result) -> dict[str, Any]:
+def _experiment_section(result, downloads: Downloads) -> dict[str, Any]:
     from dropkey.experiments import scale as scale_settings
     from reports.vit_figures import experiment_figures
 
     prefix = f"{result.name}-{result.scale}"
-    figures = []
-    for figure in experiment_figures(result):
-        download = csv_download(figure.data, f"{prefix}-{figure.slug}.csv", figure.title)
-        figures.append({"slug": figure.slug, "title": figure.title, "caption": figure.caption,
-                        "markup": figure.markup, "download": download})
-    tables = {"runs.csv": (result.runs, "per run and epoch: the trainer's metrics"),
-              "attention.csv": (result.attention, "per run, epoch and block: attention diagnostics (mean over heads)"),
+    figures = _figure_entries(experiment_figures(result), downloads, prefix)
+    tables = {"per_seed.csv": (result.per_seed, "per quantity and seed: every arm value and paired difference"),
+              "comparisons.csv": (result.comparisons, "every comparison: mean, SE over seeds, n"),
               "finals.csv": (result.finals, "per run: final quantities"),
-              "comparisons.csv": (result.comparisons, "every paired comparison"),
-              "measurements.csv": (result.measurements, "what the claims read")}
+              "runs.csv": (result.runs, "per run and epoch: the trainer's metrics"),
+              "attention.csv": (result.attention, "per run, epoch and block: attention diagnostics (mean over heads)")}
     if len(result.monte_carlo):
         tables["monte_carlo.csv"] = (result.monte_carlo, "per run and K: Monte-Carlo inference accuracy")
     shown = ["quantity", "group", "layer", "value", "standard_error", "n", "description"]
@@ -162,18 +182,18 @@ def _experiment_section(result) -> dict[str, Any]:
         "seeds": result.summary["seeds"],
         "wall_time": f"{result.summary['training_wall_time_s_sum'] / 60:.1f} min",
         "commit": result.provenance.get("git_commit", "unknown"),
-        "measurements": table_html(result.measurements),
         "figures": figures,
         "comparisons": table_html(result.comparisons[shown], max_rows=200),
         "finals": table_html(result.finals, max_rows=200),
-        "downloads": [csv_download(frame, f"{prefix}-{filename}", title) for filename, (frame, title) in tables.items()],
+        "downloads": [downloads.add(frame, f"{prefix}-{filename}", title) for filename, (frame, title) in tables.items()],
         "config": result.config,
         "provenance": result.provenance,
         "folder": result.folder.as_posix(),
     }
 
 
-def _experiment_page(name: str, found: list, claim_rows: list[dict[str, Any]], nav: list[dict[str, str]]) -> str:
+def _experiment_page(name: str, found: list, claim_rows: list[dict[str, Any]], nav: list[dict[str, str]],
+                     downloads: Downloads) -> str:
     from dropkey.experiments import experiment
 
     spec = experiment(name)
@@ -187,26 +207,30 @@ def _experiment_page(name: str, found: list, claim_rows: list[dict[str, Any]], n
         claims=[row for row in claim_rows if registry.VIT_PREFIX + name in row["claim"].measured_by],
         equations=page_equations(registry.VIT_PREFIX + name),
         derivation_keys=_derivation_keys(claim_rows, registry.VIT_PREFIX + name),
-        scales=[_experiment_section(result) for result in found],
-        missing_scales=[scale for scale in registry.VIT_SCALES if scale not in {result.scale for result in found}],
+        scales=[_experiment_section(result, downloads) for result in found],
+        missing_scales=[scale for scale in VIT_SCALES if scale not in {result.scale for result in found}],
     )
 
 
-def _theory_page(result: StudyResult, nav: list[dict[str, str]]) -> str:
+def _theory_page(result: StudyResult, nav: list[dict[str, str]], downloads: Downloads) -> str:
+    derivations = result.summary["derivations"]
+    counts = Counter(record["status"] for record in derivations)
     return render(
         "theory.html.j2",
         page_title=THEORY.title,
         nav=nav,
         seed=result.config["config"]["seed"],
-        derivations=result.summary["derivations"],
-        downloads=[csv_download(result.frame, "theory-derivations.csv", "status of every derivation")],
+        **page_text(THEORY),
+        answer=", ".join(f"{count} {status}" for status, count in sorted(counts.items())),
+        derivations=derivations,
+        downloads=[downloads.add(result.frame, "theory-derivations.csv", "status of every derivation")],
         provenance=result.provenance,
     )
 
 
 def _index_page(
-    claim_rows: list[dict[str, Any]], results: Mapping[str, StudyResult], nav, size: str, seed: int,
-    experiments: Mapping[str, list],
+    claim_rows: list[dict[str, Any]], check_rows: list[dict[str, Any]], results: Mapping[str, StudyResult], nav,
+    size: str, seed: int, experiments: Mapping[str, list],
 ) -> str:
     counts = Counter(row["verdict"].status for row in claim_rows)
     studies = [
@@ -218,6 +242,7 @@ def _index_page(
         }
         for name in sorted(results)
     ]
+    forest = forest_figure([(row["claim"], finding) for row in claim_rows for finding in row["verdict"].findings])
     return render(
         "index.html.j2",
         page_title="Claims",
@@ -225,9 +250,11 @@ def _index_page(
         size=size,
         seed=seed,
         claims=claim_rows,
+        checks=check_rows,
+        forest=forest,
         counts=[(status, counts.get(status, 0)) for status in registry.STATUSES],
         studies=studies,
-        vit_results=f"results/<scale>/<experiment>/{registry.VIT_MEASUREMENTS}",
+        vit_results="results/<scale>/<experiment>/per_seed.csv",
         vit_note="found." if experiments else "not present yet, so those claims are 'not yet measured'.",
         experiments=[
             {"href": page_name(registry.VIT_PREFIX + name), "name": name,
@@ -276,14 +303,25 @@ def build_report(
     experiments = load_experiments(Path(results_dir))
     evidence = _evidence(results, Path(results_dir))
     claim_rows = _claim_rows(evidence, results, experiments)
+    check_rows = _check_rows(evidence)
     nav = _navigation(results, experiments)
     pages: dict[str, str] = {}
+    files: dict[str, bytes] = {}
     for name, result in sorted(results.items()):
-        pages[page_name(name)] = _theory_page(result, nav) if name == THEORY.name else _study_page(result, claim_rows, nav)
+        downloads = Downloads()
+        pages[page_name(name)] = (_theory_page(result, nav, downloads) if name == THEORY.name
+                                  else _study_page(result, claim_rows, check_rows, nav, downloads))
+        files.update(downloads.files)
     for name, found in sorted(experiments.items()):
-        pages[page_name(registry.VIT_PREFIX + name)] = _experiment_page(name, found, claim_rows, nav)
-    pages["index.html"] = _index_page(claim_rows, results, nav, size, seed, experiments)
+        downloads = Downloads()
+        pages[page_name(registry.VIT_PREFIX + name)] = _experiment_page(name, found, claim_rows, nav, downloads)
+        files.update(downloads.files)
+    pages["index.html"] = _index_page(claim_rows, check_rows, results, nav, size, seed, experiments)
+    for filename, text in pages.items():
+        check_page_size(filename, text)
     written = {}
+    for relative, payload in sorted(files.items()):
+        write_bytes_atomic(out / relative, payload)
     for filename, text in sorted(pages.items()):
         written[filename] = write_text_atomic(out / filename, text)
         log.info("wrote %s (%d bytes)", out / filename, len(text.encode()))

@@ -39,6 +39,8 @@ def _paired_difference():
     return [
         ("paired difference over seeds", sp.Eq(sp.Symbol("Delta"), mean)),
         ("its standard error", sp.Eq(sp.Symbol("SE"), sp.sqrt(sp.Sum((d[s] - sp.Symbol("Delta")) ** 2, (s, 1, n)) / (n - 1)) / sp.sqrt(n))),
+        ("the 95% interval the verdict reads (Student t, n - 1 degrees of freedom)",
+         sp.Eq(sp.Symbol("CI"), sp.Symbol("Delta") + sp.Symbol("pm") * sp.Symbol("t_{0.975,n-1}") * sp.Symbol("SE"))),
     ]
 
 
@@ -69,6 +71,14 @@ def _study_equations() -> dict[str, list[tuple[str, sp.Basic]]]:
             ("Monte-Carlo inference with K masks", sp.Eq(sp.Symbol("hat{o}_K"), sp.Sum(sp.Indexed("o", k), (k, 1, K)) / K)),
             ("its RMS error", sp.Eq(sp.Symbol("RMS_K"), sp.Symbol("sigma") / sp.sqrt(K))),
         ],
+        "toy_regimes": [
+            ("exact expected training loss under DropKey (all 2^N masks b, P(b) = r^(N-|b|) (1-r)^|b|)",
+             sp.Eq(sp.Symbol("E_b[L]"), sp.Sum(sp.Symbol("P(b)") * sp.Rational(1, 2)
+                                                * (sp.Sum(w[j] * v[j], (j, 1, N)) - sp.Symbol("y")) ** 2, (sp.Symbol("b"), 1, 2 ** N)))),
+            ("exact expected training loss under post-softmax dropout",
+             sp.Eq(sp.Symbol("E_b[L_dropout]"), sp.Rational(1, 2) * (sp.Sum(p[j] * v[j], (j, 1, N)) - sp.Symbol("y")) ** 2
+                   + r / (2 * (1 - r)) * sp.Sum(p[j] ** 2 * v[j] ** 2, (j, 1, N)))),
+        ],
         "structured_masks": [
             ("effective coefficient", sp.Eq(sp.Symbol("c^eff_j"), sp.Symbol("E[w_j]") / p[j])),
             ("seed-rate calibration", sp.Eq(sp.Sum(1 - (1 - gamma) ** sp.Indexed("C", j), (j, 1, N)) / N, r)),
@@ -90,6 +100,9 @@ def _experiment_equations() -> dict[str, list[tuple[str, sp.Basic]]]:
     layer = sp.Symbol("l", integer=True, nonnegative=True)
     cosine = sp.Sum(A[h, i, T] * sp.Indexed("B", h, i, T), (i, 1, N)) / (
         sp.sqrt(sp.Sum(A[h, i, T] ** 2, (i, 1, N))) * sp.sqrt(sp.Sum(sp.Indexed("B", h, i, T) ** 2, (i, 1, N))))
+    a_c = A[h, i, T] - sp.Sum(A[h, q_, T], (q_, 1, N)) / N
+    b_c = sp.Indexed("B", h, i, T) - sp.Sum(sp.Indexed("B", h, q_, T), (q_, 1, N)) / N
+    centred = sp.Sum(a_c * b_c, (i, 1, N)) / (sp.sqrt(sp.Sum(a_c**2, (i, 1, N))) * sp.sqrt(sp.Sum(b_c**2, (i, 1, N))))
     return {
         "attention_dynamics": [entropy, peak,
                                ("gradient ratio: g_ij = dL/ds_ij, j* the most-attended key",
@@ -104,7 +117,10 @@ def _experiment_equations() -> dict[str, list[tuple[str, sp.Basic]]]:
                       *accuracy],
         "structured": accuracy,
         "collapse": [("DeepViT cross-layer similarity of column T, head h (blocks p and q: maps A, B)",
-                      sp.Eq(sp.Symbol("M^{p,q}_{h,T}"), cosine)), *accuracy],
+                      sp.Eq(sp.Symbol("M^{p,q}_{h,T}"), cosine)),
+                     ("centred similarity: the same with each column centred on its mean over queries",
+                      sp.Eq(sp.Symbol("rho^{p,q}_{h,T}"), centred)),
+                     *accuracy],
     }
 
 

@@ -426,12 +426,19 @@ def structured_masks_figures(frame: pd.DataFrame, summary: dict) -> list[Figure]
     ]
 
 
+def _toy_regimes_figures(frame: pd.DataFrame, summary: dict) -> list[Figure]:
+    from reports.toy_regimes_figures import toy_regimes_figures  # it builds on this module: imported on use
+
+    return toy_regimes_figures(frame, summary)
+
+
 FIGURES: dict[str, Callable[[pd.DataFrame, dict], list[Figure]]] = {
     "coefficients": coefficients_figures,
     "gradient_damping": gradient_damping_figures,
     "toy_optimisation": toy_optimisation_figures,
     "train_test_mismatch": train_test_mismatch_figures,
     "structured_masks": structured_masks_figures,
+    "toy_regimes": _toy_regimes_figures,
 }
 
 

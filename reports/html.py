@@ -9,9 +9,9 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import re
 import logging
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,13 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 #: Raw CSVs up to this size are plain ``data:`` links (browsers cap data: URIs near 2 MB); larger
 #: ones are embedded gzip-compressed and decompressed on click by the page's script.
 MAX_EMBEDDED_CSV_BYTES = 1_500_000
-#: Compressed CSVs larger than this are not embedded at all (the page would become unwieldy).
-MAX_EMBEDDED_GZIP_BYTES = 25_000_000
+#: Every page stays below this size; its embedded data share :data:`DOWNLOAD_BUDGET_BYTES` of it.
+MAX_PAGE_BYTES = 3_000_000
+DOWNLOAD_BUDGET_BYTES = 2_000_000
+#: Files too large for their page are written next to the pages, in this folder, and linked.
+DATA_FOLDER = "data"
+#: Columns whose values are whole units (a problem, a row, a repeat) for cutting a sample of a frame.
+SAMPLE_UNITS = ("problem", "row", "repeat", "seed")
 
 
 def expression_record(name: str, expression: sp.Basic) -> dict[str, str]:
@@ -50,28 +55,84 @@ def csv_bytes(frame: pd.DataFrame) -> bytes:
     return frame.to_csv(index=False, float_format="%.12g", lineterminator="\n").encode("utf-8")
 
 
-def csv_download(frame: pd.DataFrame, filename: str, title: str) -> dict[str, Any]:
-    """A download entry for the templates' ``download`` macro.
+class PageTooLarge(RuntimeError):
+    """A rendered page exceeds :data:`MAX_PAGE_BYTES` (a report a reader cannot open)."""
 
-    Up to :data:`MAX_EMBEDDED_CSV_BYTES` the CSV is a ``data:text/csv`` link (works without
-    JavaScript). Larger, it is embedded gzip-compressed (``gzip`` key, base64; ``mtime=0`` so the
-    bytes are deterministic) and the page's script decompresses it into a download on click.
+
+class Downloads:
+    """The data downloads of one page, within the page's byte budget.
+
+    A CSV that fits what is left of the budget is embedded (a ``data:`` link, or gzip-compressed
+    and decompressed on click); one that does not is written gzip-compressed to ``data/`` next to
+    the pages and linked (``files`` holds what to write), and, where the frame has whole units
+    (:data:`SAMPLE_UNITS`), a sample of its first units that fits is embedded too.
     """
-    payload = csv_bytes(frame)
-    entry = {"title": title, "filename": filename, "rows": len(frame), "columns": len(frame.columns),
-             "bytes": len(payload), "uri": "", "gzip": "", "element_id": "", "note": ""}
-    if len(payload) <= MAX_EMBEDDED_CSV_BYTES:
-        entry["uri"] = data_uri(payload, "text/csv")
+
+    def __init__(self, budget: int = DOWNLOAD_BUDGET_BYTES) -> None:
+        self.left = int(budget)
+        self.files: dict[str, bytes] = {}  # relative path -> bytes to write
+
+    def _embed(self, payload: bytes, entry: dict[str, Any]) -> bool:
+        if len(payload) <= MAX_EMBEDDED_CSV_BYTES and 4 * len(payload) // 3 + 64 <= self.left:
+            entry["uri"] = data_uri(payload, "text/csv")
+            self.left -= len(entry["uri"])
+            return True
+        packed = gzip.compress(payload, compresslevel=9, mtime=0)
+        encoded = base64.b64encode(packed).decode("ascii")
+        if len(encoded) + 256 > self.left:
+            return False
+        entry["gzip"] = encoded
+        entry["element_id"] = "csv-" + re.sub(r"[^A-Za-z0-9_-]", "-", entry["filename"])
+        entry["note"] = (f"{len(payload) / 1e6:.1f} MB of CSV embedded gzip-compressed ({len(packed) / 1e6:.1f} MB); "
+                         "the link decompresses it in the browser")
+        self.left -= len(encoded)
+        return True
+
+    def add(self, frame: pd.DataFrame, filename: str, title: str) -> dict[str, Any]:
+        """A download entry for the templates' ``download`` macro (see the class doc)."""
+        payload = csv_bytes(frame)
+        entry = {"title": title, "filename": filename, "rows": len(frame), "columns": len(frame.columns),
+                 "bytes": len(payload), "uri": "", "gzip": "", "element_id": "", "note": "", "file": "",
+                 "sample": None}
+        if self._embed(payload, entry):
+            return entry
+        path = f"{DATA_FOLDER}/{filename}.gz"
+        self.files[path] = gzip.compress(payload, compresslevel=9, mtime=0)
+        entry["file"] = path
+        entry["note"] = f"{len(payload) / 1e6:.1f} MB of CSV: too large for the page; a gzip file next to it"
+        sample = _unit_sample(frame, self.left // 2)
+        if sample is not None:
+            column, count = sample
+            part = frame[frame[column].isin(sorted(frame[column].unique())[:count])]
+            sample_entry = {"title": f"the first {count} {column}s", "filename": f"sample-{filename}",
+                            "rows": len(part), "columns": len(part.columns), "uri": "", "gzip": "",
+                            "element_id": "", "note": "", "file": "", "sample": None}
+            if self._embed(csv_bytes(part), sample_entry):
+                entry["sample"] = sample_entry
         return entry
-    packed = gzip.compress(payload, compresslevel=9, mtime=0)
-    if len(packed) > MAX_EMBEDDED_GZIP_BYTES:
-        entry["note"] = f"{len(payload) / 1e6:.1f} MB: too large to embed; it is results.csv in the result folder"
-        return entry
-    entry["gzip"] = base64.b64encode(packed).decode("ascii")
-    entry["element_id"] = "csv-" + re.sub(r"[^A-Za-z0-9_-]", "-", filename)
-    entry["note"] = (f"{len(payload) / 1e6:.1f} MB of CSV embedded gzip-compressed ({len(packed) / 1e6:.1f} MB); "
-                     "the link decompresses it in the browser")
-    return entry
+
+
+def _unit_sample(frame: pd.DataFrame, budget: int) -> tuple[str, int] | None:
+    """(unit column, number of units) of the largest sample of whole units whose gzip CSV fits ``budget``."""
+    column = next((c for c in SAMPLE_UNITS if c in frame.columns), None)
+    if column is None or budget <= 0:
+        return None
+    units = sorted(frame[column].unique())
+    per_unit = len(gzip.compress(csv_bytes(frame), compresslevel=6, mtime=0)) / max(len(units), 1)
+    count = min(len(units), int(0.7 * budget / max(per_unit, 1.0)))
+    return (column, count) if count >= 1 else None
+
+
+def csv_download(frame: pd.DataFrame, filename: str, title: str) -> dict[str, Any]:
+    """A download entry on its own budget (one CSV per page; see :class:`Downloads`)."""
+    return Downloads().add(frame, filename, title)
+
+
+def check_page_size(name: str, text: str) -> None:
+    """PageTooLarge naming the page when it exceeds :data:`MAX_PAGE_BYTES`."""
+    size = len(text.encode("utf-8"))
+    if size > MAX_PAGE_BYTES:
+        raise PageTooLarge(f"page {name} is {size / 1e6:.1f} MB, over the {MAX_PAGE_BYTES / 1e6:.0f} MB a reader can open")
 
 
 def format_value(value: Any) -> str:

@@ -85,6 +85,14 @@ STUDIES: tuple[Study, ...] = (
         ("simulations/train_test_mismatch.py",) + _SIMULATION_SOURCES,
     ),
     Study(
+        "toy_regimes",
+        "DropKey against dropout across toy regimes",
+        "simulations.toy_regimes",
+        "ToyRegimesConfig",
+        ("simulations/toy_regimes.py", "simulations/toy_exact.py", "simulations/toy_optimisation.py")
+        + _SIMULATION_SOURCES,
+    ),
+    Study(
         "structured_masks",
         "Structured masks: DropKey-Block and DropKey-Cross coefficients",
         "simulations.structured_masks",
@@ -107,6 +115,19 @@ class StudyResult:
     config: dict[str, Any]
     provenance: dict[str, Any]
     from_cache: bool
+
+
+THEORY_QUESTION = "Do the paper's equations (Eqs. 3-11) hold as printed, and what do they imply beyond it?"
+THEORY_METHOD = ("Each statement is derived with sympy (symbolically where possible, exactly for small N otherwise) "
+                 "and cross-checked numerically against brute-force enumeration of every mask.")
+
+
+def page_text(spec: Study) -> dict[str, str]:
+    """The question, method and (optional) explanation at the top of a study's page, from its module."""
+    if spec is THEORY:
+        return {"question": THEORY_QUESTION, "method": THEORY_METHOD, "explanation": ""}
+    module = importlib.import_module(spec.module)
+    return {"question": module.QUESTION, "method": module.METHOD, "explanation": getattr(module, "EXPLANATION", "")}
 
 
 def study(name: str) -> Study:

@@ -1,7 +1,7 @@
 """Figures of the real-ViT experiment pages (one result folder of :mod:`dropkey.experiments` each).
 
 Every curve is the mean over seeds with a band of +-1 standard error (over seeds); every
-bar is a paired difference with +-2 SE whiskers (the verdict rules' threshold). Figures
+bar is a paired difference with its 95% t interval over seeds (the interval the verdicts read). Figures
 are deterministic SVG via :func:`reports.figures.make_figure`, each with the table it plots.
 """
 
@@ -12,6 +12,7 @@ from collections.abc import Callable
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from reports.figures import PALETTE, Figure, make_figure
 
@@ -54,13 +55,20 @@ def _curves_by_arm(data: pd.DataFrame, x: str, ylabel: str, facet: str | None = 
     return draw
 
 
+def _half_width(frame: pd.DataFrame) -> np.ndarray:
+    """Half-width of the 95% t interval over seeds (0 where n < 2: no interval)."""
+    n = frame["n"].to_numpy(dtype=float)
+    t = np.where(n >= 2, stats.t.isf(0.025, np.maximum(n - 1, 1)), 0.0)
+    return t * frame["standard_error"].fillna(0.0).to_numpy(dtype=float)
+
+
 def _bars(data: pd.DataFrame, xlabel: str) -> Callable[[plt.Figure], None]:
-    """Horizontal bars of paired differences with +-2 SE whiskers."""
+    """Horizontal bars of paired differences with 95% t-interval whiskers."""
 
     def draw(fig: plt.Figure) -> None:
         ax = fig.add_subplot()
         y = np.arange(len(data))
-        err = 2 * data["standard_error"].fillna(0.0)
+        err = _half_width(data)
         colours = [PALETTE[0] if abs(v) > e else PALETTE[7] for v, e in zip(data["value"], err)]
         ax.barh(y, data["value"], xerr=err, color=colours, capsize=3)
         ax.axvline(0.0, color="k", linewidth=0.8)
@@ -91,7 +99,7 @@ def _accuracy_curves(result, slug: str = "test-accuracy") -> Figure:
 def _difference_figure(result, slug: str, title: str, quantities: list[str], xlabel: str) -> Figure:
     data = _differences(result, quantities)
     return make_figure(
-        slug, title, "Paired by seed; whiskers ±2 SE (the verdict threshold); blue bars differ from 0 by more than 2 SE.",
+        slug, title, "Paired by seed; whiskers: 95% t interval over seeds; blue bars: the interval excludes 0.",
         "svg", data, _bars(data, xlabel), size=(7.0, 0.5 + 0.35 * max(len(data), 2)),
     )
 
@@ -225,29 +233,36 @@ def structured_figures(result) -> list[Figure]:
 
 
 def collapse_figures(result) -> list[Figure]:
-    finals = result.finals
-    by_depth = _mean_se(finals, ["arm", "depth"], "top_similarity")
-    by_depth_softmax = _mean_se(finals, ["arm", "depth"], "top_similarity_softmax")
+    finals = result.finals.assign(
+        similarity_rise=result.finals["top_similarity_centred"] - result.finals["top_similarity_centred_init"])
+    by_depth = _mean_se(finals, ["arm", "depth"], "top_similarity_centred")
+    rise = _mean_se(finals, ["arm", "depth"], "similarity_rise")
+    cosine = _mean_se(finals, ["arm", "depth"], "top_similarity")
     deepest = int(finals["depth"].max())
     keys = set(finals[finals["depth"] == deepest]["run_key"])
-    last = result.attention[result.attention["run_key"].isin(keys) & (result.attention["metric"] == "similarity")]
-    last = last[last["epoch"] == last.groupby("run_key")["epoch"].transform("max")]
+    rows = result.attention[result.attention["run_key"].isin(keys) & (result.attention["metric"] == "similarity_centred")]
+    last = rows[rows["epoch"] == rows.groupby("run_key")["epoch"].transform("max")]
     pairs = _mean_se(last.rename(columns={"layer": "block"}), ["arm", "block"], "value")
     return [
-        make_figure("similarity-by-depth", "Top-block cross-layer similarity against depth",
-                    "Mean cosine similarity of attention columns between adjacent top blocks (band ±1 SE over seeds).",
-                    "svg", by_depth, _curves_by_arm(by_depth, "depth", "top-block similarity")),
-        make_figure("softmax-similarity-by-depth", "The same on the softmax weights before Re-attention mixing",
-                    "Like-for-like control: Re-attention's BatchNorm makes its mixed maps signed, which alone lowers "
-                    "their cosine; here every arm is compared on softmax weights (band ±1 SE over seeds).",
-                    "svg", by_depth_softmax, _curves_by_arm(by_depth_softmax, "depth", "top-block similarity (softmax)")),
-        make_figure("similarity-by-block", f"Similarity of block b and b + 1 (depth {deepest})",
-                    "DeepViT's cross-layer similarity of adjacent blocks at the final epoch (band ±1 SE).",
-                    "svg", pairs, _curves_by_arm(pairs, "block", "similarity(b, b+1)")),
-        _difference_figure(result, "differences", "Collapse remedies at the deepest depth",
-                           ["similarity_reattention_minus_plain", "similarity_softmax_reattention_minus_plain",
-                            "similarity_dropkey_minus_plain", "similarity_softmax_both_minus_reattention"],
-                           "similarity difference"),
+        make_figure("centred-similarity-by-depth", "Top-block centred similarity against depth, after training",
+                    "Pearson correlation of attention-map columns between adjacent top blocks (the maps that multiply "
+                    "V), mean over seeds, band ±1 SE.",
+                    "svg", by_depth, _curves_by_arm(by_depth, "depth", "top-block centred similarity")),
+        make_figure("similarity-rise-by-depth", "Rise of the top-block centred similarity over initialisation",
+                    "Trained minus the same network at initialisation (the collapse claim reads the plain arm's trend "
+                    "in depth); band ±1 SE over seeds.",
+                    "svg", rise, _curves_by_arm(rise, "depth", "centred similarity: trained − init")),
+        make_figure("centred-similarity-by-block", f"Centred similarity of block b and b + 1 (depth {deepest})",
+                    "At the final epoch; band ±1 SE over seeds.",
+                    "svg", pairs, _curves_by_arm(pairs, "block", "centred similarity(b, b+1)")),
+        make_figure("cosine-similarity-by-depth", "DeepViT's uncentred cosine similarity against depth (reference)",
+                    "DeepViT's own definition, shown for reference only: near-uniform maps score ~1 on it (an untrained "
+                    "network does), and Re-attention's BatchNorm shifts its maps, so it decides no claim here.",
+                    "svg", cosine, _curves_by_arm(cosine, "depth", "top-block cosine similarity")),
+        _difference_figure(result, "differences", "Collapse remedies at the deepest depth (centred similarity)",
+                           ["centred_similarity_reattention_minus_plain", "centred_similarity_dropkey_minus_plain",
+                            "centred_similarity_both_minus_reattention", "collapse_trend_plain"],
+                           "centred similarity difference (no entropy adjustment in this figure)"),
     ]
 
 

@@ -59,6 +59,19 @@ from simulations.common import (
 
 log = logging.getLogger(__name__)
 
+#: The question this study answers and how (the first paragraphs of its report page).
+QUESTION = (
+    "Does DropKey damp the rich-get-richer loop: is the expected beta-gradient ratio of the two "
+    "most-attended keys below the undamped p_s/p_t, and how close is the paper's first-order form c_s "
+    "p_s/(c_t p_t)?"
+)
+METHOD = (
+    "For random attention rows and values far from (and nearer to) the optimum, the expected gradients "
+    "are computed exactly by enumerating all 2^N masks (by Monte-Carlo where N is large); each row's "
+    "ratio is compared with p_s/p_t (the log ratio is the paired difference, rows the unit) and with the "
+    "first-order prediction."
+)
+
 KEY_COLUMNS = ("shape", "n_keys", "beta_mean", "drop_ratio", "row")
 COLUMNS = KEY_COLUMNS + (
     "p_top",
@@ -275,6 +288,26 @@ def _median(values: pd.Series) -> float:
     array = values.to_numpy(dtype=np.float64)
     array = array[np.isfinite(array)]
     return float(np.median(array)) if array.size else math.nan
+
+
+def log_damping_by_row(frame: pd.DataFrame, beta_mean: float = 0.0) -> dict[str, np.ndarray]:
+    """Per drop ratio ("r=0.1") at ``beta_mean``: each row's log(ratio / ratio_undamped) (rows in key order).
+
+    The ratio is the exact (enumerated) one where the row has it, else the Monte-Carlo one; < 0 is
+    damping. A non-positive Monte-Carlo ratio (sampling noise on a tiny gradient) has no log: NaN.
+    """
+    check_tidy(frame, KEY_COLUMNS)
+    cells = frame[frame["beta_mean"] == beta_mean].sort_values(list(KEY_COLUMNS), kind="stable")
+    if not len(cells):
+        raise ValueError(f"the frame has no rows at beta_mean={beta_mean:g}")
+    result = {}
+    for r, group in cells.groupby("drop_ratio", sort=True):
+        ratio = group["ratio_exact"].where(group["ratio_exact"].notna(), group["ratio_mc"]).to_numpy(np.float64)
+        undamped = group["ratio_undamped"].to_numpy(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            value = np.where((ratio > 0) & (undamped > 0), np.log(ratio / undamped), np.nan)
+        result[f"r={r:g}"] = value
+    return result
 
 
 def summarise(frame: pd.DataFrame) -> dict:

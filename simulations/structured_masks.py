@@ -109,6 +109,18 @@ from simulations.common import (
 
 log = logging.getLogger(__name__)
 
+#: The question this study answers and how (the first paragraphs of its report page).
+QUESTION = (
+    "Do correlated masks (DropKey-Block, DropKey-Cross) change the expected attention compared with "
+    "independent DropKey at the same drop ratio? This is our hypothesis (that they do not), not a claim "
+    "of the paper."
+)
+METHOD = (
+    "Monte-Carlo estimates of E[w] under block and cross masks on patch grids are compared, attention row"
+    " by attention row, with independent DropKey's exact E[w], beyond DropKey's own Monte-Carlo noise on "
+    "the same row and in units of DropKey's own smoothing of that row."
+)
+
 #: Row shapes of this study (positions matter: rows are not sorted).
 SHAPES = ("vit_like", "local")
 #: Structured variants (independent DropKey is always run as the reference).
@@ -500,8 +512,8 @@ def _cell_name(variant: str, grid: str, shape: str, r: float) -> str:
     return f"{variant},{grid},{shape},r={r:g}"
 
 
-def summarise(frame: pd.DataFrame) -> dict:
-    """Per (variant, grid, shape, r): the comparison with DropKey; plus the sampler and calibration checks."""
+def per_row_metrics(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (grid, shape, row, variant, r): the metrics of :func:`_row_metrics`."""
     check_tidy(frame, KEY_COLUMNS)
     frame = frame.sort_values(list(KEY_COLUMNS), kind="stable")
     records = []
@@ -509,7 +521,38 @@ def summarise(frame: pd.DataFrame) -> dict:
         ["grid", "shape", "row", "variant", "drop_ratio"], sort=True
     ):
         records.append({"grid": grid, "shape": shape, "row": row, "variant": variant, "drop_ratio": r, **_row_metrics(group)})
-    per_row = pd.DataFrame(records)
+    return pd.DataFrame(records)
+
+
+def relative_change_by_row(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per structured cell (variant, grid, shape, r): each row's first-moment change relative to DropKey's smoothing.
+
+    For one attention row, (TV(E_structured[w], E_DropKey[w]) - TV(DropKey's Monte-Carlo E[w], its exact
+    E[w])) / TV(E_DropKey[w], p): how far the structured variant's expected attention is from
+    independent DropKey's, beyond DropKey's own Monte-Carlo noise on the same row, in units of
+    DropKey's own smoothing of that row. Rows are the same attention rows for every variant, so the
+    noise floor is paired by row; rows are the independent unit.
+    """
+    per_row = per_row_metrics(frame)
+    keys = ["grid", "shape", "row", "drop_ratio"]
+    reference = per_row[per_row["variant"] == "dropkey"].set_index(keys)
+    if not len(reference):
+        raise ValueError("the frame has no independent-DropKey rows to compare with")
+    result = {}
+    for (variant, grid, shape, r), group in per_row[per_row["variant"] != "dropkey"].groupby(
+        ["variant", "grid", "shape", "drop_ratio"], sort=True
+    ):
+        floor = reference.loc[[tuple(key) for key in group[keys].to_numpy()]]
+        change = (group["tv_to_dropkey"].to_numpy() - floor["tv_to_dropkey"].to_numpy()) / group["dropkey_smoothing_tv"].to_numpy()
+        result[_cell_name(variant, grid, shape, r)] = change.astype(np.float64)
+    return result
+
+
+def summarise(frame: pd.DataFrame) -> dict:
+    """Per (variant, grid, shape, r): the comparison with DropKey; plus the sampler and calibration checks."""
+    check_tidy(frame, KEY_COLUMNS)
+    frame = frame.sort_values(list(KEY_COLUMNS), kind="stable")
+    per_row = per_row_metrics(frame)
     cells: dict[str, dict] = {}
     for (variant, grid, shape, r), group in per_row.groupby(["variant", "grid", "shape", "drop_ratio"], sort=True):
         reference = per_row[

@@ -74,6 +74,18 @@ from simulations.common import (
 
 log = logging.getLogger(__name__)
 
+#: The question this study answers and how (the first paragraphs of its report page).
+QUESTION = (
+    "In the paper's toy objective (Eq. 5), does attention follow the rich-get-richer chain of Eqs. 5-11 "
+    "without a regulariser, and does DropKey end with lower attention peaks?"
+)
+METHOD = (
+    "Hundreds of toy problems (logits and values learned by gradient descent) start from the same initial"
+    " points under no regulariser, DropKey, post-softmax dropout and DropAttention at several drop "
+    "ratios; each link of the chain is recorded along the way, and the final peak weights are compared "
+    "problem by problem."
+)
+
 REGULARISERS = ("none", "dropkey", "dropout", "dropattention")
 KEY_COLUMNS = ("regulariser", "drop_ratio", "problem", "step")
 TRAJECTORY_COLUMNS = (
@@ -481,10 +493,12 @@ def _mean_se(values: pd.Series) -> dict[str, float]:
     return {"mean": float(array.mean()), "se": se, "n": int(array.size)}
 
 
-def _link_fractions(frame: pd.DataFrame) -> dict[str, float]:
-    """Fraction of (problem, step) records where each link of the chain holds."""
-    if len(frame) == 0:
-        return {}
+def _link_indicators(frame: pd.DataFrame) -> dict[str, tuple[pd.Series, pd.Series | None]]:
+    """Per link of the chain: (holds, counted) over the frame's (problem, step) records.
+
+    ``counted`` None means every record counts; the growth links count only records that
+    have a next recording interval.
+    """
     a = frame["sum_p_beta_minus_m"] < 0
     b = frame["grad_beta_top"] < frame["grad_beta_second"]
     has_next = frame["next_beta_gap_change"].notna()
@@ -496,20 +510,80 @@ def _link_fractions(frame: pd.DataFrame) -> dict[str, float]:
     d_sign = np.sign(frame["eq11_total"]) == np.sign(frame["eq11_target_term"])
     e_eq11 = frame["eq11_total"] < 0
     e_growth = frame["next_logit_gap_change"] > 0
-    all_links = a & b & (c_up | c_above) & d_sign & e_eq11
-    fraction = lambda mask, where=None: float(mask[where].mean()) if where is not None else float(mask.mean())  # noqa: E731
     return {
-        "n_records": int(len(frame)),
-        "a_sum_p_beta_below_m": fraction(a),
-        "b_grad_beta_top_below_second": fraction(b),
-        "c_beta_gap_grows_next": fraction(c_up, has_next),
-        "c_beta_top_above_second": fraction(c_above),
-        "d_target_term_dominates_strictly": fraction(d_strict),
-        "d_total_has_target_term_sign": fraction(d_sign),
-        "e_eq11_negative": fraction(e_eq11),
-        "e_logit_gap_grows_next": fraction(e_growth, has_next),
-        "chain_all_links": fraction(all_links),
+        "a_sum_p_beta_below_m": (a, None),
+        "b_grad_beta_top_below_second": (b, None),
+        "c_beta_gap_grows_next": (c_up, has_next),
+        "c_beta_top_above_second": (c_above, None),
+        "d_target_term_dominates_strictly": (d_strict, None),
+        "d_total_has_target_term_sign": (d_sign, None),
+        "e_eq11_negative": (e_eq11, None),
+        "e_logit_gap_grows_next": (e_growth, has_next),
+        "chain_all_links": (a & b & (c_up | c_above) & d_sign & e_eq11, None),
     }
+
+
+def _link_fractions(frame: pd.DataFrame) -> dict[str, float]:
+    """Fraction of (problem, step) records where each link of the chain holds."""
+    if len(frame) == 0:
+        return {}
+    fractions: dict[str, float] = {"n_records": int(len(frame))}
+    for name, (holds, counted) in _link_indicators(frame).items():
+        fractions[name] = float(holds[counted].mean()) if counted is not None else float(holds.mean())
+    return fractions
+
+
+def far_from_optimum(frame: pd.DataFrame) -> pd.Series:
+    """Records 'far from the optimum': sum p beta < far_fraction * M (the frame's attrs, see the config)."""
+    far_fraction = float(frame.attrs.get("far_fraction", 0.5))
+    m = float(frame.attrs.get("target_norm", 1.0))
+    return frame["sum_p_beta_minus_m"] + m < far_fraction * m
+
+
+def link_fractions_by_problem(frame: pd.DataFrame, regulariser: str = "none") -> pd.DataFrame:
+    """Per problem (rows, sorted), the fraction of its far-from-optimum records where each link holds.
+
+    The problem is the independent unit (its records along one trajectory are correlated);
+    a problem with no far record (or no counted one, for the growth links) gets NaN.
+    """
+    check_tidy(frame, KEY_COLUMNS)
+    runs = frame[frame["regulariser"] == regulariser]
+    if not len(runs):
+        raise ValueError(f"the frame has no {regulariser!r} trajectories")
+    far = runs[far_from_optimum(runs)]
+    problems = np.sort(runs["problem"].unique())
+    columns = {}
+    for name, (holds, counted) in _link_indicators(far).items():
+        mask = pd.Series(True, index=far.index) if counted is None else counted
+        columns[name] = holds[mask].groupby(far["problem"][mask]).mean().reindex(problems)
+    return pd.DataFrame(columns, index=pd.Index(problems, name="problem"))
+
+
+def final_differences(frame: pd.DataFrame, column: str, regulariser_a: str, regulariser_b: str) -> dict[str, np.ndarray]:
+    """Per drop ratio ("r=0.1"), the per-problem final ``column(a) - column(b)`` (problems sorted).
+
+    Every regulariser starts from the same problems, so the differences are paired by problem;
+    ``none`` runs once (r = 0) and pairs with every r.
+    """
+    check_tidy(frame, KEY_COLUMNS)
+    final = frame[frame["step"] == frame["step"].max()]
+    present = set(final["regulariser"])
+    for name in (regulariser_a, regulariser_b):
+        if name not in present:
+            raise ValueError(f"the frame has no {name!r} trajectories (it has {sorted(present)})")
+
+    def values(name: str, r: float) -> pd.Series:
+        rows = final[(final["regulariser"] == name) & (final["drop_ratio"] == (0.0 if name == "none" else r))]
+        return rows.set_index("problem")[column].sort_index()
+
+    ratios = sorted(r for r in final["drop_ratio"].unique() if r > 0)
+    differences = {}
+    for r in ratios:
+        a, b = values(regulariser_a, r), values(regulariser_b, r)
+        if not a.index.equals(b.index):
+            raise ValueError(f"{regulariser_a!r} and {regulariser_b!r} at r={r:g} do not share their problems")
+        differences[f"r={r:g}"] = (a - b).to_numpy(dtype=np.float64)
+    return differences
 
 
 def summarise(frame: pd.DataFrame) -> dict:
@@ -598,7 +672,7 @@ def summarise(frame: pd.DataFrame) -> dict:
 
     links = {}
     for regulariser, group in frame.groupby("regulariser", sort=True):
-        far = group["sum_p_beta_minus_m"] + m < far_fraction * m
+        far = far_from_optimum(group)
         links[regulariser] = {
             "all_records": _link_fractions(group),
             "far_from_optimum": _link_fractions(group[far]),
@@ -606,6 +680,7 @@ def summarise(frame: pd.DataFrame) -> dict:
         }
     summary["links"] = links
     summary["far_fraction"] = far_fraction
+    summary["target_norm"] = m
     return summary
 
 

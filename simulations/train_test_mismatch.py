@@ -58,6 +58,17 @@ from simulations.common import (
 
 log = logging.getLogger(__name__)
 
+#: The question this study answers and how (the first paragraphs of its report page).
+QUESTION = (
+    "How far is plain inference from the training expectation of a DropKey layer, and does averaging K "
+    "masked passes (Monte-Carlo inference) close the gap?"
+)
+METHOD = (
+    "For random rows and values, the training expectation E_train[o] is computed exactly and compared "
+    "with plain inference and with the mean of K masked passes; the slope of the RMS error against K "
+    "checks the inference code against the central-limit rate K^-1/2."
+)
+
 KEY_COLUMNS = ("shape", "n_keys", "drop_ratio", "problem", "k")
 COLUMNS = KEY_COLUMNS + ("dist_to_train", "dist_to_test", "gap", "relative_gap", "norm_test")
 

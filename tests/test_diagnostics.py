@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from dropkey.diagnostics import (
     AttentionRecorder,
+    column_correlation,
     column_cosine_similarity,
     cross_layer_similarity,
     top_and_rest_gradient,
@@ -148,6 +150,31 @@ def test_column_similarity_is_deepvits_definition():
     assert len(cross_layer_similarity([a, a, b], pairs="adjacent")) == 2 * 3
     with pytest.raises(ValueError, match="pairs must be one of"):
         cross_layer_similarity([a, b], pairs="next")
+
+
+def test_column_correlation_is_centred_and_scale_free():
+    """Centred similarity = Pearson correlation of the columns: unmoved by a per-map shift and scale (what a
+    BatchNorm over heads applies), ~0 for unrelated maps, NaN for a constant column."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 3, 5, 5, generator=g).softmax(-1)
+    b = torch.rand(2, 3, 5, 5, generator=g).softmax(-1)
+    corr = column_correlation(a, b)
+    for batch, head, token in itertools.product(range(2), range(3), range(5)):
+        col_a, col_b = a[batch, head, :, token].double().numpy(), b[batch, head, :, token].double().numpy()
+        assert corr[batch, head, token].item() == pytest.approx(float(np.corrcoef(col_a, col_b)[0, 1]), rel=1e-10)
+    shifted = 3.0 * a.double() - 0.7  # per-map affine map with a positive scale (float64: no rounding)
+    assert column_correlation(shifted, b).numpy() == pytest.approx(corr.numpy(), rel=1e-10)
+    assert column_correlation(a, a).numpy() == pytest.approx(np.ones((2, 3, 5)))
+    uniform = torch.full_like(a, 0.2)
+    assert torch.isnan(column_correlation(uniform, b)).all()  # constant columns carry no correlation
+    assert column_cosine_similarity(uniform, uniform + 1e-3 * b).min() > 0.99  # while the uncentred cosine is ~1
+    # unrelated random maps: mean correlation near 0 (4000 columns, SE about 1/sqrt(4000 * (5 - 3)))
+    big_a = torch.rand(40, 4, 25, 25, generator=g).softmax(-1)
+    big_b = torch.rand(40, 4, 25, 25, generator=g).softmax(-1)
+    frame = cross_layer_similarity([big_a, big_b], measure="correlation")
+    assert abs(frame["value"].mean()) < 5 * 0.2 / np.sqrt(40 * 25 * 4)  # 5 SE; column SD of r is about 0.2
+    with pytest.raises(ValueError, match="measure must be one of"):
+        cross_layer_similarity([a, b], measure="dot")
 
 
 def test_recorder_similarity_frame_over_blocks():

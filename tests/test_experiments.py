@@ -24,6 +24,7 @@ from dropkey.experiments.results import load_result, run_specs
 from dropkey.train import train
 from reports import claims as registry
 from reports.build import build_report
+from reports.evidence import Evidence, load_experiment_evidence
 
 VIT_CLAIMS = [claim for claim in registry.CLAIMS if any(m.startswith(registry.VIT_PREFIX) for m in claim.measured_by)]
 
@@ -177,7 +178,7 @@ def test_cli_experiment_command(tmp_path, tiny_scale, capsys):
     code = main(["experiment", "structured", "--runs-dir", str(tmp_path / "r"), "--results-dir", str(tmp_path / "out"),
                  "--no-progress", "--seeds", "0,1"])
     out = capsys.readouterr().out
-    assert code == 0 and "vit-structured: top1_block_minus_dropkey" in out
+    assert code == 0 and "vit-structured: " in out and "top1_block_minus_dropkey: " in out and "95% CI" in out
     assert main(["experiment", "structured", "--seeds", "a,b"]) == 2
 
 
@@ -188,17 +189,31 @@ def test_quick_experiments_measure_every_claim(quick_results):
     base, results = quick_results
     for name, result in results.items():
         assert {p.name for p in result.folder.iterdir()} >= {
-            "runs.csv", "attention.csv", "finals.csv", "comparisons.csv", "measurements.csv", "summary.json",
+            "runs.csv", "attention.csv", "finals.csv", "per_seed.csv", "comparisons.csv", "summary.json",
             "config.json", "provenance.json"}
         assert set(result.finals["seed"]) == set(SCALES["quick"].seeds)
-        assert np.isfinite(result.measurements["value"]).all() and (result.measurements["n"] == 3).all()
-        assert np.isfinite(result.measurements["standard_error"]).all()
-        assert set(result.measurements["claim_id"]) == set(experiment(name).claims)
-    evidence = registry.Evidence(vit=registry.load_vit_measurements(base / "results"))
+        assert set(result.per_seed["seed"]) == set(SCALES["quick"].seeds)
+        assert np.isfinite(result.per_seed["value"]).all()
+    evidence = Evidence(experiments=load_experiment_evidence(base / "results"))
     for claim in VIT_CLAIMS:
         verdict = registry.assess(claim, evidence)
         assert verdict.status != "not yet measured", (claim.id, verdict)
         assert verdict.key_number.startswith("[quick scale, n = 3 seeds]")
+        assert {f.quantity.name for f in verdict.findings} == {q.name for q in claim.quantities}
+        for finding in verdict.findings:  # every registered quantity has a measured outcome
+            assert finding.decision.outcome != "not yet measured", (claim.id, finding.text())
+            assert finding.decision.n == 3
+
+
+def test_per_seed_rows_are_the_comparisons_seed_by_seed(quick_results):
+    _, results = quick_results
+    result = results["accuracy"]
+    finals = result.finals.set_index(["arm", "seed"])["top1"]
+    rows = result.per_seed[result.per_seed["quantity"] == "top1_dropkey_minus_none"].set_index("seed")["value"]
+    for seed, value in rows.items():
+        assert value == pytest.approx(finals[("dropkey", seed)] - finals[("none", seed)], abs=1e-8)
+    summary = result.comparisons.set_index("quantity").loc["top1_dropkey_minus_none"]
+    assert summary["value"] == pytest.approx(rows.mean()) and summary["n"] == len(rows)
 
 
 def test_quick_runs_learn_and_record_attention(quick_results):
@@ -207,7 +222,7 @@ def test_quick_runs_learn_and_record_attention(quick_results):
     assert (finals["top1"] > 30.0).all()  # chance is 10 %: every arm learns within 15 epochs
     attention = results["attention_dynamics"].attention
     assert set(attention["metric"]) >= {"peak", "entropy", "abs_grad_top", "abs_grad_rest", "similarity"}
-    assert sorted(set(attention["epoch"])) == list(range(1, SCALES["quick"].epochs + 1))
+    assert sorted(set(attention["epoch"])) == list(range(0, SCALES["quick"].epochs + 1))  # 0: at initialisation
     # entropy of a row of 17 keys lies in [0, log 17]; peaks in [1/17, 1]
     peak = attention[attention["metric"] == "peak"]["value"]
     entropy = attention[attention["metric"] == "entropy"]["value"]
@@ -230,6 +245,13 @@ def test_quick_collapse_sweeps_depth_and_alignment_sweeps_k(quick_results):
     assert set(collapse["arm"]) == {"plain", "reattention", "dropkey", "dropkey+reattention"}
     unmixed = collapse[collapse["arm"].isin(["plain", "dropkey"])]  # no Re-attention: maps are the softmax weights
     assert unmixed["top_similarity"].to_numpy() == pytest.approx(unmixed["top_similarity_softmax"].to_numpy(), abs=1e-9)
+    for column in ("top_similarity_centred", "top_similarity_centred_init"):  # correlations, measured at init too
+        assert collapse[column].between(-1, 1).all()
+    assert (collapse["top_similarity_centred"] != collapse["top_similarity_centred_init"]).all()  # training moved them
+    trend = results["collapse"].per_seed.query("quantity == 'collapse_trend_plain'")
+    assert sorted(trend["seed"]) == list(SCALES["quick"].seeds)
+    adjusted = results["collapse"].per_seed.query("quantity == 'centred_similarity_dropkey_minus_plain' and group == ''")
+    assert np.isfinite(adjusted["covariate"]).all()  # the entropy difference of the same two runs
     mc = results["alignment"].monte_carlo
     assert sorted(set(mc["k"])) == [0, *SCALES["quick"].mc_samples]
 
@@ -260,4 +282,5 @@ def test_experiments_registry_names_its_claims():
         assert set(spec.claims) <= claim_ids
         for claim_id in spec.claims:
             assert registry.VIT_PREFIX + spec.name in registry.claim(claim_id).measured_by
-    assert set(analysis.CLAIM_QUANTITIES) == {claim.id for claim in VIT_CLAIMS}
+    for claim in VIT_CLAIMS:  # each real-ViT claim is measured by exactly one experiment
+        assert len(claim.measured_by) == 1 and claim.quantities

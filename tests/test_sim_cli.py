@@ -21,7 +21,8 @@ from simulations import cli
 from simulations.common import write_study_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ("coefficients", "gradient_damping", "structured_masks", "toy_optimisation", "train_test_mismatch")
+STUDIES = ("coefficients", "gradient_damping", "structured_masks", "toy_optimisation", "toy_regimes",
+           "train_test_mismatch")
 CLI_MODULES = {ROOT / "simulations" / "cli.py"}
 LIBRARY_FILES = sorted((ROOT / "simulations").glob("*.py")) + sorted((ROOT / "theory").rglob("*.py"))
 

@@ -22,6 +22,7 @@ import torch
 import theory
 from dropkey.masks import block_keep_mask, cross_keep_mask, dropkey_keep_mask
 from reports import claims as registry
+from reports.evidence import Evidence
 from reports.figures import study_figures
 from simulations import structured_masks
 from simulations.common import check_tidy, to_jsonable
@@ -222,29 +223,31 @@ def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
 # --- the report: claim rule and figures ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("numbers", "expected"),
-    [
-        ({"relative_change": {"a": 0.02, "b": 0.09}, "smooths_vs_dropkey": {"a": "same", "b": "more"}}, "confirmed"),
-        ({"relative_change": {"a": 0.02, "b": 0.5}, "smooths_vs_dropkey": {"a": "same", "b": "less"}}, "partly"),
-        ({"relative_change": {"a": 0.3, "b": 0.5}, "smooths_vs_dropkey": {}}, "not reproduced"),
-        ({"relative_change": {"a": None, "b": 0.05}}, "partly"),
-        ({}, "not yet measured"),
-    ],
-)
-def test_structured_rule_gives_the_stated_status(numbers, expected):
-    verdict = registry.rule_structured_masks(numbers)
-    assert verdict.status == expected, verdict
-    assert verdict.reason and verdict.key_number
+def test_relative_change_is_paired_by_row_against_dropkeys_own_noise(frame):
+    """Per structured cell, one value per attention row: (TV to DropKey - DropKey's own MC TV) / DropKey's smoothing."""
+    changes = structured_masks.relative_change_by_row(frame)
+    per_row = structured_masks.per_row_metrics(frame)
+    structured = per_row[per_row["variant"] != "dropkey"]
+    assert set(changes) == {f"{v},{g},{s},r={r:g}" for v, g, s, r in
+                            structured[["variant", "grid", "shape", "drop_ratio"]].drop_duplicates().to_numpy()}
+    name = next(iter(changes))
+    variant, grid, shape, r = name.split(",")[0], name.split(",")[1], name.split(",")[2], float(name.split("=")[-1])
+    rows = per_row[(per_row["grid"] == grid) & (per_row["shape"] == shape) & (per_row["drop_ratio"] == r)]
+    mine, reference = rows[rows["variant"] == variant], rows[rows["variant"] == "dropkey"]
+    expected = (mine["tv_to_dropkey"].to_numpy() - reference["tv_to_dropkey"].to_numpy()) / mine["dropkey_smoothing_tv"].to_numpy()
+    np.testing.assert_allclose(changes[name], expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="independent-DropKey"):
+        structured_masks.relative_change_by_row(frame[frame["variant"] != "dropkey"])
 
 
-def test_claim_is_judged_from_the_study_summary(summary):
+def test_claim_is_judged_from_the_study_results(frame, summary):
     claim = registry.claim("structured-masks-smoothing")
     assert claim.measured_by == ("structured_masks",)
-    assert registry.assess(claim, registry.Evidence()).status == "not yet measured"
+    assert registry.assess(claim, Evidence()).status == "not yet measured"
     cached = to_jsonable(summary)  # as read back from the report cache
-    verdict = registry.assess(claim, registry.Evidence(summaries={"structured_masks": cached}))
-    assert verdict.status in ("confirmed", "partly", "not reproduced")
+    verdict = registry.assess(claim, Evidence(summaries={"structured_masks": cached}, frames={"structured_masks": frame}))
+    assert verdict.status in ("confirmed", "partly", "contradicted", "inconclusive")
+    assert {f.label for f in verdict.findings} == set(structured_masks.relative_change_by_row(frame))
 
 
 def test_figures_render_from_the_cached_results(frame, summary, tmp_path):

@@ -55,13 +55,17 @@ def test_digits_learns_and_writes_tidy_files(tmp_path):
 
     d = pd.read_csv(out / "diagnostics.csv")
     assert list(d.columns) == list(training.DIAGNOSTIC_COLUMNS)
-    assert sorted(d["epoch"].unique()) == [3, 6]
+    assert sorted(d["epoch"].unique()) == [0, 3, 6]  # 0: the network at initialisation
     metrics = set(d["metric"])
     assert {"entropy", "peak", "grad_top", "grad_rest", "abs_grad_top", "abs_grad_rest", "similarity"} <= metrics
     one = d[d["epoch"] == 6]
     # 3 layers x 4 heads per attention metric; similarity: 2 adjacent pairs x 4 heads
-    similarities = ["similarity", "similarity_softmax"]
+    similarities = ["similarity", "similarity_softmax", "similarity_centred"]
     assert (one[~one["metric"].isin(similarities)].groupby("metric").size() == 12).all()
+    centred = one[one["metric"] == "similarity_centred"]
+    assert len(centred) == 8 and centred["value"].between(-1, 1).all()
+    initial = d[d["epoch"] == 0]  # the same diagnostics (a backward pass included) before any training step
+    assert set(initial["metric"]) == set(one["metric"])
     sim = one[one["metric"] == "similarity"]
     assert len(sim) == 8 and (sim["other_layer"] == sim["layer"] + 1).all()
     # without Re-attention the maps that multiply V are the softmax weights: both similarities agree

@@ -1,11 +1,11 @@
-"""From finished runs to tidy tables, paired comparisons and the measurements the claims read.
+"""From finished runs to tidy tables: per-run quantities, per-seed paired differences, comparisons.
 
 Every comparison is *paired by seed*: arms trained with the same seed share the model
 initialisation, the data order and the augmentation stream, so for quantity X and arms A, B
-the per-seed differences d_s = X(A, s) - X(B, s) are averaged and their standard error is
-``std(d, ddof=1) / sqrt(n)`` over the n seeds (NaN for n = 1). Verdict rules in
-:mod:`reports.claims` compare a difference with 2 SE. With 3 seeds that SE is itself
-uncertain; the report prints n next to every number.
+the per-seed differences d_s = X(A, s) - X(B, s) are what the claims decide on
+(:func:`reports.statistics.paired_decision`: a t interval over the seeds). ``per_seed.csv``
+holds every difference seed by seed; ``comparisons.csv`` their mean, standard error
+``std(d, ddof=1) / sqrt(n)`` (NaN for n = 1) and n, for reading.
 
 Per-run quantities (final epoch; attention metrics are the trainer's diagnostics, computed in
 eval mode on a fixed batch of test images, see :mod:`dropkey.diagnostics`):
@@ -14,13 +14,15 @@ eval mode on a fixed batch of test images, see :mod:`dropkey.diagnostics`):
 - ``peak`` / ``entropy``: attention peak weight and entropy, mean over blocks and heads;
 - ``grad_ratio``: |dL/ds| on the most-attended logit over the mean |dL/ds| on the other kept
   logits, per block (mean over heads), then mean over blocks;
-- ``top_similarity``: DeepViT's cross-layer similarity of adjacent blocks (mean over heads and
-  tokens), averaged over the adjacent pairs inside the top ``max(2, ceil(depth / 3))`` blocks, of
-  the maps that multiply V (after Re-attention: DeepViT's definition);
-- ``top_similarity_softmax``: the same of the softmax weights before any Re-attention mixing
-  (the like-for-like comparison: Re-attention's BatchNorm makes its maps signed and roughly
-  zero-mean, which alone drives their cosine toward 0); equal to ``top_similarity`` without
-  Re-attention;
+- ``top_similarity``: DeepViT's cross-layer (uncentred cosine) similarity of adjacent blocks (mean
+  over heads and tokens), averaged over the adjacent pairs inside the top ``max(2, ceil(depth / 3))``
+  blocks, of the maps that multiply V (after Re-attention: DeepViT's definition). Shown for
+  reference only: it is close to 1 for any near-uniform attention (an untrained network scores ~1);
+- ``top_similarity_softmax``: the same of the softmax weights before any Re-attention mixing;
+- ``top_similarity_centred``: the same with the centred similarity (Pearson correlation of the
+  columns, which BatchNorm's per-map shift and scale do not move), the collapse measure the claims
+  read; ``top_similarity_centred_init`` the same of the network at initialisation (epoch 0);
+- ``top_entropy``: attention entropy (nats) of the top blocks, mean over blocks and heads;
 - ``expected_peak`` / ``expected_entropy``: the same of the final model's expected attention
   under its regulariser, E[w] over the masks (exact; what a training step sees on average;
   :func:`dropkey.experiments.runner.expected_attention_rows`), on the rows of the first 8
@@ -41,7 +43,8 @@ import pandas as pd
 
 from dropkey.experiments.runner import EXPECTED_ATTENTION_FILE, MONTE_CARLO_FILE, RunSpec
 
-ATTENTION_METRICS = ("peak", "entropy", "abs_grad_top", "abs_grad_rest", "similarity", "similarity_softmax")
+ATTENTION_METRICS = ("peak", "entropy", "abs_grad_top", "abs_grad_rest", "similarity", "similarity_softmax",
+                     "similarity_centred")
 
 
 class IncompleteRun(RuntimeError):
@@ -108,8 +111,10 @@ def final_quantities(specs: Sequence[RunSpec], metrics: pd.DataFrame, attention:
         run_metrics = metrics[metrics["run_key"] == key].sort_values("epoch")
         run_attention = attention[attention["run_key"] == key]
         last = run_attention[run_attention["epoch"] == run_attention["epoch"].max()]
+        initial = run_attention[run_attention["epoch"] == 0]
         per_block = last[last["other_layer"] < 0].pivot_table(index="layer", columns="metric", values="value", dropna=False)
         depth = spec.config.model_config().depth
+        top = list(top_blocks(depth))
         later = run_metrics[run_metrics["epoch"] >= 2]["images_per_s"]
         row = {
             **_labels(spec),
@@ -125,9 +130,13 @@ def final_quantities(specs: Sequence[RunSpec], metrics: pd.DataFrame, attention:
             "grad_ratio": float((per_block["abs_grad_top"] / per_block["abs_grad_rest"]).mean()),
             "top_similarity": _top_similarity(last, depth),
             "top_similarity_softmax": _top_similarity(last, depth, "similarity_softmax"),
+            "top_similarity_centred": _top_similarity(last, depth, "similarity_centred"),
+            "top_similarity_centred_init": _top_similarity(initial, depth, "similarity_centred"),
+            "top_entropy": float(per_block.loc[top, "entropy"].mean()),
             "images_per_s": float(later.median() if len(later) else run_metrics["images_per_s"].median()),
         }
-        needed = ("top1", "peak", "entropy", "grad_ratio") + (("top_similarity",) if depth > 1 else ())
+        needed = ("top1", "peak", "entropy", "grad_ratio", "top_entropy") + (
+            ("top_similarity", "top_similarity_centred", "top_similarity_centred_init") if depth > 1 else ())
         bad = [name for name in needed if not math.isfinite(row[name])]
         if bad:
             raise IncompleteRun(f"run {spec.folder} ({spec.arm.name}, seed {spec.seed}) has non-finite {bad}")
@@ -135,7 +144,10 @@ def final_quantities(specs: Sequence[RunSpec], metrics: pd.DataFrame, attention:
     return pd.DataFrame(rows)
 
 
-# --- paired comparisons -------------------------------------------------------------------------
+# --- per-seed values and paired differences --------------------------------------------------------
+
+#: Columns of the per-seed table (``per_seed.csv``): one row per (quantity, group, layer, seed).
+PER_SEED_COLUMNS = ("quantity", "group", "layer", "seed", "value", "covariate", "description")
 
 
 def mean_and_se(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
@@ -147,25 +159,52 @@ def mean_and_se(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
     return {"value": float(x.mean()), "standard_error": se, "n": len(x)}
 
 
-def paired_difference(values: pd.DataFrame, column: str, arm_a: str, arm_b: str) -> dict[str, Any]:
-    """Mean and SE over seeds of column(arm_a) - column(arm_b), paired by seed (see the module doc)."""
-    a = values[values["arm"] == arm_a].set_index("seed")[column]
-    b = values[values["arm"] == arm_b].set_index("seed")[column]
+def _by_seed(values: pd.DataFrame, column: str, arm: str) -> pd.Series:
+    chosen = values[values["arm"] == arm]
+    if chosen["seed"].duplicated().any():
+        raise ValueError(f"arm {arm!r} has several rows per seed; select one group first")
+    return chosen.set_index("seed")[column]
+
+
+def per_seed_difference(values: pd.DataFrame, column: str, arm_a: str, arm_b: str) -> pd.Series:
+    """column(arm_a) - column(arm_b) per seed, over the seeds that have both arms (sorted)."""
+    a, b = _by_seed(values, column, arm_a), _by_seed(values, column, arm_b)
     seeds = sorted(set(a.index) & set(b.index))
     if not seeds:
         raise ValueError(f"no seed has both arms {arm_a!r} and {arm_b!r}")
-    return mean_and_se([a[s] - b[s] for s in seeds])
+    return pd.Series([a[s] - b[s] for s in seeds], index=pd.Index(seeds, name="seed"), dtype=float)
 
 
-def arm_mean(values: pd.DataFrame, column: str, arm: str) -> dict[str, Any]:
-    """Mean and SE over seeds of one arm's column."""
-    if not (values["arm"] == arm).any():
-        raise ValueError(f"no run of arm {arm!r}")
-    return mean_and_se(values[values["arm"] == arm][column])
+def paired_difference(values: pd.DataFrame, column: str, arm_a: str, arm_b: str) -> dict[str, Any]:
+    """Mean and SE over seeds of column(arm_a) - column(arm_b), paired by seed (see the module doc)."""
+    return mean_and_se(per_seed_difference(values, column, arm_a, arm_b).to_numpy())
 
 
-def _row(quantity: str, stats: dict[str, Any], description: str, group: str = "", layer: int = -1) -> dict[str, Any]:
-    return {"quantity": quantity, "group": group, "layer": layer, **stats, "description": description}
+def _rows(quantity: str, per_seed: pd.Series, description: str, *, group: str = "", layer: int = -1,
+          covariate: pd.Series | None = None) -> list[dict[str, Any]]:
+    """Per-seed rows of one quantity (covariate: the same seeds' covariate, e.g. an entropy difference)."""
+    return [{"quantity": quantity, "group": group, "layer": layer, "seed": int(seed), "value": float(value),
+             "covariate": math.nan if covariate is None else float(covariate[seed]), "description": description}
+            for seed, value in per_seed.items()]
+
+
+def _paired(values: pd.DataFrame, column: str, pairs: Sequence[tuple[str, str, str]], unit: str = "", *,
+            group: str = "", covariate: str | None = None) -> list[dict[str, Any]]:
+    """Per-seed paired differences ``name: column(a) - column(b)``; with ``covariate``, that column's difference too."""
+    rows = []
+    for name, a, b in pairs:
+        difference = per_seed_difference(values, column, a, b)
+        extra = per_seed_difference(values, covariate, a, b) if covariate else None
+        description = f"{column}({a}) - {column}({b}){unit}" + (f", covariate {covariate}({a}) - ({b})" if covariate else "")
+        rows += _rows(name, difference, description, group=group, covariate=extra)
+    return rows
+
+
+def _means(finals: pd.DataFrame, column: str, group: str = "") -> list[dict[str, Any]]:
+    rows = []
+    for arm in dict.fromkeys(finals["arm"]):
+        rows += _rows(f"{column}_{arm}", _by_seed(finals, column, arm), f"{column} of {arm}", group=group)
+    return rows
 
 
 def _per_layer(attention: pd.DataFrame, metric: str, arm_a: str, arm_b: str, quantity: str) -> list[dict[str, Any]]:
@@ -174,44 +213,31 @@ def _per_layer(attention: pd.DataFrame, metric: str, arm_a: str, arm_b: str, qua
                      & (attention["metric"] == metric) & (attention["other_layer"] < 0)]
     rows = []
     for layer, block in last.groupby("layer"):
-        stats = paired_difference(block, "value", arm_a, arm_b)
-        rows.append(_row(quantity, stats, f"block {layer}: {metric}({arm_a}) - {metric}({arm_b})", layer=int(layer)))
+        difference = per_seed_difference(block, "value", arm_a, arm_b)
+        rows += _rows(quantity, difference, f"block {layer}: {metric}({arm_a}) - {metric}({arm_b})", layer=int(layer))
     return rows
 
 
 # --- per experiment --------------------------------------------------------------------------------
 
 
-def _pairs(finals: pd.DataFrame, column: str, pairs: Sequence[tuple[str, str, str]], unit: str = "") -> list[dict[str, Any]]:
-    return [
-        _row(name, paired_difference(finals, column, a, b), f"{column}({a}) - {column}({b}){unit}")
-        for name, a, b in pairs
-    ]
-
-
-def _means(finals: pd.DataFrame, column: str, group: str = "") -> list[dict[str, Any]]:
-    return [_row(f"{column}_{arm}", arm_mean(finals, column, arm), f"mean {column} of {arm}", group=group)
-            for arm in dict.fromkeys(finals["arm"])]
-
-
 def _attention_dynamics(finals, attention, mc) -> list[dict[str, Any]]:
     rows = _means(finals, "peak") + _means(finals, "entropy") + _means(finals, "grad_ratio")
-    rows += _pairs(finals, "peak", [("peak_dropkey_minus_none", "dropkey", "none"),
-                                    ("peak_dropout_minus_none", "dropout", "none"),
-                                    ("peak_dropkey_minus_dropout", "dropkey", "dropout")])
-    rows += _pairs(finals, "entropy", [("entropy_dropkey_minus_none", "dropkey", "none"),
-                                       ("entropy_dropout_minus_none", "dropout", "none"),
-                                       ("entropy_dropkey_minus_dropout", "dropkey", "dropout")], " (nats)")
-    rows += _pairs(finals, "grad_ratio", [("grad_ratio_dropkey_minus_none", "dropkey", "none"),
-                                          ("grad_ratio_dropout_minus_none", "dropout", "none")])
+    rows += _paired(finals, "peak", [("peak_dropkey_minus_none", "dropkey", "none"),
+                                     ("peak_dropout_minus_none", "dropout", "none"),
+                                     ("peak_dropkey_minus_dropout", "dropkey", "dropout")])
+    rows += _paired(finals, "entropy", [("entropy_dropkey_minus_none", "dropkey", "none"),
+                                        ("entropy_dropout_minus_none", "dropout", "none"),
+                                        ("entropy_dropkey_minus_dropout", "dropkey", "dropout")], " (nats)")
+    rows += _paired(finals, "grad_ratio", [("grad_ratio_dropkey_minus_none", "dropkey", "none"),
+                                           ("grad_ratio_dropout_minus_none", "dropout", "none")])
     # expected attention under each regulariser (what a training step sees on average; = p for none, dropout)
     rows += _means(finals, "expected_peak") + _means(finals, "expected_entropy")
-    rows += _pairs(finals, "expected_peak", [("expected_peak_dropkey_minus_none", "dropkey", "none")])
-    rows += _pairs(finals, "expected_entropy", [("expected_entropy_dropkey_minus_none", "dropkey", "none")], " (nats)")
-    dropkey = finals[finals["arm"] == "dropkey"]  # the masks' own smoothing of the DropKey model's rows (theory: < 0)
-    rows.append(_row("expected_minus_learned_peak_dropkey",
-                     mean_and_se(dropkey["expected_peak"] - dropkey["learned_peak"]),
-                     "peak(E[w]) - peak(p) of the DropKey model on the same rows: the smoothing its masks apply"))
+    rows += _paired(finals, "expected_peak", [("expected_peak_dropkey_minus_none", "dropkey", "none")])
+    rows += _paired(finals, "expected_entropy", [("expected_entropy_dropkey_minus_none", "dropkey", "none")], " (nats)")
+    dropkey = finals[finals["arm"] == "dropkey"].set_index("seed")  # the masks' own smoothing of the DropKey model's rows
+    rows += _rows("expected_minus_learned_peak_dropkey", dropkey["expected_peak"] - dropkey["learned_peak"],
+                  "peak(E[w]) - peak(p) of the DropKey model on the same rows: the smoothing its masks apply")
     for arm in ("dropkey", "dropout"):
         rows += _per_layer(attention, "peak", arm, "none", f"peak_{arm}_minus_none_by_block")
         rows += _per_layer(attention, "entropy", arm, "none", f"entropy_{arm}_minus_none_by_block")
@@ -219,7 +245,7 @@ def _attention_dynamics(finals, attention, mc) -> list[dict[str, Any]]:
 
 
 def _accuracy(finals, attention, mc) -> list[dict[str, Any]]:
-    return _means(finals, "top1") + _pairs(finals, "top1", [
+    return _means(finals, "top1") + _paired(finals, "top1", [
         ("top1_dropkey_minus_none", "dropkey", "none"),
         ("top1_dropkey_minus_dropout", "dropkey", "dropout"),
         ("top1_dropout_minus_none", "dropout", "none"),
@@ -227,7 +253,7 @@ def _accuracy(finals, attention, mc) -> list[dict[str, Any]]:
 
 
 def _schedules(finals, attention, mc) -> list[dict[str, Any]]:
-    return _means(finals, "top1") + _pairs(finals, "top1", [
+    return _means(finals, "top1") + _paired(finals, "top1", [
         ("top1_decreasing_minus_constant", "decreasing", "constant"),
         ("top1_decreasing_minus_increasing", "decreasing", "increasing"),
         ("top1_increasing_minus_constant", "increasing", "constant"),
@@ -235,53 +261,70 @@ def _schedules(finals, attention, mc) -> list[dict[str, Any]]:
 
 
 def _alignment(finals, attention, mc) -> list[dict[str, Any]]:
-    rows = _means(finals, "top1") + _pairs(
+    rows = _means(finals, "top1") + _paired(
         finals, "top1", [("top1_finetune_minus_plain", "finetune", "dropkey")], " (percentage points)"
     )
     accuracy = 100.0 * mc.pivot_table(index="seed", columns="k", values="test_acc")  # k = 0: plain inference
     ks = sorted(k for k in accuracy.columns if k > 0)
     for k in ks:
-        stats = mean_and_se(accuracy[k] - accuracy[0])
-        rows.append(_row(f"top1_mc{k}_minus_plain", stats, f"top1(mean of {k} DropKey passes) - top1(plain inference)"))
+        rows += _rows(f"top1_mc{k}_minus_plain", accuracy[k] - accuracy[0],
+                      f"top1(mean of {k} DropKey passes) - top1(plain inference)")
     # the headline: the largest K evaluated
-    rows.append(_row("top1_mc_minus_plain", mean_and_se(accuracy[ks[-1]] - accuracy[0]),
-                     f"top1(mean of {ks[-1]} DropKey passes) - top1(plain inference) (largest K)"))
+    rows += _rows("top1_mc_minus_plain", accuracy[ks[-1]] - accuracy[0],
+                  f"top1(mean of {ks[-1]} DropKey passes) - top1(plain inference) (largest K)")
     return rows
 
 
 def _structured(finals, attention, mc) -> list[dict[str, Any]]:
     rows = _means(finals, "top1") + _means(finals, "peak")
-    rows += _pairs(finals, "top1", [("top1_block_minus_dropkey", "block", "dropkey"),
-                                    ("top1_cross_minus_dropkey", "cross", "dropkey")], " (percentage points)")
-    rows += _pairs(finals, "peak", [("peak_block_minus_dropkey", "block", "dropkey"),
-                                    ("peak_cross_minus_dropkey", "cross", "dropkey")])
+    rows += _paired(finals, "top1", [("top1_block_minus_dropkey", "block", "dropkey"),
+                                     ("top1_cross_minus_dropkey", "cross", "dropkey")], " (percentage points)")
+    rows += _paired(finals, "peak", [("peak_block_minus_dropkey", "block", "dropkey"),
+                                     ("peak_cross_minus_dropkey", "cross", "dropkey")])
     return rows
 
 
 def _collapse(finals, attention, mc) -> list[dict[str, Any]]:
+    """Per depth: arm means and paired differences of the top blocks' centred similarity; then the headlines.
+
+    Headlines (group ""): the plain ViT's collapse trend in depth (per seed, the rise of the centred
+    similarity over its value at initialisation, deepest net minus shallowest net), and at the
+    deepest net the centred similarity of Re-attention, DropKey and both against their baselines,
+    DropKey's with the top blocks' entropy difference as covariate (DropKey also changes entropy,
+    which alone moves similarity).
+    """
+    finals = finals.assign(similarity_rise=finals["top_similarity_centred"] - finals["top_similarity_centred_init"])
     rows = []
-    comparisons = (("reattention", "reattention", "plain"), ("dropkey", "dropkey", "plain"),
-                   ("both", "dropkey+reattention", "plain"), ("both", "dropkey+reattention", "reattention"))
-    for depth in sorted(set(finals["depth"])):
+    centred = [("centred_similarity_reattention_minus_plain", "reattention", "plain"),
+               ("centred_similarity_dropkey_minus_plain", "dropkey", "plain"),
+               ("centred_similarity_both_minus_plain", "dropkey+reattention", "plain"),
+               ("centred_similarity_both_minus_reattention", "dropkey+reattention", "reattention")]
+    depths = sorted(set(finals["depth"]))
+    for depth in depths:
         group = f"depth={depth}"
         at = finals[finals["depth"] == depth]
-        rows += _means(at, "top1", group=group)
-        for column, label in (("top_similarity", "similarity"), ("top_similarity_softmax", "similarity_softmax")):
+        for column in ("top1", "top_similarity", "top_similarity_centred", "top_similarity_centred_init",
+                       "similarity_rise", "top_entropy"):
             rows += _means(at, column, group=group)
-            for name, a, b in comparisons:
-                rows.append(_row(f"{label}_{name}_minus_{b}", paired_difference(at, column, a, b),
-                                 f"top-block {label}({a}) - ({b}) at depth {depth}", group=group))
-    deepest = f"depth={max(finals['depth'])}"
+        rows += _paired(at, "top_similarity_centred", centred, group=group, covariate="top_entropy")
     headline = {
-        "top_blocks_similarity_plain": "top_similarity_plain",
-        "similarity_reattention_minus_plain": "similarity_reattention_minus_plain",
-        "similarity_softmax_reattention_minus_plain": "similarity_softmax_reattention_minus_plain",
-        "similarity_dropkey_minus_plain": "similarity_dropkey_minus_plain",
-        "similarity_softmax_both_minus_reattention": "similarity_softmax_both_minus_reattention",
+        "centred_similarity_reattention_minus_plain": False,  # quantity -> with the entropy covariate
+        "centred_similarity_dropkey_minus_plain": True,
+        "centred_similarity_both_minus_reattention": True,
     }
-    for quantity, source in headline.items():
-        match = next(r for r in rows if r["quantity"] == source and r["group"] == deepest)
-        rows.append({**match, "quantity": quantity, "group": "", "description": f"{match['description']} (deepest)"})
+    deepest = finals[finals["depth"] == depths[-1]]
+    for name, a, b in centred:
+        if name in headline:
+            rows += _paired(deepest, "top_similarity_centred", [(name, a, b)],
+                            covariate="top_entropy" if headline[name] else None)
+    if len(depths) >= 2:
+        plain = finals[finals["arm"] == "plain"]
+        deep, shallow = (plain[plain["depth"] == d].set_index("seed")["similarity_rise"] for d in (depths[-1], depths[0]))
+        seeds = sorted(set(deep.index) & set(shallow.index))
+        trend = pd.Series([deep[s] - shallow[s] for s in seeds], index=seeds, dtype=float)
+        rows += _rows("collapse_trend_plain", trend,
+                      f"plain ViT: rise of the top blocks' centred similarity over initialisation, depth {depths[-1]} "
+                      f"minus depth {depths[0]}")
     return rows
 
 
@@ -294,37 +337,22 @@ ANALYSES = {
     "collapse": _collapse,
 }
 
-#: claim id -> the quantities (of the experiment's comparisons) that its verdict rule reads
-CLAIM_QUANTITIES = {
-    "vit-attention-peaks": ("peak_dropkey_minus_none", "entropy_dropkey_minus_none"),
-    "vit-accuracy": ("top1_dropkey_minus_none", "top1_dropkey_minus_dropout"),
-    "vit-schedule": ("top1_decreasing_minus_constant",),
-    "vit-alignment": ("top1_mc_minus_plain", "top1_finetune_minus_plain"),
-    "vit-structured": ("top1_block_minus_dropkey", "top1_cross_minus_dropkey"),
-    "deepvit-collapse": ("top_blocks_similarity_plain",),
-    "deepvit-reattention": ("similarity_reattention_minus_plain", "similarity_softmax_reattention_minus_plain"),
-    "dropkey-collapse": ("similarity_dropkey_minus_plain", "similarity_softmax_both_minus_reattention"),
-}
+
+def per_seed(name: str, finals: pd.DataFrame, attention: pd.DataFrame, mc: pd.DataFrame) -> pd.DataFrame:
+    """The experiment's per-seed table (PER_SEED_COLUMNS): every arm mean and paired difference, seed by seed."""
+    if name not in ANALYSES:
+        raise ValueError(f"experiment must be one of {tuple(ANALYSES)}, got {name!r}")
+    return pd.DataFrame(ANALYSES[name](finals, attention, mc), columns=list(PER_SEED_COLUMNS))
 
 
-def comparisons(name: str, finals: pd.DataFrame, attention: pd.DataFrame, mc: pd.DataFrame) -> pd.DataFrame:
-    """The experiment's tidy table of comparisons (quantity, group, layer, value, standard_error, n, description)."""
-    return pd.DataFrame(ANALYSES[name](finals, attention, mc))
-
-
-def measurements(claim_ids: Sequence[str], table: pd.DataFrame, *, scale: str, experiment: str) -> pd.DataFrame:
-    """The rows of ``table`` that the claims' verdict rules read, labelled with the scale."""
+def comparisons(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean, SE over seeds and n of every quantity of a per-seed table (quantity, group, layer order kept)."""
     rows = []
-    for claim_id in claim_ids:
-        for quantity in CLAIM_QUANTITIES[claim_id]:
-            match = table[(table["quantity"] == quantity) & (table["group"] == "") & (table["layer"] == -1)]
-            if len(match) != 1:
-                raise ValueError(f"experiment {experiment!r} did not measure {quantity!r} for claim {claim_id!r}")
-            row = match.iloc[0]
-            rows.append({"claim_id": claim_id, "quantity": quantity, "value": float(row["value"]),
-                         "standard_error": float(row["standard_error"]), "n": int(row["n"]),
-                         "scale": scale, "experiment": experiment})
-    return pd.DataFrame(rows)
+    for (quantity, group, layer, description), frame in table.groupby(
+            ["quantity", "group", "layer", "description"], sort=False):
+        rows.append({"quantity": quantity, "group": group, "layer": int(layer), **mean_and_se(frame["value"]),
+                     "description": description})
+    return pd.DataFrame(rows, columns=["quantity", "group", "layer", "value", "standard_error", "n", "description"])
 
 
 def throughput(finals: pd.DataFrame) -> dict[str, Any]:

@@ -20,12 +20,13 @@ from dropkey.storage import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_RESULTS_DIR", "DEFAULT_RUNS_DIR", "ExperimentResult", "load_result", "result_folder",
-           "run_experiment", "run_specs"]
+__all__ = ["DEFAULT_RESULTS_DIR", "DEFAULT_RUNS_DIR", "ExperimentResult", "load_result", "reanalyse",
+           "result_folder", "run_experiment", "run_specs"]
 
 DEFAULT_RUNS_DIR = Path("runs") / "experiments"
 DEFAULT_RESULTS_DIR = Path("results")
 COMPLETE_MARKER = "provenance.json"
+OLD_MEASUREMENTS = "measurements.csv"  # the claims' table of earlier versions (mean and SE only)
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class ExperimentResult:
     finals: pd.DataFrame
     monte_carlo: pd.DataFrame
     comparisons: pd.DataFrame
-    measurements: pd.DataFrame
+    per_seed: pd.DataFrame
     summary: dict[str, Any]
     config: dict[str, Any]
     provenance: dict[str, Any]
@@ -94,13 +95,9 @@ def run_experiment(
 
     metrics, attention, monte_carlo = analysis.run_tables(specs)
     finals = analysis.final_quantities(specs, metrics, attention)
-    table = analysis.comparisons(name, finals, attention, monte_carlo)
-    measured = analysis.measurements(spec.claims, table, scale=scale_name, experiment=name)
-    headline = {row.quantity: {"value": row.value, "standard_error": row.standard_error, "n": row.n}
-                for row in measured.itertuples()}
     summary = {
         "experiment": name, "scale": scale_name, "question": spec.question, "claims": list(spec.claims),
-        "measurements": headline, "runs": len(specs), "seeds": sorted({x.seed for x in specs}),
+        "runs": len(specs), "seeds": sorted({x.seed for x in specs}),
         "median_images_per_s": analysis.throughput(finals),
         "training_wall_time_s_sum": float(metrics.groupby("run_key")["wall_time_s"].max().sum()),
     }
@@ -112,21 +109,54 @@ def run_experiment(
     }
     for run in config["runs"]:  # where a run's files lived on this machine is not part of the result
         run["train_config"].pop("out_dir"), run["train_config"].pop("data_dir")
-    folder = result_folder(results_dir, scale_name, name)
-    (folder / COMPLETE_MARKER).unlink(missing_ok=True)  # incomplete until provenance.json is rewritten
-    files = {"runs.csv": metrics, "attention.csv": attention, "finals.csv": finals, "comparisons.csv": table,
-             "measurements.csv": measured}
-    if len(monte_carlo):
-        files["monte_carlo.csv"] = monte_carlo
-    for filename, frame in files.items():
-        write_text_atomic(folder / filename, _csv(frame))
-    write_json_atomic(folder / "summary.json", analysis.json_ready(summary))
-    write_json_atomic(folder / "config.json", analysis.json_ready(config))
     record = provenance(None, list(command) if command is not None else None)
     record.update(seeds=summary["seeds"], scale=scale_name, experiment=name, wall_time_s=elapsed,
                   jobs=jobs, device=device)
-    write_json_atomic(folder / COMPLETE_MARKER, analysis.json_ready(record))
+    folder = result_folder(results_dir, scale_name, name)
+    _write_result(folder, name, {"runs.csv": metrics, "attention.csv": attention, "finals.csv": finals,
+                                 "monte_carlo.csv": monte_carlo}, summary, config, record)
     log.info("%s at %s scale: %d runs, results in %s", name, scale_name, len(specs), folder)
+    return load_result(results_dir, scale_name, name)
+
+
+def _write_result(folder: Path, name: str, tables: dict[str, pd.DataFrame], summary: dict[str, Any],
+                  config: dict[str, Any], record: dict[str, Any]) -> None:
+    """Analyse the run tables and write the folder; provenance.json last (it marks the folder complete)."""
+    try:
+        per_seed = analysis.per_seed(name, tables["finals.csv"], tables["attention.csv"], tables["monte_carlo.csv"])
+    except KeyError as error:
+        raise analysis.IncompleteRun(
+            f"{folder}: the run tables lack {error}: they were recorded by an older version; train the experiment "
+            "again (the runs' cache keys changed with what they record)") from None
+    files = {**tables, "per_seed.csv": per_seed, "comparisons.csv": analysis.comparisons(per_seed)}
+    if not len(files["monte_carlo.csv"]):
+        files.pop("monte_carlo.csv")
+    (folder / COMPLETE_MARKER).unlink(missing_ok=True)  # incomplete until provenance.json is rewritten
+    for filename, frame in files.items():
+        write_text_atomic(folder / filename, _csv(frame))
+    for stale in (OLD_MEASUREMENTS,):  # written by earlier versions; nothing reads it any more
+        (folder / stale).unlink(missing_ok=True)
+    write_json_atomic(folder / "summary.json", analysis.json_ready(summary))
+    write_json_atomic(folder / "config.json", analysis.json_ready(config))
+    write_json_atomic(folder / COMPLETE_MARKER, analysis.json_ready(record))
+
+
+def reanalyse(results_dir: str | os.PathLike[str], scale_name: str, name: str,
+              command: Sequence[str] | None = None) -> ExperimentResult:
+    """Recompute the per-seed and comparison tables of a complete result folder from its run tables.
+
+    Trains nothing: ``finals.csv``, ``attention.csv`` and ``monte_carlo.csv`` are read back and
+    analysed with this version of :mod:`dropkey.experiments.analysis` (for folders written by an
+    earlier version). The provenance keeps the training's record and adds this analysis's commit.
+    """
+    result = load_result(results_dir, scale_name, name)
+    tables = {"runs.csv": result.runs, "attention.csv": result.attention, "finals.csv": result.finals,
+              "monte_carlo.csv": result.monte_carlo}
+    record = dict(result.provenance)
+    record["reanalysed"] = provenance(None, list(command) if command is not None else None)
+    summary = {key: value for key, value in result.summary.items() if key != "measurements"}
+    _write_result(result.folder, name, tables, summary, result.config, record)
+    log.info("%s at %s scale: re-analysed in %s", name, scale_name, result.folder)
     return load_result(results_dir, scale_name, name)
 
 
@@ -148,11 +178,13 @@ def load_result(results_dir: str | os.PathLike[str], scale_name: str, name: str)
         )
     read = lambda filename: json.loads((folder / filename).read_text(encoding="utf-8"))  # noqa: E731
     mc_path = folder / "monte_carlo.csv"
+    per_seed_path = folder / "per_seed.csv"  # absent in folders of earlier versions: see reanalyse()
     return ExperimentResult(
         name=name, scale=scale_name, folder=folder,
         runs=_read_csv(folder / "runs.csv"), attention=_read_csv(folder / "attention.csv"),
         finals=_read_csv(folder / "finals.csv"),
         monte_carlo=_read_csv(mc_path) if mc_path.is_file() else pd.DataFrame(),
-        comparisons=_read_csv(folder / "comparisons.csv"), measurements=_read_csv(folder / "measurements.csv"),
+        comparisons=_read_csv(folder / "comparisons.csv"),
+        per_seed=_read_csv(per_seed_path) if per_seed_path.is_file() else pd.DataFrame(columns=analysis.PER_SEED_COLUMNS),
         summary=read("summary.json"), config=read("config.json"), provenance=read(COMPLETE_MARKER),
     )

@@ -52,6 +52,9 @@ EXPECTED_ATTENTION_FILE = "expected_attention.csv"
 EXPECTED_ATTENTION_IMAGES = 8  # diagnostics images whose rows get the exact expectation
 # TrainConfig fields that do not change what a run computes (where files go, bars, checks)
 _NOT_IN_KEY = ("out_dir", "progress", "data_dir", "verify_data")
+#: What a run folder records, versioned: runs recorded by an older version are trained again.
+#: 2: diagnostics at initialisation (epoch 0) and the centred cross-layer similarity.
+RUN_RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class RunSpec:
 def run_key(config: TrainConfig) -> str:
     """16 hex digits identifying what a run computes (its config without the output-only fields)."""
     record = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY}
+    record["run_record_version"] = RUN_RECORD_VERSION
     text = json.dumps(record, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
