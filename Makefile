@@ -48,6 +48,7 @@ test-gpu: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_theory.py
+	$(BIN)/python benchmarks/bench_expected_attention.py
 	$(BIN)/python benchmarks/bench_attention.py
 	$(BIN)/python benchmarks/bench_training.py
 	$(BIN)/python benchmarks/bench_cpu_alternatives.py
