@@ -144,17 +144,31 @@ def _measure_counts(*keys: str):
 
 
 def _explain_regimes(findings: tuple[Finding, ...], status: str) -> str:
-    """Name the toy regimes where each regulariser smooths more (the claim's answer is a map)."""
-    dropkey = [f.label for f in findings if f.decision.outcome == "confirmed"]
-    dropout = [f.label for f in findings if f.decision.ci_high < 0]
-    neither = [f.label for f in findings if f.decision.outcome == "contradicted" and f.decision.ci_high >= 0]
-    open_ = [f.label for f in findings if f.decision.outcome not in ("confirmed", "contradicted")]
-    parts = [f"DropKey smooths more in: {'; '.join(dropkey) or 'none'}",
-             f"dropout smooths more in: {'; '.join(dropout) or 'none'}"]
-    if neither:
-        parts.append(f"no difference that matters in: {'; '.join(neither)}")
-    if open_:
-        parts.append(f"undecided in: {'; '.join(open_)}")
+    """Name the toy regimes where each regulariser smooths more (the claim's answer is a map).
+
+    Cells are grouped by regime (the label before ", r="); "negligible" marks a confirmed cell whose
+    whole interval lies below the smallest effect that matters.
+    """
+
+    def side(finding: Finding) -> str:
+        d = finding.decision
+        if d.outcome == "confirmed":
+            return "DropKey smooths more (negligibly)" if d.negligible else "DropKey smooths more"
+        if d.ci_high < 0:
+            return "dropout smooths more"
+        return "no difference that matters" if d.outcome == "contradicted" else "undecided"
+
+    grouped: dict[str, dict[str, list[str]]] = {}
+    for finding in findings:
+        regime, _, cell = finding.label.partition(", r=")
+        grouped.setdefault(side(finding), {}).setdefault(regime, []).append(f"r={cell}")
+    order = ("DropKey smooths more", "DropKey smooths more (negligibly)", "dropout smooths more",
+             "no difference that matters", "undecided")
+    parts = []
+    for name in order:
+        if name in grouped:
+            cells = "; ".join(f"{regime} ({', '.join(items)})" for regime, items in grouped[name].items())
+            parts.append(f"{name} in: {cells}")
     return ". ".join(parts)
 
 
