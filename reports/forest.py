@@ -21,15 +21,27 @@ OUTCOME_COLOURS = {"confirmed": "#1b7a36", "contradicted": "#b3261e", "inconclus
                    "not yet measured": "#777777"}
 
 
+#: A quantity measured in more cells than this is drawn on one line, its cells' intervals overlaid.
+MAX_CELL_LINES = 4
+
+
 def forest_table(items: Sequence[tuple[Claim, Finding]]) -> pd.DataFrame:
-    """One row per finding: claim, quantity, cell, direction, e, oriented standardised mean and interval."""
+    """One row per finding: claim, quantity, cell, the line it is drawn on, oriented standardised interval."""
     rows = []
+    counts: dict[tuple[str, str], int] = {}
+    for claim, finding in items:
+        counts[(claim.id, finding.quantity.name)] = counts.get((claim.id, finding.quantity.name), 0) + 1
     for claim, finding in items:
         d = finding.decision
         sign = -1.0 if d.direction == "down" else 1.0
         low, high = sorted((sign * d.ci_low / d.smallest_effect, sign * d.ci_high / d.smallest_effect))
-        rows.append({"claim": claim.id, "quantity": finding.quantity.name, "cell": finding.label,
-                     "direction": d.direction, "smallest_effect": d.smallest_effect, "n": d.n,
+        cells = counts[(claim.id, finding.quantity.name)]
+        if cells > MAX_CELL_LINES:
+            line = f"{claim.id}: {finding.quantity.name} ({cells} cells)"
+        else:
+            line = f"{claim.id}: {finding.quantity.name}" + (f" [{finding.label}]" if finding.label else "")
+        rows.append({"line": f"{line} ({d.direction})", "claim": claim.id, "quantity": finding.quantity.name,
+                     "cell": finding.label, "direction": d.direction, "smallest_effect": d.smallest_effect, "n": d.n,
                      "mean": d.mean, "ci_low": d.ci_low, "ci_high": d.ci_high, "outcome": d.outcome,
                      "oriented_mean": sign * d.mean / d.smallest_effect, "oriented_low": low, "oriented_high": high})
     return pd.DataFrame(rows)
@@ -41,36 +53,39 @@ def forest_figure(items: Sequence[tuple[Claim, Finding]]) -> Figure | None:
     measured = table[np.isfinite(table["oriented_mean"])] if len(table) else table
     if not len(measured):
         return None
-    labels = [f"{row.claim}: {row.quantity}{f' [{row.cell}]' if row.cell else ''} ({row.direction})"
-              for row in measured.itertuples()]
+    lines = list(dict.fromkeys(measured["line"]))
+    position = {line: len(lines) - 1 - i for i, line in enumerate(lines)}
 
     def draw(fig) -> None:
         ax = fig.add_subplot()
-        y = np.arange(len(measured))[::-1]
         ax.axvspan(-1.0, 1.0, color="#e8e8e8", zorder=0, label="|effect| < smallest that matters")
         ax.axvline(0.0, color="#444444", linewidth=0.8)
-        for yi, row in zip(y, measured.itertuples(), strict=True):
+        for row in measured.itertuples():
             colour = OUTCOME_COLOURS[row.outcome]
-            ax.plot([row.oriented_low, row.oriented_high], [yi, yi], color=colour, linewidth=1.6)
-            ax.plot([row.oriented_mean], [yi], "o", color=colour, markersize=3.5)
+            many = row.line.endswith("cells) (" + row.direction + ")")
+            yi = position[row.line]
+            ax.plot([row.oriented_low, row.oriented_high], [yi, yi], color=colour,
+                    linewidth=0.9 if many else 1.6, alpha=0.45 if many else 1.0)
+            ax.plot([row.oriented_mean], [yi], "|" if many else "o", color=colour, markersize=6 if many else 3.5)
         ax.set_xscale("symlog", linthresh=2.0)
         low = min(-2.0, float(measured["oriented_low"].min()))
         high = max(2.0, float(measured["oriented_high"].max()))
         ticks = [t for t in (-1000, -100, -10, -2, -1, 0, 1, 2, 10, 100, 1000) if low * 1.5 <= t <= high * 1.5]
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.set_yticks(y, labels, fontsize=6.5)
-        ax.set_ylim(-0.8, len(measured) - 0.2)
+        ax.set_yticks([position[line] for line in lines], lines, fontsize=6.5)
+        ax.set_ylim(-0.8, len(lines) - 0.2)
         ax.set_xlabel("effect / smallest effect that matters (claimed rise or fall points right; |x| > 2 log scale)")
         for outcome, colour in OUTCOME_COLOURS.items():
             if outcome in set(measured["outcome"]):
                 ax.plot([], [], color=colour, linewidth=1.6, label=outcome)
-        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.9 / (1.2 + 0.17 * len(measured))),
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.9 / (1.6 + 0.2 * len(lines))),
                   ncol=4, frameon=False)
 
-    height = 1.6 + 0.17 * len(measured)
     return make_figure(
         "forest", "Every empirical finding: 95% interval against the smallest effect that matters",
-        "One line per quantity and cell, coloured by its outcome; each interval is divided by its own registered "
-        "smallest effect, so the grey band holds the effects too small to matter.",
-        "svg", table, draw, size=(9.0, height),
+        "One line per quantity (a quantity measured in many cells, e.g. the toy regime map, overlays its cells' "
+        "intervals on one line: ticks are cell means), coloured by outcome; each interval is divided by its own "
+        "registered smallest effect, so the grey band holds the effects too small to matter. The claims table below "
+        "lists every cell.",
+        "svg", table, draw, size=(9.0, 1.6 + 0.2 * len(lines)),
     )
