@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dropkey import data as datasets
-from dropkey.augment import Normalize
+from dropkey.lab import data as datasets
+from dropkey.lab.augment import Normalize
 from dropkey.masks import BernoulliStream, bernoulli_drop_mask
 from dropkey.models import MODEL_CONFIGS, create_model
 from dropkey.provenance import provenance

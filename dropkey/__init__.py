@@ -1,7 +1,7 @@
 """DropKey for PyTorch Vision Transformers.
 
 The torch-dependent API is loaded lazily (PEP 562), so light modules such as
-:mod:`dropkey.provenance` and :mod:`dropkey.cli` import without loading torch.
+:mod:`dropkey.provenance` import without loading torch.
 """
 
 from __future__ import annotations

@@ -48,14 +48,16 @@ import itertools
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dropkey.modules import DropKeyAttention
+
+if TYPE_CHECKING:  # pandas builds the tidy frames only: imported where a frame is made
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,8 @@ def cross_layer_similarity(maps: Sequence[Tensor], *, pairs: str = "adjacent", m
         rows += [
             {"block_a": a, "block_b": b, "head": h, "value": float(v)} for h, v in enumerate(per_head.tolist())
         ]
+    import pandas as pd
+
     return pd.DataFrame(rows, columns=["block_a", "block_b", "head", "value"])
 
 
@@ -289,6 +293,8 @@ class AttentionRecorder:
                     "layer": layer, "module": self.layers[layer][0], "head": head, "metric": metric,
                     "value": float(total[head] / n) if n else float("nan"), "count": n,
                 })
+        import pandas as pd
+
         return pd.DataFrame(rows, columns=["layer", "module", "head", "metric", "value", "count"])
 
     def similarity_frame(self, *, pairs: str = "adjacent", source: str = "maps", measure: str = "cosine") -> pd.DataFrame:

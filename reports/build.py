@@ -4,7 +4,7 @@
 claims table), ``theory.html``, one page per simulation study and one page per
 real-ViT experiment (``vit_<name>.html``). Pages are rendered only from cached
 results (see :mod:`reports.studies`) and from the experiments' result folders
-(``results/<scale>/<name>/``, see :mod:`dropkey.experiments`), so rebuilding from
+(``results/<scale>/<name>/``, see :mod:`dropkey.lab.experiments`), so rebuilding from
 the same results gives byte-identical files. Pages are written atomically.
 
 ``experiment_scale="quick"`` (the CLI's default with ``--quick``) first runs every
@@ -65,7 +65,7 @@ def page_name(name: str) -> str:
 
 
 def _navigation(results: Mapping[str, StudyResult], experiments: Mapping[str, list]) -> list[dict[str, str]]:
-    from dropkey.experiments import EXPERIMENTS
+    from dropkey.lab.experiments import EXPERIMENTS
 
     order = [spec.name for spec in STUDIES + (THEORY,)]
     links = [{"href": page_name(name), "title": study(name).title} for name in order if name in results]
@@ -76,7 +76,7 @@ def _navigation(results: Mapping[str, StudyResult], experiments: Mapping[str, li
 
 def load_experiments(results_dir: Path) -> dict[str, list]:
     """Every complete experiment result in ``results_dir``: name -> results, largest scale first."""
-    from dropkey.experiments import EXPERIMENT_NAMES, load_result
+    from dropkey.lab.experiments import EXPERIMENT_NAMES, load_result
 
     found: dict[str, list] = {}
     for name in EXPERIMENT_NAMES:
@@ -162,7 +162,7 @@ def _study_page(result: StudyResult, claim_rows: list[dict[str, Any]], check_row
 
 
 def _experiment_section(result, downloads: Downloads) -> dict[str, Any]:
-    from dropkey.experiments import scale as scale_settings
+    from dropkey.lab.experiments import scale as scale_settings
     from reports.vit_figures import experiment_figures
 
     prefix = f"{result.name}-{result.scale}"
@@ -194,7 +194,7 @@ def _experiment_section(result, downloads: Downloads) -> dict[str, Any]:
 
 def _experiment_page(name: str, found: list, claim_rows: list[dict[str, Any]], nav: list[dict[str, str]],
                      downloads: Downloads) -> str:
-    from dropkey.experiments import experiment
+    from dropkey.lab.experiments import experiment
 
     spec = experiment(name)
     return render(
@@ -295,7 +295,7 @@ def build_report(
         chosen = {name: config for name, config in chosen.items() if name in set(only)}
     results = run_studies(chosen, Path(cache_dir), progress=progress, command=command)
     if experiment_scale is not None:
-        from dropkey.experiments import EXPERIMENT_NAMES, run_experiment
+        from dropkey.lab.experiments import EXPERIMENT_NAMES, run_experiment
 
         for name in EXPERIMENT_NAMES:
             run_experiment(name, experiment_scale, runs_dir=runs_dir, results_dir=results_dir, jobs=jobs,

@@ -6,7 +6,7 @@ One entry per claim (and per code check); the types and the decision machinery a
 that matters and why; those numbers were fixed here before the experiments that decide them
 were run at the scale shown in the report.
 
-Real-ViT claims read ``results/<scale>/<experiment>/per_seed.csv`` (:mod:`dropkey.experiments`),
+Real-ViT claims read ``results/<scale>/<experiment>/per_seed.csv`` (:mod:`dropkey.lab.experiments`),
 judged at the largest scale measured (full > medium > quick); their key number names that
 scale and the number of seeds.
 """

@@ -1,4 +1,4 @@
-"""Figures of the real-ViT experiment pages (one result folder of :mod:`dropkey.experiments` each).
+"""Figures of the real-ViT experiment pages (one result folder of :mod:`dropkey.lab.experiments` each).
 
 Every curve is the mean over seeds with a band of +-1 standard error (over seeds); every
 bar is a paired difference with its 95% t interval over seeds (the interval the verdicts read). Figures
@@ -277,7 +277,7 @@ FIGURES: dict[str, Callable] = {
 
 
 def experiment_figures(result) -> list[Figure]:
-    """The figures of one experiment result (an :class:`dropkey.experiments.ExperimentResult`)."""
+    """The figures of one experiment result (an :class:`dropkey.lab.experiments.ExperimentResult`)."""
     figures = FIGURES[result.name](result)
     for figure in figures:  # a NaN would silently vanish from a plot (an SE is NaN for one seed: allowed)
         values = figure.data.select_dtypes("number").drop(columns=["se", "standard_error"], errors="ignore")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dropkey import augment
+from dropkey.lab import augment
 
 
 def batch(n: int = 6, c: int = 3, size: int = 8) -> torch.Tensor:

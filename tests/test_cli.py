@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dropkey.cli import build_parser, main
+from reports.cli import build_parser, main
 
 
 def test_theory_command_reports_every_derivation_and_exits_zero(capsys):

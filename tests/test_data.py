@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from dropkey import data
+from dropkey.lab import data
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

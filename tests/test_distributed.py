@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dropkey.train import TrainConfig, launch_local
+from dropkey.lab.train import TrainConfig, launch_local
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
@@ -63,12 +63,12 @@ def test_torchrun_launch_of_the_cli(tmp_path):
     import subprocess
     import sys
 
-    from dropkey.train import _free_port
+    from dropkey.lab.train import _free_port
 
     out = tmp_path / "torchrun"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "dropkey.cli", "train", "--dataset", "digits",
+        "--master_port", str(_free_port()), "-m", "reports.cli", "train", "--dataset", "digits",
         "--epochs", "1", "--train-subset", "128", "--batch-size", "32", "--no-progress", "--out", str(out),
     ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}

@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 
 from dropkey import schedules
-from dropkey.cli import build_parser, main
-from dropkey.experiments import EXPERIMENT_NAMES, EXPERIMENTS, SCALE_NAMES, SCALES, experiment, run_experiment, scale
-from dropkey.experiments import analysis, definitions, runner
-from dropkey.experiments.results import load_result, run_specs
-from dropkey.train import train
+from reports.cli import build_parser, main
+from dropkey.lab.experiments import EXPERIMENT_NAMES, EXPERIMENTS, SCALE_NAMES, SCALES, experiment, run_experiment, scale
+from dropkey.lab.experiments import analysis, definitions, runner
+from dropkey.lab.experiments.results import load_result, run_specs
+from dropkey.lab.train import train
 from reports import claims as registry
 from reports.build import build_report
 from reports.evidence import Evidence, load_experiment_evidence
@@ -147,7 +147,7 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path, tiny_scale):
 
 def test_a_second_run_trains_nothing_and_rewrites_the_same_numbers(tmp_path, tiny_scale, monkeypatch):
     first = run_experiment("accuracy", "quick", runs_dir=tmp_path / "runs", results_dir=tmp_path / "results")
-    monkeypatch.setattr("dropkey.train.train", lambda *a, **k: pytest.fail("a complete run was retrained"))
+    monkeypatch.setattr("dropkey.lab.train.train", lambda *a, **k: pytest.fail("a complete run was retrained"))
     second = run_experiment("accuracy", "quick", runs_dir=tmp_path / "runs", results_dir=tmp_path / "results")
     pd.testing.assert_frame_equal(first.comparisons, second.comparisons)
     assert (second.folder / "provenance.json").is_file()

@@ -21,8 +21,8 @@ import pandas as pd
 import pytest
 import sympy as sp
 
-from dropkey.cli import build_parser, main
-from dropkey.experiments import EXPERIMENT_NAMES
+from reports.cli import build_parser, main
+from dropkey.lab.experiments import EXPERIMENT_NAMES
 from reports import claims as registry
 from reports.build import build_report
 from reports.evidence import Evidence, EvidenceError, Sample, load_experiment_evidence

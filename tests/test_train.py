@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from dropkey import train as training
-from dropkey.cli import main
-from dropkey.train import TrainConfig, Trainer, TrainingDiverged, lr_factor, train
+from dropkey.lab import train as training
+from reports.cli import main
+from dropkey.lab.train import TrainConfig, Trainer, TrainingDiverged, lr_factor, train
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,13 @@
 """Training pipeline: one frozen :class:`TrainConfig` per run, bit-exact resume, DDP, tidy metrics.
 
->>> from dropkey.train import TrainConfig, train           # doctest: +SKIP
+>>> from dropkey.lab.train import TrainConfig, train           # doctest: +SKIP
 >>> result = train(TrainConfig(dataset="digits", model="vit_tiny_8", epochs=5, out_dir="runs/x"))
 >>> result.metrics[["epoch", "train_loss", "test_acc"]]
 
 What a run does:
 
-- data from :mod:`dropkey.data` (optionally a seeded class-balanced ``train_subset``),
-  augmented on the fly with :mod:`dropkey.augment` (random crop with padding and/or
+- data from :mod:`dropkey.lab.data` (optionally a seeded class-balanced ``train_subset``),
+  augmented on the fly with :mod:`dropkey.lab.augment` (random crop with padding and/or
   horizontal flip; dataset defaults: CIFAR-10 pad 4 + flip, Fashion-MNIST pad 2,
   digits none), normalised with the training split's per-channel mean and std;
 - AdamW (no weight decay on biases, norms, position embedding and class token), learning
@@ -77,8 +77,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dropkey import augment as aug
-from dropkey import data as datasets
+from dropkey.lab import augment as aug
+from dropkey.lab import data as datasets
 from dropkey.diagnostics import AttentionRecorder
 from dropkey.models import MODEL_CONFIGS, VisionTransformer, ViTConfig
 from dropkey.modules import VARIANTS, DropKeyAttention

@@ -8,7 +8,7 @@ experiments is trained once. A run folder is the trainer's (``config.json``,
 :func:`expected_attention_rows`), for Monte-Carlo arms ``monte_carlo.csv``, and finally
 ``complete.json`` (written last,
 atomically): a folder with it is done and is never recomputed. An interrupted run resumes
-from its last epoch checkpoint, bit-exactly (:func:`dropkey.train.train` with
+from its last epoch checkpoint, bit-exactly (:func:`dropkey.lab.train.train` with
 ``resume=True``), so a crashed experiment loses at most one epoch per run.
 
 Runs are independent, so ``jobs > 1`` trains them in that many worker processes (spawned,
@@ -35,14 +35,14 @@ import torch
 from tqdm.auto import tqdm
 
 import theory
-from dropkey import data as datasets
-from dropkey.augment import Normalize
+from dropkey.lab import data as datasets
+from dropkey.lab.augment import Normalize
 from dropkey.diagnostics import AttentionRecorder, attention_entropy, peak_weight
-from dropkey.experiments.definitions import Arm, Scale
+from dropkey.lab.experiments.definitions import Arm, Scale
 from dropkey.inference import monte_carlo_predict
 from dropkey.models import VisionTransformer
 from dropkey.storage import write_json_atomic, write_text_atomic
-from dropkey.train import CHECKPOINT, TrainConfig, resolve_device, train
+from dropkey.lab.train import CHECKPOINT, TrainConfig, resolve_device, train
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ eval mode on a fixed batch of test images, see :mod:`dropkey.diagnostics`):
 - ``top_entropy``: attention entropy (nats) of the top blocks, mean over blocks and heads;
 - ``expected_peak`` / ``expected_entropy``: the same of the final model's expected attention
   under its regulariser, E[w] over the masks (exact; what a training step sees on average;
-  :func:`dropkey.experiments.runner.expected_attention_rows`), on the rows of the first 8
+  :func:`dropkey.lab.experiments.runner.expected_attention_rows`), on the rows of the first 8
   diagnostics images; NaN for structured masks; ``learned_peak`` / ``learned_entropy``: p on
   those same rows;
 - ``images_per_s``: median training throughput over epochs 2.. (epoch 1 includes warm-up).
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dropkey.experiments.runner import EXPECTED_ATTENTION_FILE, MONTE_CARLO_FILE, RunSpec
+from dropkey.lab.experiments.runner import EXPECTED_ATTENTION_FILE, MONTE_CARLO_FILE, RunSpec
 
 ATTENTION_METRICS = ("peak", "entropy", "abs_grad_top", "abs_grad_rest", "similarity", "similarity_softmax",
                      "similarity_centred")

@@ -2,7 +2,7 @@
 
 An *arm* is one training recipe (attention regulariser, drop ratio or schedule, model
 overrides); an experiment trains every arm with every seed of the scale. Arms are
-identified by their full :class:`~dropkey.train.TrainConfig`, so two experiments that need
+identified by their full :class:`~dropkey.lab.train.TrainConfig`, so two experiments that need
 the same run (e.g. DropKey at the matched ratio, used by the dynamics, accuracy, schedule,
 alignment and structured-mask experiments) share one training run.
 

@@ -63,9 +63,9 @@ def _command_report(args: argparse.Namespace) -> int:
 
 
 def _command_train(args: argparse.Namespace) -> int:
-    """Train one ViT per the flags; files go to --out (see dropkey.train)."""
-    from dropkey.data import DataError
-    from dropkey.train import TrainConfig, TrainingDiverged, train
+    """Train one ViT per the flags; files go to --out (see dropkey.lab.train)."""
+    from dropkey.lab.data import DataError
+    from dropkey.lab.train import TrainConfig, TrainingDiverged, train
 
     try:
         ratios = [float(r) for r in str(args.drop_ratio).split(",")]
@@ -128,11 +128,11 @@ def _print_decisions(result) -> None:
 
 def _command_experiment(args: argparse.Namespace) -> int:
     """Run (or re-analyse) one experiment or all at a scale; print each claim's registered decision."""
-    from dropkey.data import DataError
-    from dropkey.experiments import EXPERIMENT_NAMES, run_experiment
-    from dropkey.experiments.analysis import IncompleteRun
-    from dropkey.experiments.results import reanalyse
-    from dropkey.train import TrainingDiverged
+    from dropkey.lab.data import DataError
+    from dropkey.lab.experiments import EXPERIMENT_NAMES, run_experiment
+    from dropkey.lab.experiments.analysis import IncompleteRun
+    from dropkey.lab.experiments.results import reanalyse
+    from dropkey.lab.train import TrainingDiverged
 
     names = EXPERIMENT_NAMES if args.name == "all" else (args.name,)
     seeds = None
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-verify", action="store_true", help="skip the data checksums")
     tr.set_defaults(handler=_command_train)
 
-    from dropkey.experiments.definitions import EXPERIMENT_NAMES, SCALE_NAMES
+    from dropkey.lab.experiments.definitions import EXPERIMENT_NAMES, SCALE_NAMES
 
     ex = commands.add_parser("experiment", help="run a real-ViT experiment (all its arms and seeds) at a scale")
     ex.add_argument("name", choices=EXPERIMENT_NAMES + ("all",), help="the experiment, or all of them")

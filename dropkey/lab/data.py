@@ -79,7 +79,7 @@ from dropkey.storage import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_ENV = "DROPKEY_DATA"
 CACHE_ENV = "DROPKEY_CACHE"
 DIGITS_TEST_FRACTION = 0.2

@@ -1,10 +1,10 @@
 """The real-ViT experiments: train every arm with every seed, compare, write results with provenance.
 
->>> from dropkey.experiments import run_experiment              # doctest: +SKIP
+>>> from dropkey.lab.experiments import run_experiment              # doctest: +SKIP
 >>> result = run_experiment("accuracy", "quick")
 >>> result.measurements[["quantity", "value", "standard_error", "n"]]
 
-``run_experiment(name, scale)`` trains (or reuses, see :mod:`dropkey.experiments.runner`) the
+``run_experiment(name, scale)`` trains (or reuses, see :mod:`dropkey.lab.experiments.runner`) the
 runs of experiment ``name`` (:data:`EXPERIMENT_NAMES`) at ``scale`` (:data:`SCALE_NAMES`),
 then writes ``results_dir/<scale>/<name>/``:
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dropkey.experiments.definitions import (
+from dropkey.lab.experiments.definitions import (
     EXPERIMENT_NAMES,
     EXPERIMENTS,
     SCALE_NAMES,
@@ -54,8 +54,8 @@ __all__ = ["EXPERIMENTS", "EXPERIMENT_NAMES", "SCALES", "SCALE_NAMES", "Arm", "E
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'dropkey.experiments' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"dropkey.experiments.{module}"), name)
+        raise AttributeError(f"module 'dropkey.lab.experiments' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"dropkey.lab.experiments.{module}"), name)
 
 
 def __dir__() -> list[str]:

@@ -1,4 +1,4 @@
-"""Run an experiment end to end and write / read its result folder (see :mod:`dropkey.experiments`)."""
+"""Run an experiment end to end and write / read its result folder (see :mod:`dropkey.lab.experiments`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 
 import pandas as pd
 
-from dropkey.experiments import analysis
-from dropkey.experiments.definitions import arm_record, experiment, scale
-from dropkey.experiments.runner import RunSpec, execute_all, train_config
+from dropkey.lab.experiments import analysis
+from dropkey.lab.experiments.definitions import arm_record, experiment, scale
+from dropkey.lab.experiments.runner import RunSpec, execute_all, train_config
 from dropkey.provenance import provenance
 from dropkey.storage import write_json_atomic, write_text_atomic
 
@@ -146,7 +146,7 @@ def reanalyse(results_dir: str | os.PathLike[str], scale_name: str, name: str,
     """Recompute the per-seed and comparison tables of a complete result folder from its run tables.
 
     Trains nothing: ``finals.csv``, ``attention.csv`` and ``monte_carlo.csv`` are read back and
-    analysed with this version of :mod:`dropkey.experiments.analysis` (for folders written by an
+    analysed with this version of :mod:`dropkey.lab.experiments.analysis` (for folders written by an
     earlier version). The provenance keeps the training's record and adds this analysis's commit.
     """
     result = load_result(results_dir, scale_name, name)
