@@ -55,3 +55,11 @@ def renormalise_kept(p: np.ndarray, keep: np.ndarray, all_dropped: str = DEFAULT
     total = kept.sum(axis=-1, keepdims=True)
     fallback = all_dropped_weights(np.broadcast_to(np.asarray(p, dtype=np.float64), kept.shape), all_dropped)
     return np.where(total > 0, kept / np.where(total > 0, total, 1.0), fallback)
+
+
+def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Shannon entropy in nats of attention rows along ``axis``, with 0 log 0 = 0 (the numpy home; torch's is
+    :func:`dropkey.diagnostics.attention_entropy`)."""
+    p = np.asarray(p, dtype=np.float64)
+    logs = np.log(np.where(p > 0, p, 1.0))
+    return -(p * logs).sum(axis=axis)
