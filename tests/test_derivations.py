@@ -7,13 +7,15 @@ verify_all() runs once per module (~10 s); the N = 4 symbolic variants are `slow
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import sympy as sp
 
+import theory
 import theory.derivations as derivations
 from theory.derivations import Derivation, verify_all
-import theory
 from theory.derivations.common import (
     DROP_RATIO,
     INTEGRATION_VARIABLE,
@@ -45,8 +47,8 @@ from theory.derivations.majorisation import check_majorisation, claimed_partial_
 from theory.derivations.order import check_order_preservation, check_ratio_compression, pair_difference
 from theory.derivations.row_sum import check_row_sum
 from theory.derivations.smoothing_gap import check_smoothing_gap
-from theory.summary import numeric_summary
 from theory.smoothing import expected_attention
+from theory.summary import numeric_summary
 
 EXPECTED_KEYS = [key for key, _ in derivations.CHECKS]
 
@@ -83,6 +85,26 @@ def test_gradient_difference_reports_the_missing_multipliers(results: dict[str, 
     result = results["gradient-difference"]
     assert sp.simplify(result.expressions["derived - printed"] - (mu[t] - mu[s])) == 0
     assert "DISCREPANCY" in result.details and "mu_s = mu_t" in result.details
+
+
+THEORY_DOC = Path(__file__).resolve().parents[1] / "docs" / "theory.md"
+THEORY_SECTIONS = (
+    "## 1. DropKey attention and all-dropped rows",
+    "## 2. Expected output and smoothing coefficients (Eqs. 3-4)",
+    "## 3. The gradient argument (Eqs. 5-11)",
+    "## 4. Schedules, train/test alignment and structured masks",
+    "## 5. Attention collapse (DeepViT)",
+)
+
+
+def test_theory_document_has_its_cited_sections_and_names_every_derivation() -> None:
+    """docs/theory.md is what code and report cite ("docs/theory.md section N"): its numbered sections
+    exist in order, and every derivation key of theory.derivations.CHECKS is stated there."""
+    text = THEORY_DOC.read_text(encoding="utf-8")
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert tuple(headings) == THEORY_SECTIONS
+    missing = [key for key in EXPECTED_KEYS if f"`{key}`" not in text]
+    assert not missing, f"derivations not described in docs/theory.md: {missing}"
 
 
 def test_derivation_rejects_inconsistent_status() -> None:
@@ -179,9 +201,10 @@ def test_wrong_order_decomposition_is_refuted() -> None:
 
 def test_order_check_refutes_a_reversed_expectation() -> None:
     """An 'expected attention' that reverses the order of p gives numeric violations."""
-    result = check_order_preservation(
-        symbolic_sizes=(), expected_attention=lambda rows, r, **options: 1.0 - theory.expected_attention(rows, r, **options)
-    )
+    def reversed_expectation(rows: np.ndarray, r: float, **options: object) -> np.ndarray:
+        return 1.0 - theory.expected_attention(rows, r, **options)
+
+    result = check_order_preservation(symbolic_sizes=(), expected_attention=reversed_expectation)
     assert (result.status, result.holds) == ("refuted", False)
     assert "numeric order violations" in result.details and "decomposition" not in result.details
 
@@ -218,7 +241,7 @@ def test_undamped_beta_gradient_is_refuted() -> None:
     def undamped(n_keys: int, key: int) -> sp.Expr:
         weights = key_weights(n_keys)
         betas = sp.symbols(f"beta1:{n_keys + 1}", real=True)
-        return weights[key] * (sp.Add(*[w * b for w, b in zip(weights, betas)]) - TARGET_NORM)
+        return weights[key] * (sp.Add(*[w * b for w, b in zip(weights, betas, strict=True)]) - TARGET_NORM)
 
     result = check_dropkey_gradient(first_order_gradient=undamped)
     assert (result.status, result.holds) == ("refuted", False)
