@@ -18,6 +18,7 @@ from dropkey.diagnostics import (
 )
 from dropkey.models import create_model
 from dropkey.modules import DropKeyAttention
+from stat_assertions import assert_within_standard_errors
 
 
 def _model(name: str = "vit_tiny_8", **overrides):
@@ -172,7 +173,8 @@ def test_column_correlation_is_centred_and_scale_free():
     big_a = torch.rand(40, 4, 25, 25, generator=g).softmax(-1)
     big_b = torch.rand(40, 4, 25, 25, generator=g).softmax(-1)
     frame = cross_layer_similarity([big_a, big_b], measure="correlation")
-    assert abs(frame["value"].mean()) < 5 * 0.2 / np.sqrt(40 * 25 * 4)  # 5 SE; column SD of r is about 0.2
+    # 5 SE; the column SD of r is about 0.2
+    assert_within_standard_errors(frame["value"].mean(), 0.0, 0.2 / np.sqrt(40 * 25 * 4), what="mean correlation")
     with pytest.raises(ValueError, match="measure must be one of"):
         cross_layer_similarity([a, b], measure="dot")
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from stat_assertions import assert_within_standard_errors
 
 import theory
 from dropkey import functional as fn
@@ -303,8 +304,7 @@ def _assert_weights_match_theory(backend, convention, n, r, *, dtype, rounding, 
     p, w = _empirical_weights(backend, convention, n, r, samples, seed=n * 1000 + int(r * 100), dtype=dtype)
     expected = theory.expected_attention(p, r, all_dropped=convention)
     se = np.sqrt(theory.attention_variance(p, r, all_dropped=convention) / samples)
-    deviation = np.abs(w.mean(axis=0) - expected)
-    assert np.all(deviation <= 5 * se + rounding), (deviation / np.maximum(se, 1e-12)).max()
+    assert_within_standard_errors(w.mean(axis=0), expected, se, atol=rounding, what=f"E[w] ({backend}, {convention})")
     if convention != "zero":
         np.testing.assert_allclose(w.sum(axis=-1), 1.0, atol=sum_atol)
 
@@ -343,7 +343,7 @@ def test_post_softmax_dropout_is_unbiased_and_plain_in_eval():
     qs, ks, vs = (t.expand(samples, *t.shape[1:]) for t in (q, k, v))
     w = fn.post_softmax_dropout_attention(qs, ks, vs, r, generator=11).numpy()
     se = np.sqrt(p**2 * r / (1 - r) / samples)
-    assert np.all(np.abs(w.mean(axis=0) - p) <= 5 * se)
+    assert_within_standard_errors(w.mean(axis=0), p, se, what="E[w] of post-softmax dropout")
     assert set(np.unique(np.round(w / p / (1 / (1 - r)), 9))) <= {0.0, 1.0}
     for training, ratio in ((False, r), (True, 0.0)):
         out = fn.post_softmax_dropout_attention(q, k, v, ratio, training=training)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from stat_assertions import assert_within_standard_errors, sample_mean_and_standard_error
 
 import dropkey.masks as masks
 from dropkey import functional as fn
@@ -21,8 +22,10 @@ from dropkey.masks import (
 )
 
 
-def _within_5se(fraction: float, expected: float, n: int) -> bool:
-    return abs(fraction - expected) <= 5 * np.sqrt(expected * (1 - expected) / n) + 1e-12
+def _assert_rate(fraction: float, expected: float, n: int) -> None:
+    """A proportion over n independent flags within 5 binomial SE of ``expected``."""
+    se = np.sqrt(expected * (1 - expected) / n)
+    assert_within_standard_errors(fraction, expected, se, atol=1e-12, what="drop rate")
 
 
 @pytest.mark.parametrize("r", [0.0, 0.001, 0.05, 0.15, 0.3, 0.5, 0.7, 0.9, 0.999])
@@ -33,13 +36,13 @@ def test_dropkey_mask_rate_and_independence(r):
     assert keep.shape == shape and keep.dtype == torch.bool
     n = keep.numel()
     dropped = ~keep.view(-1)
-    assert _within_5se(float(dropped.float().mean()), r, n)
+    _assert_rate(float(dropped.float().mean()), r, n)
     # independence of neighbours (consecutive in memory, across row boundaries too)
     both = (dropped[:-1] & dropped[1:]).float().mean()
-    assert _within_5se(float(both), r * r, n - 1)
+    _assert_rate(float(both), r * r, n - 1)
     # no drift: the last tenth has the same rate
     tail = dropped[-n // 10 :]
-    assert _within_5se(float(tail.float().mean()), r, tail.numel())
+    _assert_rate(float(tail.float().mean()), r, tail.numel())
 
 
 def test_geometric_sampler_across_chunks(monkeypatch):
@@ -49,7 +52,7 @@ def test_geometric_sampler_across_chunks(monkeypatch):
     for r in (0.02, 0.1, 0.95):
         dropped = bernoulli_drop_mask((200_000,), r, generator=3)
         for part in dropped.chunk(4):
-            assert _within_5se(float(part.float().mean()), r, part.numel())
+            _assert_rate(float(part.float().mean()), r, part.numel())
 
 
 @pytest.mark.parametrize("r", [0.0, 0.01, 0.3, 0.97])
@@ -103,7 +106,7 @@ def test_dropattention_mask_is_shared_across_queries():
     dropped_columns = (w == 0).all(dim=-2)  # the same keys are absent for every query
     assert torch.equal(dropped_columns | ~keep.any(-1), ~keep[..., 0, :] | ~keep.any(-1))
     big = dropattention_keep_mask((64, 8, 3, 50), 0.3, generator=4)
-    assert _within_5se(float((~big).float().mean()), 0.3, big.numel())
+    _assert_rate(float((~big).float().mean()), 0.3, big.numel())
 
 
 # --------------------------------------------------------------------------- Block / Cross
@@ -138,10 +141,10 @@ def test_structured_masks_shape_and_calibrated_rate(kind, grid, prefix, r):
     keep = make(shape, r, grid=grid, num_prefix_tokens=prefix, generator=7)
     assert keep.shape == shape and keep.dtype == torch.bool
     rows = (~keep[..., prefix:]).float().reshape(-1, grid[0] * grid[1]).mean(dim=-1).double().numpy()
-    se = rows.std(ddof=1) / np.sqrt(rows.size)
-    assert abs(rows.mean() - r) <= 5 * se, (rows.mean(), r, se)
+    mean, se = sample_mean_and_standard_error(rows)
+    assert_within_standard_errors(mean, r, se, what="patch drop rate")
     if prefix:
-        assert _within_5se(float((~keep[..., :prefix]).float().mean()), r, keep[..., :prefix].numel())
+        _assert_rate(float((~keep[..., :prefix]).float().mean()), r, keep[..., :prefix].numel())
 
 
 def test_structured_masks_drop_the_documented_footprints():
@@ -208,7 +211,8 @@ def test_shape_and_generator_validation():
 @pytest.mark.gpu
 def test_cuda_masks():
     keep = dropkey_keep_mask((8, 4, 64, 64), 0.1, generator=0, device="cuda")
-    assert keep.is_cuda and _within_5se(float((~keep).float().mean()), 0.1, keep.numel())
+    assert keep.is_cuda
+    _assert_rate(float((~keep).float().mean()), 0.1, keep.numel())
     block = block_keep_mask((8, 4, 50), 0.1, grid=(7, 7), generator=0, device="cuda")
     assert block.is_cuda and block.shape == (8, 4, 50)
 

@@ -21,6 +21,7 @@ from torch import nn
 import theory
 from dropkey import functional, masks
 from dropkey.modules import GRID_VARIANTS, VARIANTS, DropKeyAttention
+from stat_assertions import assert_within_standard_errors, sample_mean_and_standard_error
 
 DIM, HEADS = 32, 4
 GRID = (4, 4)
@@ -435,14 +436,9 @@ def _sampled_weights(variant: str, drop_ratio: float, all_dropped: str, *, fused
 
 
 def _assert_within_standard_errors(samples: torch.Tensor, expected: np.ndarray) -> None:
-    flat = samples.reshape(samples.shape[0], -1, samples.shape[-1]).numpy()  # (M, rows, keys)
-    mean = flat.mean(axis=0)
-    se = flat.std(axis=0, ddof=1) / np.sqrt(flat.shape[0])
-    deviation = np.abs(mean - expected)
-    worst = np.unravel_index(np.argmax(deviation - SE_TOLERANCE * se), deviation.shape)
-    assert np.all(deviation <= SE_TOLERANCE * se + 1e-6), (
-        f"entry {worst}: |mean - theory| = {deviation[worst]:.3g} > 5 SE = {SE_TOLERANCE * se[worst]:.3g}"
-    )
+    """The mean over the M samples (M, ..., keys) within 5 SE (+ 1e-6 float rounding) of ``expected`` (rows, keys)."""
+    mean, se = sample_mean_and_standard_error(samples.reshape(samples.shape[0], -1, samples.shape[-1]))
+    assert_within_standard_errors(mean, expected, se, multiple=SE_TOLERANCE, atol=1e-6, what="E[w]")
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -500,8 +496,8 @@ def test_dropped_fraction_of_patch_keys_is_calibrated(variant):
     module = _module(variant, drop_ratio=r, generator=5, all_dropped="zero", fused_attn=False).train()
     _, weights = module(_tokens(batch=64), return_weights=True)  # (64, H, N, N)
     dropped = (weights[..., 1:] == 0).double().mean(dim=-1).reshape(-1)  # per row, patch keys
-    se = dropped.std() / dropped.numel() ** 0.5
-    assert abs(dropped.mean().item() - r) <= SE_TOLERANCE * se.item()
+    mean, se = sample_mean_and_standard_error(dropped)
+    assert_within_standard_errors(mean, r, se, multiple=SE_TOLERANCE, what="patch drop rate")
 
 
 @pytest.mark.parametrize("variant", ["dropkey_block", "dropkey_cross"])

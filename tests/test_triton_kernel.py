@@ -29,6 +29,7 @@ from dropkey import functional as fn
 from dropkey.kernels import HASH_BITS, hash_drop_mask, hash_seed, hash_seed_tensor, hash_threshold
 from dropkey.kernels import hash_mask as hm
 from dropkey.modules import DropKeyAttention
+from stat_assertions import assert_within_standard_errors
 
 CONVENTIONS = fn.ALL_DROPPED_CONVENTIONS
 CUDA = torch.cuda.is_available()
@@ -199,12 +200,12 @@ def test_hash_drop_rate_is_unbiased_and_pairs_independent(r):
     n = mask.numel()
     p = hash_threshold(r) / 2**HASH_BITS
     rate = mask.double().mean().item()
-    assert abs(rate - p) <= 5 * math.sqrt(p * (1 - p) / n)
+    assert_within_standard_errors(rate, p, math.sqrt(p * (1 - p) / n), what="hash drop rate")
     flat = mask.view(64, 128, 128)
     for a, b in ((flat[..., 1:], flat[..., :-1]), (flat[:, 1:], flat[:, :-1]), (flat[1:], flat[:-1])):
         m = a.numel()
         both = (a & b).double().mean().item()
-        assert abs(both - p * p) <= 5 * math.sqrt(p * p * (1 - p * p) / m)
+        assert_within_standard_errors(both, p * p, math.sqrt(p * p * (1 - p * p) / m), what="pair drop rate")
 
 
 def test_hash_seed_is_one_randint_draw():
@@ -535,7 +536,7 @@ def test_cuda_drop_rate_from_the_kernel_is_unbiased():
     out = fn.dropkey_attention(q, k, v, 0.1, all_dropped="zero", generator=0, backend="triton")
     dropped = (out == 0).double()
     p, count = hash_threshold(0.1) / 2**HASH_BITS, dropped.numel()
-    assert abs(dropped.mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / count)
+    assert_within_standard_errors(dropped.mean().item(), p, math.sqrt(p * (1 - p) / count), what="kernel drop rate")
     np.testing.assert_array_equal((out == 0).cpu().numpy(), hash_drop_mask(hash_seed(0), (8, 4, n, n), 0.1).numpy())
 
 
