@@ -33,6 +33,14 @@ ALL_DROPPED_CONVENTIONS = tuple(convention.value for convention in AllDropped)
 DEFAULT = AllDropped.UNIFORM.value
 
 
+def check_all_dropped(value: object, name: str = "all_dropped") -> str:
+    """An all-dropped convention as its plain name (an :class:`AllDropped` member is accepted), or ValueError
+    naming the argument."""
+    if not isinstance(value, str) or value not in ALL_DROPPED_CONVENTIONS:
+        raise ValueError(f"{name} must be one of {ALL_DROPPED_CONVENTIONS}, got {value!r}")
+    return AllDropped(value).value
+
+
 def all_dropped_weights(p: np.ndarray, all_dropped: str) -> np.ndarray:
     """The weights of an all-dropped row for rows ``p`` (..., N) under the convention."""
     if all_dropped == AllDropped.ZERO:
