@@ -25,6 +25,7 @@ from theory.derivations.common import (
     mask_probability,
 )
 from theory.derivations.dropkey_gradient import TARGET_NORM, check_dropkey_gradient
+from theory.derivations.dropkey_gradient import finite_difference_errors as dropkey_finite_difference_errors
 from theory.derivations.dropout import check_dropout_moments
 from theory.derivations.expected_output import (
     check_expected_output,
@@ -36,6 +37,7 @@ from theory.derivations.lagrangian import (
     check_gradient_difference,
     check_lagrangian_gradients,
     j,
+    lagrangian_gradients,
     mu,
     notes_gradient_difference,
     notes_gradients,
@@ -43,6 +45,7 @@ from theory.derivations.lagrangian import (
     s,
     t,
 )
+from theory.derivations.lagrangian import finite_difference_errors as lagrangian_finite_difference_errors
 from theory.derivations.majorisation import check_majorisation, claimed_partial_sum_gap
 from theory.derivations.order import check_order_preservation, check_ratio_compression, pair_difference
 from theory.derivations.row_sum import check_row_sum
@@ -248,11 +251,39 @@ def test_undamped_beta_gradient_is_refuted() -> None:
     assert "from the claimed form for [1, 2, 3]" in result.details
 
 
-def test_gradient_check_compares_autograd_with_the_expectation() -> None:
-    """With post-softmax dropout's E[w] = p in place of DropKey's, the torch cross-check fails."""
+def test_gradient_check_compares_finite_differences_with_the_expectation() -> None:
+    """With post-softmax dropout's E[w] = p in place of DropKey's, the finite-difference cross-check fails."""
     result = check_dropkey_gradient(expected_attention=lambda weights, r, **options: np.asarray(weights))
     assert (result.status, result.holds) == ("refuted", False)
-    assert "torch autograd slope" in result.details
+    assert "finite-difference slope" in result.details
+
+
+def test_gradient_slope_check_catches_a_small_error_in_the_expectation() -> None:
+    """The slope is exact up to rounding: E[w] off by one part in 1e9 (far below any statistical check) fails."""
+    _, ratio = dropkey_finite_difference_errors(0)
+    assert ratio < 1
+    _, ratio = dropkey_finite_difference_errors(
+        0, lambda weights, r, **options: theory.expected_attention(weights, r, **options) * (1 + 1e-9)
+    )
+    assert ratio > 1
+
+
+def test_lagrangian_numeric_check_fails_on_a_wrong_gradient() -> None:
+    """The central differences are independent of sympy: a derived (10) without its p_j factor, printed the same
+    way (so the symbolic comparison agrees), must fail the numeric cross-check."""
+
+    def without_weight() -> dict[str, sp.Expr]:
+        gradients = lagrangian_gradients()
+        gradients["dL/dbeta_j"] = gradients["dL/dbeta_j"] / p[j]
+        return gradients
+
+    errors, tolerance = lagrangian_finite_difference_errors(lagrangian_gradients(), seed=0)
+    assert max(errors.values()) < tolerance < 1e-11  # exact up to rounding
+    result = check_lagrangian_gradients(printed=without_weight, derive=without_weight)
+    assert (result.status, result.holds) == ("failed", False)
+    assert "central-difference errors" in result.details
+    errors, tolerance = lagrangian_finite_difference_errors(without_weight(), seed=0)
+    assert errors["dL/dbeta_j"] > 1e6 * tolerance and errors["dL/dp_j"] < tolerance
 
 
 # --- spot checks of the derived objects ----------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import sympy as sp
@@ -95,6 +95,42 @@ def cancel_by_denominator(expression: sp.Expr) -> sp.Expr:
 def rng_for(seed: int, key: str) -> np.random.Generator:
     """A generator for one derivation: independent of the order in which checks run."""
     return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(key.encode())]))
+
+
+#: Unit roundoff of float64 (2^-53): one rounded operation errs by at most this, relatively.
+UNIT_ROUNDOFF = 2.0**-53
+#: Step of the central differences. Any step is exact for a quadratic; a power of two keeps x +- h
+#: close to exact, and a step of order 1 keeps the rounding error (which grows like 1/h) small.
+DIFFERENCE_STEP = 0.5
+
+
+def central_differences(function: Callable[[np.ndarray], float], point: np.ndarray,
+                        step: float = DIFFERENCE_STEP) -> np.ndarray:
+    """(f(x + h e_i) - f(x - h e_i)) / 2h for every coordinate i of ``point`` (any shape; same shape back).
+
+    For an f that is quadratic in each coordinate (the other coordinates fixed) this is f's partial
+    derivative exactly, for any h: f(x + h) - f(x - h) = 2 h f'(x) when f'' is constant. What remains
+    is rounding, bounded by :func:`difference_tolerance`.
+    """
+    point = np.asarray(point, dtype=np.float64)
+    gradient = np.empty_like(point)
+    for index in np.ndindex(point.shape):
+        up, down = point.copy(), point.copy()
+        up[index] += step
+        down[index] -= step
+        gradient[index] = (function(up) - function(down)) / (up[index] - down[index])
+    return gradient
+
+
+def difference_tolerance(magnitude: float, n_operations: int, step: float = DIFFERENCE_STEP) -> float:
+    """Rounding bound of :func:`central_differences` for a function evaluated with ``n_operations`` float64
+    roundings on any path, whose terms' absolute values sum to at most ``magnitude`` (on both points).
+
+    Each evaluation errs by at most n u magnitude (the standard bound for sums and products,
+    u the unit roundoff, to first order); the difference of two such values, divided by 2h, by
+    n u magnitude / h.
+    """
+    return n_operations * UNIT_ROUNDOFF * magnitude / step
 
 
 def equation(lhs: sp.Expr, rhs: sp.Expr) -> sp.Eq:

@@ -1,6 +1,6 @@
 """The damped rich-get-richer loop: the expected beta-gradient under DropKey.
 
-With DropKey the forward pass uses w (THEORY-NOTES section 1) instead of p, so by
+With DropKey the forward pass uses w (docs/theory.md section 1) instead of p, so by
 the same differentiation as (10), dL/dbeta_j = w_j (sum_k w_k beta_k - M) for each
 mask, and
 
@@ -13,8 +13,9 @@ E[w_j] sum p beta, which is not zero in general. To leading order the ratio of t
 s and t updates is E[w_s]/E[w_t] = c_s p_s/(c_t p_t), which ratio-compression bounds
 by p_s/p_t (without DropKey it is exactly p_s/p_t by (10)).
 
-sympy: exact expectation over all 2^N masks at N = 3 for symbolic p, beta, M; torch:
-autograd of the mask-averaged loss at N = 5, d = 4 against theory.expected_attention.
+sympy: exact expectation over all 2^N masks at N = 3 for symbolic p, beta, M; numpy:
+central differences of the mask-averaged loss (quadratic in beta and M, so exact up to
+rounding) at N = 5, d = 4 against theory.expected_attention.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ import numpy as np
 import sympy as sp
 
 import theory
+from theory.conventions import renormalise_kept
 from theory.derivations.common import (
     ALL_DROPPED_CONVENTIONS,
+    DIFFERENCE_STEP,
     DROP_RATIO,
     cancel_by_denominator,
+    central_differences,
+    difference_tolerance,
     equation,
     keep_masks,
     key_weights,
@@ -45,6 +50,8 @@ log = logging.getLogger(__name__)
 KEY = "dropkey-gradient"
 SYMBOLIC_SIZE = 3
 TARGET_NORM = sp.Symbol("M", positive=True)
+#: Relative accuracy of the exact E[w] the slope is compared with (docs/theory_numerics.md: 1e-13).
+REFERENCE_RTOL = 1e-13
 
 
 def expected_beta_gradients(n_keys: int = SYMBOLIC_SIZE) -> list[sp.Expr]:
@@ -71,45 +78,66 @@ def notes_first_order_gradient(n_keys: int, key: int) -> sp.Expr:
     return expected_weight * (sp.Add(*[w * b for w, b in zip(weights, betas, strict=True)]) - TARGET_NORM)
 
 
-def _torch_errors(
+#: The two targets M at which the expected beta-gradient is taken; its slope in M is -E[w_j].
+SLOPE_TARGETS = (2.0, 5.0)
+
+
+def _mask_weights(weights: np.ndarray, drop_ratio: float, all_dropped: str) -> tuple[np.ndarray, np.ndarray]:
+    """(probability of each of the 2^N keep masks, (2^N,); DropKey's weights under each mask, (2^N, N))."""
+    masks = np.array(list(keep_masks(weights.size)), dtype=bool)  # (2^N, N)
+    kept = masks.sum(axis=1)
+    probability = (1 - drop_ratio) ** kept * drop_ratio ** (weights.size - kept)
+    return probability, renormalise_kept(weights, masks, all_dropped)
+
+
+def finite_difference_errors(
     seed: int,
     expected_attention: Callable[..., np.ndarray] = theory.expected_attention,
     n_keys: int = 5,
     dimension: int = 4,
-) -> float:
-    """Max relative |(E[g](M1) - E[g](M2)) / (M2 - M1) - E[w]| by autograd of the mask-averaged loss."""
-    import torch  # lazy: slow import
+) -> tuple[float, float]:
+    """(largest relative |slope - E[w_j]|, largest error / tolerance) over keys, conventions and r.
 
+    The slope is -dE[dL/dbeta_j]/dM of the mask-averaged loss E[L] = sum_masks P(mask) 1/2
+    ||sum_j w_j (beta_j e + alpha_j) - M e||^2, taken by central differences in beta_j at the
+    two targets of :data:`SLOPE_TARGETS`, and compared with ``expected_attention``. E[L] is
+    quadratic in each beta_j and in M, so the differences are exact up to rounding: each E[L]
+    takes at most 2^N + N + d + 4 roundings on any path (weights times values, residual, norm,
+    the sum over masks), and the slope's error is at most the two differences' rounding bounds
+    (:func:`~theory.derivations.common.difference_tolerance`, at the larger target's magnitude)
+    over the targets' distance; to that the reference's own error is added (the exact E[w] is
+    accurate to 1e-13 relative, docs/theory_numerics.md).
+    """
     rng = rng_for(seed, KEY)
     weights = softmax_gaussian_rows(rng, 1, n_keys)[0]
     betas = rng.standard_normal(n_keys)
     unit = np.eye(dimension)[0]
     alphas = rng.standard_normal((n_keys, dimension))
     alphas[:, 0] = 0.0  # alpha_j ⟂ e
-    masks = np.array(list(keep_masks(n_keys)), dtype=np.float64)  # (2^N, N)
-    worst = 0.0
+    low, high = SLOPE_TARGETS
+    n_operations = 2**n_keys + n_keys + dimension + 4
+    worst_relative, worst_ratio = 0.0, 0.0
     for convention in ALL_DROPPED_CONVENTIONS:
         for drop_ratio in (0.1, 0.5):
-            kept = masks.sum(axis=1)
-            probability = (1 - drop_ratio) ** kept * drop_ratio ** (n_keys - kept)
-            total = (masks * weights).sum(axis=1, keepdims=True)
-            masked = np.divide(masks * weights, total, out=np.zeros_like(masks), where=total > 0)
-            all_dropped = {"zero": np.zeros(n_keys), "uniform": np.full(n_keys, 1 / n_keys), "undropped": weights}
-            masked[kept == 0] = all_dropped[convention]
+            probability, masked = _mask_weights(weights, drop_ratio, convention)
 
-            def expected_gradient(target_norm: float) -> np.ndarray:
-                beta_t = torch.tensor(betas, dtype=torch.float64, requires_grad=True)
-                values = beta_t[:, None] * torch.tensor(unit)[None, :] + torch.tensor(alphas)
-                outputs = torch.tensor(masked) @ values  # (2^N, d): one output per mask
-                residual = outputs - target_norm * torch.tensor(unit)
-                loss = (torch.tensor(probability) * 0.5 * (residual**2).sum(1)).sum()
-                (gradient,) = torch.autograd.grad(loss, beta_t)
-                return gradient.numpy()
+            def expected_loss(beta_values: np.ndarray, target_norm: float,
+                              probability: np.ndarray = probability, masked: np.ndarray = masked) -> float:
+                outputs = masked @ (beta_values[:, None] * unit[None, :] + alphas)  # (2^N, d): one per mask
+                residual = outputs - target_norm * unit
+                return float(probability @ (0.5 * (residual**2).sum(axis=1)))
 
-            slope = (expected_gradient(2.0) - expected_gradient(5.0)) / 3.0  # = E[w_j]
-            reference = expected_attention(weights, drop_ratio, all_dropped=convention)
-            worst = max(worst, float(np.max(np.abs(slope - reference) / reference)))
-    return worst
+            gradients = [central_differences(lambda x, target=target: expected_loss(x, target), betas)
+                         for target in SLOPE_TARGETS]
+            slope = (gradients[0] - gradients[1]) / (high - low)  # = E[w_j]
+            # Magnitude bound: |outputs| <= max |beta| + h + max ||alpha|| per mask, as the weights sum to <= 1.
+            size = np.abs(betas).max() + DIFFERENCE_STEP + np.linalg.norm(alphas, axis=1).max() + high
+            rounding = 2 * difference_tolerance(0.5 * size**2, n_operations) / (high - low)
+            reference = np.asarray(expected_attention(weights, drop_ratio, all_dropped=convention))
+            tolerance = rounding + REFERENCE_RTOL * np.abs(reference)
+            worst_relative = max(worst_relative, float(np.max(np.abs(slope - reference) / reference)))
+            worst_ratio = max(worst_ratio, float(np.max(np.abs(slope - reference) / tolerance)))
+    return worst_relative, worst_ratio
 
 
 def check_dropkey_gradient(
@@ -122,9 +150,9 @@ def check_dropkey_gradient(
 
     ``first_order_gradient(n_keys, key)`` is the claimed leading-order E[dL/dbeta_j]
     (default: the notes' E[w_j](sum p beta - M)) and ``expected_attention`` the numeric
-    E[w] the torch autograd slope is compared with (default :func:`theory.expected_attention`).
-    A claimed form whose O(M) term differs from the exact one, or a torch slope that
-    differs from ``expected_attention``, gives ``status="refuted"``.
+    E[w] the finite-difference slope is compared with (default :func:`theory.expected_attention`).
+    A claimed form whose O(M) term differs from the exact one, or a slope that differs from
+    ``expected_attention`` beyond its rounding bound, gives ``status="refuted"``.
     """
     title = "DropKey damps the rich-get-richer loop: E[dL/dbeta_j] ~ E[w_j](sum p beta - M)"
     statement = (
@@ -150,9 +178,9 @@ def check_dropkey_gradient(
              DROP_RATIO: sp.Rational(1, 2), betas[0]: 1, betas[1]: 0, betas[2]: 0}
     remainder_value = sp.nsimplify(sp.simplify(remainders[0].subs(point)))
     leading_ratio = sp.Symbol("c_s") * sp.Symbol("p_s") / (sp.Symbol("c_t") * sp.Symbol("p_t"))
-    torch_error = _torch_errors(seed, expected_attention)
-    log.debug("dropkey gradient: %s %s remainder %s torch %.3g", slope_mismatches, first_order_mismatches,
-              remainder_value, torch_error)
+    slope_error, error_over_tolerance = finite_difference_errors(seed, expected_attention)
+    log.debug("dropkey gradient: %s %s remainder %s slope error %.3g (%.3g of the bound)", slope_mismatches,
+              first_order_mismatches, remainder_value, slope_error, error_over_tolerance)
     expressions: dict[str, sp.Basic] = {
         "dE[dL/dbeta_1]/dM (N=3)": equation(sp.Symbol("dE[g_1]/dM"), -sp.Symbol("E[w_1]")),
         "E[dL/dbeta_1] (N=2, exact)": expected_beta_gradients(2)[0],
@@ -162,17 +190,20 @@ def check_dropkey_gradient(
     if slope_mismatches or first_order_mismatches:
         return Derivation(
             KEY, title, statement, "refuted", False, expressions,
-            f"O(M) term differs from -E[w_j] for keys {slope_mismatches}, from the claimed form for {first_order_mismatches}",
+            f"O(M) term differs from -E[w_j] for keys {slope_mismatches}, "
+            f"from the claimed form for {first_order_mismatches}",
         )
-    if torch_error > 1e-10:
+    if error_over_tolerance > 1:
         return Derivation(
             KEY, title, statement, "refuted", False, expressions,
-            f"torch autograd slope -dE[dL/dbeta_j]/dM differs from E[w_j] by relative {torch_error:.3g}",
+            f"finite-difference slope -dE[dL/dbeta_j]/dM differs from E[w_j] by relative {slope_error:.3g}, "
+            f"{error_over_tolerance:.3g} times its rounding bound",
         )
     details = (
         f"sympy: exact 2^N-mask expectation at N={SYMBOLIC_SIZE} (symbolic p, beta, M): d/dM = -c_j p_j and "
         "d/dM (exact - notes) = 0, so the notes' form is right to first (leading) order in M only: the M^0 "
-        f"remainder is not 0 (e.g. {remainder_value}); ratio <= p_s/p_t by ratio-compression; torch autograd of "
-        f"the mask-averaged loss (N=5, d=4, all conventions): slope = -E[w_j] to relative {torch_error:.1e}"
+        f"remainder is not 0 (e.g. {remainder_value}); ratio <= p_s/p_t by ratio-compression; central differences of "
+        f"the mask-averaged loss (N=5, d=4, all conventions; quadratic, so exact up to rounding): slope = -E[w_j] "
+        f"to relative {slope_error:.1e} ({error_over_tolerance:.2g} of the rounding bound)"
     )
     return Derivation(KEY, title, statement, "proved", True, expressions, details)

@@ -66,7 +66,9 @@ def check_dropout_moments(*, seed: int = 0, claimed_variance: sp.Expr | None = N
     """Prove E[w_j] = p_j and Var[w_j] = ``claimed_variance`` (default: the notes' r/(1-r) p_j^2)."""
     claimed = notes_dropout_variance() if claimed_variance is None else claimed_variance
     title = "Post-softmax inverted dropout: E[w_j] = p_j, Var[w_j] = r/(1-r) p_j^2"
-    statement = "attention dropout after the softmax has c_j = 1 (no first-moment smoothing) and Var[w_j] = r/(1-r) p_j^2"
+    statement = (
+        "attention dropout after the softmax has c_j = 1 (no first-moment smoothing) and Var[w_j] = r/(1-r) p_j^2"
+    )
     moments = dropout_moments()
     mean_ok = sp.simplify(moments["E[w_j]"] - _WEIGHT) == 0
     variance_ok = sp.simplify(moments["Var[w_j]"] - claimed) == 0

@@ -1,4 +1,4 @@
-"""The gradient argument of the paper (Eqs. 5-11, THEORY-NOTES section 3).
+"""The gradient argument of the paper (Eqs. 5-11, docs/theory.md section 3).
 
 Objective (5): L = 1/2 ||sum_j p_j v_j - y||^2 subject to sum_j p_j = 1, p_j >= 0,
 with y = M e (||e|| = 1) and v_j = beta_j e + alpha_j, alpha_j ⟂ e. Because
@@ -14,7 +14,8 @@ the full gradient orthogonal to e).
 
 sympy differentiates (6) for a *general* N and D (indexed symbols, Sum and
 KroneckerDelta), giving (7), (8), (10) and the difference (11); the split (5) = (6)
-is expanded at N = 4, d = 4; torch autograd checks every gradient at a random
+is expanded at N = 4, d = 4; central differences of the Lagrangian in numpy (exact
+up to rounding: it is quadratic in each variable) check every gradient at a random
 point (N = 5, d = 4, random unit e).
 """
 
@@ -23,11 +24,17 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import sympy as sp
 
-from theory.derivations.common import equation, rng_for
+from theory.derivations.common import (
+    DIFFERENCE_STEP,
+    central_differences,
+    difference_tolerance,
+    rng_for,
+)
 from theory.derivations.result import Derivation
 
 log = logging.getLogger(__name__)
@@ -142,80 +149,122 @@ def objective_split_residual(n_keys: int = 4, dimension: int = 4) -> sp.Expr:
 
 
 def _evaluate(expression: sp.Expr, values: dict[sp.Expr, float], n_keys: int, n_free: int) -> float:
-    """A derived indexed expression at concrete sizes and values (Sums expanded, then substituted)."""
-    concrete = expression.subs({N_KEYS: n_keys, N_FREE: n_free}).doit()
-    return float(concrete.subs(values))
+    """A derived indexed expression at concrete sizes and values (Sums expanded), evaluated to 30 digits.
 
-
-def autograd_errors(
-    derived: dict[str, sp.Expr], seed: int, n_keys: int = 5, dimension: int = 4
-) -> dict[str, float]:
-    """Largest |torch autograd - derived sympy gradient| for (7), (8), (10) at a random point.
-
-    torch differentiates the full-vector Lagrangian 1/2||sum p_j (beta_j e + alpha_j) - M e||^2
-    + lambda (sum p - 1) - mu.p in float64 with a random unit e; alpha_j lies in e's
-    complement, written in an orthonormal basis B of it (the D = d - 1 free coordinates),
-    so the alpha gradient in those coordinates is B^T (full gradient).
+    The float64 values are exact binary numbers; 30 digits make the derived side's rounding
+    negligible next to the finite differences' (below 1e-28 relative).
     """
-    import torch  # lazy: torch is slow to import and only this check needs it
+    concrete = expression.subs({N_KEYS: n_keys, N_FREE: n_free}).doit()
+    return float(concrete.evalf(30, subs=values))
 
+
+@dataclass(frozen=True)
+class _Point:
+    """A random point of the full-vector Lagrangian: e, an orthonormal basis of e's complement, and the values."""
+
+    unit: np.ndarray  # e, (d,)
+    basis: np.ndarray  # (d, d - 1)
+    weights: np.ndarray  # p, (N,)
+    betas: np.ndarray  # (N,)
+    coordinates: np.ndarray  # alpha_j in the basis, (N, d - 1)
+    target_norm: float  # M
+    multiplier: float  # lambda
+    multipliers: np.ndarray  # mu, (N,)
+
+    def value(self, weights: np.ndarray, betas: np.ndarray, coordinates: np.ndarray) -> float:
+        """1/2 ||sum_j p_j (beta_j e + alpha_j) - M e||^2 + lambda (sum p - 1) - mu.p, in float64."""
+        values = betas[:, None] * self.unit[None, :] + coordinates @ self.basis.T
+        residual = weights @ values - self.target_norm * self.unit
+        return float(0.5 * residual @ residual + self.multiplier * (weights.sum() - 1) - self.multipliers @ weights)
+
+    def magnitude(self, step: float) -> float:
+        """The value's terms taken in absolute value, with every variable moved by ``step`` away from 0."""
+        weights, betas, coordinates = (np.abs(x) + step for x in (self.weights, self.betas, self.coordinates))
+        values = betas[:, None] * np.abs(self.unit)[None, :] + coordinates @ np.abs(self.basis).T
+        residual = weights @ values + self.target_norm * np.abs(self.unit)
+        constraints = abs(self.multiplier) * (weights.sum() + 1) + self.multipliers @ weights
+        return float(0.5 * residual @ residual + constraints)
+
+
+def _random_point(seed: int, n_keys: int, dimension: int) -> _Point:
     rng = rng_for(seed, GRADIENTS_KEY)
     frame, _ = np.linalg.qr(rng.standard_normal((dimension, dimension)))
-    unit, basis = frame[:, 0], frame[:, 1:]  # e and an orthonormal basis of its complement
     logits = rng.standard_normal(n_keys)
-    weights = np.exp(logits) / np.exp(logits).sum()
-    betas = rng.standard_normal(n_keys)
-    coordinates = rng.standard_normal((n_keys, dimension - 1))
-    target_norm, multiplier = 3.0 + rng.random(), rng.standard_normal()
-    multipliers = rng.random(n_keys)
-
-    p_t, beta_t, coord_t = (
-        torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in (weights, betas, coordinates)
+    return _Point(
+        unit=frame[:, 0], basis=frame[:, 1:],  # e and an orthonormal basis of its complement
+        weights=np.exp(logits) / np.exp(logits).sum(),
+        betas=rng.standard_normal(n_keys),
+        coordinates=rng.standard_normal((n_keys, dimension - 1)),
+        target_norm=3.0 + rng.random(), multiplier=rng.standard_normal(), multipliers=rng.random(n_keys),
     )
-    e_t, basis_t = torch.tensor(unit), torch.tensor(basis)
-    values = beta_t[:, None] * e_t[None, :] + coord_t @ basis_t.T  # v_j = beta_j e + alpha_j
-    residual = (p_t[:, None] * values).sum(0) - target_norm * e_t
-    lagrangian_value = (
-        0.5 * residual.dot(residual) + multiplier * (p_t.sum() - 1) - (torch.tensor(multipliers) * p_t).sum()
-    )
-    grad_p, grad_beta, grad_coord = torch.autograd.grad(lagrangian_value, (p_t, beta_t, coord_t))
 
-    point: dict[sp.Expr, float] = {TARGET_NORM: target_norm, MULTIPLIER: multiplier}
+
+def finite_difference_errors(
+    derived: dict[str, sp.Expr], seed: int, n_keys: int = 5, dimension: int = 4
+) -> tuple[dict[str, float], float]:
+    """(largest |central difference - derived sympy gradient| for (7), (8), (10) at a random point, tolerance).
+
+    The numeric side is independent of sympy: numpy evaluates the full-vector Lagrangian
+    1/2||sum p_j (beta_j e + alpha_j) - M e||^2 + lambda (sum p - 1) - mu.p with a random unit e,
+    alpha_j written in an orthonormal basis B of e's complement (its D = d - 1 free coordinates),
+    and differentiates it by central differences. The Lagrangian is quadratic in each p_j,
+    beta_j and alpha coordinate separately, so the differences are exact up to rounding, and
+    the tolerance is the rounding bound of :func:`~theory.derivations.common.difference_tolerance`:
+    at most 2 (N + d) + 8 roundings on any path of the evaluation (values, the sum over keys,
+    the norm, the constraints), on terms of at most the absolute-value magnitude at the point
+    moved by the step. A wrong gradient formula is off by O(1) (tests show it fails).
+    """
+    point = _random_point(seed, n_keys, dimension)
+    grad_p = central_differences(lambda x: point.value(x, point.betas, point.coordinates), point.weights)
+    grad_beta = central_differences(lambda x: point.value(point.weights, x, point.coordinates), point.betas)
+    grad_coord = central_differences(lambda x: point.value(point.weights, point.betas, x), point.coordinates)
+    tolerance = difference_tolerance(point.magnitude(DIFFERENCE_STEP), 2 * (n_keys + dimension) + 8)
+
+    values: dict[sp.Expr, float] = {TARGET_NORM: point.target_norm, MULTIPLIER: point.multiplier}
     for key in range(n_keys):
-        point.update({p[key + 1]: weights[key], beta[key + 1]: betas[key], mu[key + 1]: multipliers[key]})
-        point.update({alpha[key + 1, c + 1]: coordinates[key, c] for c in range(dimension - 1)})
+        values.update({p[key + 1]: point.weights[key], beta[key + 1]: point.betas[key],
+                       mu[key + 1]: point.multipliers[key]})
+        values.update({alpha[key + 1, c + 1]: point.coordinates[key, c] for c in range(dimension - 1)})
     free = dimension - 1
     errors = {"dL/dp_j": 0.0, "dL/dalpha_jm": 0.0, "dL/dbeta_j": 0.0}
     for key in range(n_keys):
         at_key = {j: key + 1}
         errors["dL/dp_j"] = max(
-            errors["dL/dp_j"], abs(_evaluate(derived["dL/dp_j"].subs(at_key), point, n_keys, free) - float(grad_p[key]))
+            errors["dL/dp_j"], abs(_evaluate(derived["dL/dp_j"].subs(at_key), values, n_keys, free) - grad_p[key])
         )
         errors["dL/dbeta_j"] = max(
             errors["dL/dbeta_j"],
-            abs(_evaluate(derived["dL/dbeta_j"].subs(at_key), point, n_keys, free) - float(grad_beta[key])),
+            abs(_evaluate(derived["dL/dbeta_j"].subs(at_key), values, n_keys, free) - grad_beta[key]),
         )
         for c in range(free):
-            derived_value = _evaluate(derived["dL/dalpha_jm"].subs({j: key + 1, m: c + 1}), point, n_keys, free)
-            errors["dL/dalpha_jm"] = max(errors["dL/dalpha_jm"], abs(derived_value - float(grad_coord[key, c])))
-    return errors
+            derived_value = _evaluate(derived["dL/dalpha_jm"].subs({j: key + 1, m: c + 1}), values, n_keys, free)
+            errors["dL/dalpha_jm"] = max(errors["dL/dalpha_jm"], abs(derived_value - grad_coord[key, c]))
+    return {name: float(error) for name, error in errors.items()}, tolerance
 
 
 def check_lagrangian_gradients(
-    *, seed: int = 0, printed: Callable[[], dict[str, sp.Expr]] = notes_gradients
+    *,
+    seed: int = 0,
+    printed: Callable[[], dict[str, sp.Expr]] = notes_gradients,
+    derive: Callable[[], dict[str, sp.Expr]] = lagrangian_gradients,
 ) -> Derivation:
-    """Derive (7), (8), (10) for general N, D and compare with ``printed()`` and with torch autograd."""
+    """Derive (7), (8), (10) for general N, D and compare with ``printed()`` and with central differences.
+
+    ``derive()`` gives the derived gradients (default: sympy's, :func:`lagrangian_gradients`);
+    tests pass a wrong one (and the same as ``printed``) to show the numeric cross-check fails.
+    """
     title = "Lagrangian gradients (7), (8), (10)"
     statement = (
         "dL/dp_j = (sum p beta - M) beta_j + (sum p alpha).alpha_j + lambda - mu_j;  "
         "dL/dalpha_j = p_j sum_k p_k alpha_k;  dL/dbeta_j = p_j (sum p beta - M)"
     )
-    derived = lagrangian_gradients()
+    derived = derive()
     claimed = printed()
     mismatched = [name for name in derived if not _same(derived[name], claimed[name])]
     split_residual = objective_split_residual()
-    errors = autograd_errors(derived, seed)
-    log.debug("lagrangian: mismatched %s, split %s, autograd %s", mismatched, split_residual, errors)
+    errors, tolerance = finite_difference_errors(derived, seed)
+    log.debug("lagrangian: mismatched %s, split %s, differences %s (tolerance %.1e)", mismatched, split_residual,
+              errors, tolerance)
     expressions: dict[str, sp.Basic] = {"L (6)": lagrangian()}
     expressions.update({f"{name} (derived)": value for name, value in derived.items()})
     expressions["(5) - (6) without constraints (N=4, d=4)"] = split_residual
@@ -225,16 +274,18 @@ def check_lagrangian_gradients(
             GRADIENTS_KEY, title, statement, "refuted", False, expressions,
             "derived != printed for " + ", ".join(mismatched) + "; see the '(derived)' expressions",
         )
-    if split_residual != 0 or max(errors.values()) > 1e-12:
+    if split_residual != 0 or max(errors.values()) > tolerance:
         return Derivation(
             GRADIENTS_KEY, title, statement, "failed", False, expressions,
-            f"(5) - (6) = {split_residual}; autograd errors {errors}",
+            f"(5) - (6) = {split_residual}; central-difference errors {errors} (rounding bound {tolerance:.1e})",
         )
     details = (
         "sympy differentiates (6) for general N and D (IndexedBase, Sum, KroneckerDelta) and the results equal "
         "(7), (8), (10); (5) = (6) on alpha ⟂ e expanded at N=4, d=4 (e = first basis vector, WLOG by rotation "
-        "invariance); torch autograd vs the derived expressions at N=5, d=4, random unit e: max errors "
+        "invariance); central differences of the Lagrangian (quadratic in each variable, so exact up to "
+        "rounding) vs the derived expressions at N=5, d=4, random unit e: max errors "
         + ", ".join(f"{name} {error:.1e}" for name, error in errors.items())
+        + f" (rounding bound {tolerance:.1e})"
     )
     return Derivation(GRADIENTS_KEY, title, statement, "proved", True, expressions, details)
 
@@ -295,7 +346,9 @@ def check_gradient_difference(
         "dL/dp_s < dL/dp_t iff (M - sum p beta)(beta_s - beta_t) > (sum p alpha).(alpha_s - alpha_t) + mu_t - mu_s"
     )
     if exact:
-        return Derivation(DIFFERENCE_KEY, title, statement, "proved", True, expressions, "(11) matches exactly; " + chain)
+        return Derivation(
+            DIFFERENCE_KEY, title, statement, "proved", True, expressions, "(11) matches exactly; " + chain
+        )
     if interior:
         details = (
             f"DISCREPANCY: (11) as printed omits {discrepancy} (the multiplier terms of (7)); it is exact iff "

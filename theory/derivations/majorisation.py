@@ -79,7 +79,9 @@ def cross_term_with_increments(n_keys: int, k: int) -> sp.Expr:
     increments = sp.symbols(f"delta1:{n_keys}", nonnegative=True)
     coefficients = [sp.Symbol("c1", positive=True) + sp.Add(*increments[:j]) for j in range(n_keys)]
     return sp.expand(
-        sp.Add(*[weights[i] * weights[j] * (coefficients[j] - coefficients[i]) for i in range(k) for j in range(k, n_keys)])
+        sp.Add(*[
+            weights[i] * weights[j] * (coefficients[j] - coefficients[i]) for i in range(k) for j in range(k, n_keys)
+        ])
     )
 
 

@@ -151,8 +151,10 @@ def check_order_preservation(
         return Derivation(
             ORDER_KEY, title, statement, "refuted", False, expressions,
             "; ".join(
-                ([f"claimed decomposition != closed-form E[w_s]-E[w_t] at {', '.join(mismatches)}"] if mismatches else [])
-                + ([f"{violations} numeric order violations (adjacent pairs with E[w_s] <= E[w_t])"] if violations else [])
+                ([f"claimed decomposition != closed-form E[w_s]-E[w_t] at {', '.join(mismatches)}"]
+                 if mismatches else [])
+                + ([f"{violations} numeric order violations (adjacent pairs with E[w_s] <= E[w_t])"]
+                   if violations else [])
             ),
         )
     if not signs_ok:

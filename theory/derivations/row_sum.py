@@ -78,7 +78,10 @@ def check_row_sum(
     log.debug("row-sum mismatches: %s", mismatches)
     expressions: dict[str, sp.Basic] = {
         "sum c_j p_j (N=2, zero)": equation(expected_row_sum(2), sp.factor(cancel_by_denominator(expected_row_sum(2)))),
-        **{f"claimed ({convention})": claimed_total(sp.Symbol("N"), convention) for convention in ALL_DROPPED_CONVENTIONS},
+        **{
+            f"claimed ({convention})": claimed_total(sp.Symbol("N"), convention)
+            for convention in ALL_DROPPED_CONVENTIONS
+        },
     }
     if mismatches:
         return Derivation(

@@ -180,7 +180,9 @@ def check_smoothing_gap(
         ),
         "per-mask term with p_s = p_t + delta": per_mask_sign,
         "c_s - c_t (N=3, zero, expectation form)": smoothing_gap_expectation_form(3),
-        "uniform convention adds (times r^N / N)": equation(1 / _LARGER - 1 / _SMALLER, sp.factor(1 / _LARGER - 1 / _SMALLER)),
+        "uniform convention adds (times r^N / N)": equation(
+            1 / _LARGER - 1 / _SMALLER, sp.factor(1 / _LARGER - 1 / _SMALLER)
+        ),
     }
     if prefactor_residual != 0 or small_n_mismatches:
         where = f"derived prefactor {prefactor} != claimed" if prefactor_residual != 0 else ""
