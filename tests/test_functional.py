@@ -12,7 +12,7 @@ from stat_assertions import assert_within_standard_errors
 
 import theory
 from dropkey import functional as fn
-from dropkey.kernels import cpu_kernel
+from dropkey.kernels import cpu_kernel, fused, fused_flash
 from dropkey.kernels.cpu_kernel import cpp_available
 from dropkey.masks import dropattention_keep_mask, dropkey_keep_mask
 
@@ -59,8 +59,8 @@ def test_fused_chunking_is_exact(monkeypatch, chunk_logits, dtype, convention):
     q, k, v = _qkv(batch=(3, 4), nq=3, nk=2, dtype=dtype, requires_grad=True, seed=2)
     keep = dropkey_keep_mask((3, 4, 3, 2), 0.7, generator=8)
     assert (~keep.any(-1)).sum() >= 3  # all-dropped rows in several chunks
-    monkeypatch.setattr(fn, "_FUSED_CHUNK_LOGITS", chunk_logits)
-    monkeypatch.setattr(fn, "_FUSED_MIN_CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(fused, "CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(fused, "MIN_CHUNK_LOGITS", chunk_logits)
     out = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="fused")
     ref = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="reference")
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-3)
@@ -75,8 +75,8 @@ def test_fused_chunking_is_exact(monkeypatch, chunk_logits, dtype, convention):
 def test_fused_streamed_mask_is_the_reference_mask(monkeypatch, chunk_logits, nq, nk, r, convention):
     """dropkey_attention(fused) draws its mask chunk by chunk and keeps it bit-packed; whatever the
     chunking (byte-unaligned Nq * Nk included) it uses exactly dropkey_keep_mask(seed): values and grads."""
-    monkeypatch.setattr(fn, "_FUSED_CHUNK_LOGITS", chunk_logits)
-    monkeypatch.setattr(fn, "_FUSED_MIN_CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(fused, "CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(fused, "MIN_CHUNK_LOGITS", chunk_logits)
     q, k, v = _qkv(batch=(5, 3), nq=nq, nk=nk, requires_grad=True, seed=4)
     out = fn.dropkey_attention(q, k, v, r, all_dropped=convention, generator=21, backend="fused")
     keep = dropkey_keep_mask((5, 3, nq, nk), r, generator=21)
@@ -91,8 +91,8 @@ def test_fused_streamed_mask_is_the_reference_mask(monkeypatch, chunk_logits, nq
 def test_permuted_qkv_like_timm(monkeypatch, chunk_logits, backend):
     """q, k, v as timm makes them (a permuted view of one qkv tensor, not flattenable): every chunking
     (within a batch entry, whole batch entries, all at once) agrees with the reference on contiguous copies."""
-    monkeypatch.setattr(fn, "_FUSED_CHUNK_LOGITS", chunk_logits)
-    monkeypatch.setattr(fn, "_FUSED_MIN_CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(fused, "CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(fused, "MIN_CHUNK_LOGITS", chunk_logits)
     batch, tokens, heads, dim = 3, 5, 4, 6
     x = torch.randn(batch, tokens, 3 * heads * dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x.requires_grad_(True)
@@ -113,8 +113,8 @@ def test_permuted_qkv_like_timm(monkeypatch, chunk_logits, backend):
 
 
 def _chunking(monkeypatch, chunk_logits):
-    monkeypatch.setattr(fn, "_FUSED_CHUNK_LOGITS", chunk_logits)
-    monkeypatch.setattr(fn, "_FUSED_MIN_CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(fused, "CHUNK_LOGITS", chunk_logits)
+    monkeypatch.setattr(fused, "MIN_CHUNK_LOGITS", chunk_logits)
 
 
 _FLASH_TOL = {
@@ -136,7 +136,7 @@ def test_flash_path_matches_reference_on_the_same_mask(monkeypatch, chunk_logits
     float64 from the same inputs."""
     _chunking(monkeypatch, chunk_logits)
     q, k, v = _qkv(batch=(3, 4), nq=5, nk=nk, d=8, dv=8, dtype=dtype, requires_grad=True, seed=6)
-    assert fn._uses_flash(q, k)
+    assert fused_flash.uses_flash(q, k)
     out = fn.dropkey_attention(q, k, v, r, all_dropped=convention, generator=11, backend="fused")
     keep = dropkey_keep_mask((3, 4, 5, nk), r, generator=11)
     if r > 0.5:
@@ -195,16 +195,16 @@ def test_every_all_dropped_row_is_found_at_any_offset(nk):
         drop = torch.rand(rows, nk, generator=torch.Generator().manual_seed(dead)) < 0.3
         drop[:, 0] = False
         drop[dead] = True
-        assert fn._all_dropped_rows(drop).tolist() == [dead]
+        assert fused_flash.all_dropped_rows(drop).tolist() == [dead]
         for piece in (1, 8 * nk, 1 << 20):
-            packed, found = fn._draw_packed(_Replay(drop), drop.numel(), nk, piece, torch.device("cpu"))
+            packed, found = fused_flash.draw_packed(_Replay(drop), drop.numel(), nk, piece, torch.device("cpu"))
             assert found is not None and found.tolist() == [dead]
             padded = torch.zeros(-(-drop.numel() // 8) * 8, dtype=torch.bool)
             padded[: drop.numel()] = drop.view(-1)
             assert torch.equal(packed, pack_bits(padded))
     drop[:] = False
-    assert fn._all_dropped_rows(drop) is None
-    assert fn._draw_packed(_Replay(drop), drop.numel(), nk, 64, torch.device("cpu"))[1] is None
+    assert fused_flash.all_dropped_rows(drop) is None
+    assert fused_flash.draw_packed(_Replay(drop), drop.numel(), nk, 64, torch.device("cpu"))[1] is None
 
 
 @pytest.mark.parametrize("backend", ["fused", "cpp"])

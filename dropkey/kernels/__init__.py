@@ -1,52 +1,16 @@
-"""Fused DropKey kernels: a Triton FlashAttention-2 kernel, a C++ CPU kernel and their hash mask.
+"""Fused DropKey kernels and their hash mask.
 
-Fused Triton backend (``backend="triton"``)
---------------------------------------------
-``dropkey_attention(q, k, v, r, backend="triton")`` runs DropKey inside a fused
-FlashAttention-2-style Triton kernel (forward and backward, online softmax, the
-attention weights recomputed in the backward): each score tile has its dropped
-logits set to -inf before the running row maximum, with no rescale, and rows
-whose keys are all dropped follow ``all_dropped`` ("zero", "uniform",
-"undropped"), with exact gradients. The drop mask is never stored, not even as
-bits: it is a pure function of (seed, slice, query, key), a counter-based hash
-(MurmurHash3's 32-bit finaliser; :mod:`dropkey.kernels.hash_mask`) compared
-with ``round(r * 2**24)``, so only O(N) per (batch, head) is kept for the
-backward and no N x N state at all. The seed is drawn from ``generator`` with
-one ``torch.randint`` call (an int seed or ``torch.manual_seed`` makes runs
-reproducible). On CUDA, ``backend="auto"`` picks this kernel whenever triton is
-importable (float16, bfloat16, float32), and SDPA with a boolean mask
-otherwise. The other backends can use the very same mask with
-``mask="hash"`` -- e.g. ``dropkey_attention(q, k, v, r, generator=7,
-backend="reference", mask="hash")`` equals ``backend="triton"`` with
-``generator=7`` up to float rounding -- which is how the kernel is tested
-(on CPU, through the Triton interpreter: ``TRITON_INTERPRET=1``); and
-:mod:`dropkey.kernels.triton_aot` compiles it for named GPU architectures on a
-machine without a GPU (Triton's compiler and ptxas: registers, spills, shared
-memory, tensor-core use), which the interpreter cannot check. Triton is an
-optional dependency: ``pip install "dropkey-lab[triton]"``; without it
-everything else works and ``backend="triton"`` raises
-:class:`TritonUnavailableError`. Under ``torch.compile`` the kernel call is a
-graph break.
+- ``backend="triton"``: fused FlashAttention-2-style Triton kernels (CUDA; the interpreter on
+  CPU for tests), :mod:`dropkey.kernels.triton_dropkey`, imported only when used; needs
+  ``pip install "dropkey-lab[triton]"`` (else :class:`TritonUnavailableError`);
+- ``backend="cpp"``: one fused C++ CPU kernel for float32 (:mod:`dropkey.kernels.cpu_kernel`,
+  compiled at first use and cached; else :class:`CppKernelUnavailableError`);
+- both draw the counter-based hash mask of :mod:`dropkey.kernels.hash_mask` inside the kernel,
+  so ``mask="hash"`` on any other backend is their exact specification;
+- the ``fused`` backend's chunked paths: :mod:`dropkey.kernels.fused` (matmuls, any device) and
+  :mod:`dropkey.kernels.fused_flash` (torch's CPU flash kernels).
 
-Fused C++ CPU backend (``backend="cpp"``)
-------------------------------------------
-``dropkey_attention(q, k, v, r, backend="cpp")`` runs DropKey in one C++ kernel on
-CPU float32 tensors (:mod:`dropkey.kernels.cpu_kernel`, source
-``dropkey_cpu.cpp``): tiles of query rows through torch's own BLAS, the same hash
-mask drawn inline and recomputed in the backward, only the row log-sum-exp kept.
-It is compiled with the system C++ compiler at first use (about a second) and
-cached; on CPU, ``backend="auto"`` picks it for float32 whenever it builds and
-falls back to the ``fused`` backend (Bernoulli mask) otherwise. Like ``triton``
-it always uses ``mask="hash"``, so ``backend="reference", mask="hash"`` is its
-exact specification. It is registered as torch custom ops with its seed drawn as a
-tensor, so :func:`torch.compile` keeps it inside the graph.
-
-Public names: :func:`hash_drop_mask`, :func:`hash_seed`, :func:`hash_seed_tensor`, :func:`hash_threshold`,
-:data:`HASH_BITS` (pure torch, always importable), :func:`triton_available`,
-:func:`triton_attention` and :class:`TritonUnavailableError`; :func:`cpp_available`,
-:func:`cpp_attention` and :class:`CppKernelUnavailableError`. The kernels
-themselves live in :mod:`dropkey.kernels.triton_dropkey` (imported only when
-used; importing it requires triton).
+How they work and why: docs/attention.md.
 """
 
 from __future__ import annotations

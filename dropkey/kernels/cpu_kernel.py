@@ -53,7 +53,10 @@ from typing import Optional
 import torch
 
 from dropkey.kernels import hash_mask
-from dropkey.kernels.hash_mask import hash_threshold
+from dropkey.kernels.fused import as_4d
+from dropkey.kernels.hash_mask import hash_drop_mask, hash_threshold
+from dropkey.reference import KERNEL_CONVENTION_CODES, reference_masked_attention
+from theory.conventions import check_all_dropped
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).with_name("dropkey_cpu.cpp")
-CONVENTION_CODES = {"zero": 0, "uniform": 1, "undropped": 2}
+CONVENTION_CODES = KERNEL_CONVENTION_CODES
 # -march/-mcpu=native: the cache key includes the CPU. On x86, 512-bit vectors where the CPU has
 # them (GCC and clang otherwise prefer 256 bits): the hash, exp and reductions run 16 lanes wide.
 _FLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared", "-std=c++17") + (
@@ -399,8 +402,7 @@ def cpp_attention(
     and draws ``seed`` from a generator. Raises :class:`CppKernelUnavailableError`
     when the kernel cannot be built.
     """
-    if all_dropped not in CONVENTION_CODES:
-        raise ValueError(f"all_dropped must be one of {tuple(CONVENTION_CODES)}, got {all_dropped!r}")
+    convention = check_all_dropped(all_dropped)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.device.type != "cpu" or t.dtype != torch.float32:
             raise ValueError(
@@ -413,17 +415,12 @@ def cpp_attention(
     lead, nq, nk = tuple(q.shape[:-2]), q.shape[-2], k.shape[-2]
     if min(q.numel(), k.numel(), v.numel()) == 0:
         # degenerate sizes (no query, no feature): the specification computes them exactly
-        from dropkey.functional import attention_from_keep_mask
-        from dropkey.kernels.hash_mask import hash_drop_mask
-
         keep = hash_drop_mask(seed_value, (*lead, nq, nk), drop_ratio).logical_not_()
-        return attention_from_keep_mask(q, k, v, keep, all_dropped=all_dropped, scale=scale_value, backend="reference")
+        return reference_masked_attention(q, k, v, keep, convention, scale_value)
     if not cpp_available():  # before anything is recorded
         raise _unavailable()
-    from dropkey.functional import _as_4d
-
-    args = (_as_4d(q, lead), _as_4d(k, lead), _as_4d(v, lead), seed_value, threshold, scale_value,
-            CONVENTION_CODES[all_dropped])
+    args = (as_4d(q, lead), as_4d(k, lead), as_4d(v, lead), seed_value, threshold, scale_value,
+            CONVENTION_CODES[convention])
     if torch.compiler.is_compiling():
         out = _forward_op(*args)[0]  # (batch, Nq, heads, dv)
     else:

@@ -45,7 +45,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from dropkey.functional import ALL_DROPPED_CONVENTIONS
+from theory.conventions import ALL_DROPPED_CONVENTIONS
 
 __all__ = [
     "ARCHITECTURES",

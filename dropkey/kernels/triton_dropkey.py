@@ -58,10 +58,12 @@ except ImportError as error:  # pragma: no cover - exercised only without triton
     raise ImportError('the triton backend needs the triton package: pip install "dropkey-lab[triton]"') from error
 
 from dropkey.kernels.hash_mask import hash_threshold
+from dropkey.reference import KERNEL_CONVENTION_CODES
+from theory.conventions import check_all_dropped
 
 __all__ = ["CONVENTION_CODES", "INTERPRETED", "SUPPORTED_DTYPES", "triton_dropkey_attention", "triton_hash_drop_mask"]
 
-CONVENTION_CODES = {"zero": 0, "uniform": 1, "undropped": 2}
+CONVENTION_CODES = KERNEL_CONVENTION_CODES
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
@@ -586,8 +588,7 @@ def triton_dropkey_attention(
     """
     from dropkey.kernels.hash_mask import _check_seed
 
-    if all_dropped not in CONVENTION_CODES:
-        raise ValueError(f"all_dropped must be one of {tuple(CONVENTION_CODES)}, got {all_dropped!r}")
+    convention = check_all_dropped(all_dropped)
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"the triton backend supports dtypes {SUPPORTED_DTYPES}, got {q.dtype}")
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
@@ -595,7 +596,7 @@ def triton_dropkey_attention(
     _check_device(q)
     threshold = hash_threshold(drop_ratio)
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _TritonDropKey.apply(q, k, v, _check_seed(seed), threshold, scale_value, CONVENTION_CODES[all_dropped])
+    return _TritonDropKey.apply(q, k, v, _check_seed(seed), threshold, scale_value, CONVENTION_CODES[convention])
 
 
 def triton_hash_drop_mask(seed: int, shape: tuple[int, ...], drop_ratio: float, *, device: torch.device | str) -> torch.Tensor:
