@@ -35,9 +35,9 @@ from reports.forest import forest_figure
 from reports.html import Downloads, check_page_size, flatten, render, table_html
 from reports.studies import (
     ROOT,
-    STUDIES,
     THEORY,
     StudyResult,
+    all_studies,
     default_configs,
     page_text,
     run_studies,
@@ -67,7 +67,7 @@ def page_name(name: str) -> str:
 def _navigation(results: Mapping[str, StudyResult], experiments: Mapping[str, list]) -> list[dict[str, str]]:
     from dropkey.lab.experiments import EXPERIMENTS
 
-    order = [spec.name for spec in STUDIES + (THEORY,)]
+    order = [spec.name for spec in all_studies()]
     links = [{"href": page_name(name), "title": study(name).title} for name in order if name in results]
     links += [{"href": page_name(registry.VIT_PREFIX + e.name), "title": f"ViT: {e.name.replace('_', ' ')}"}
               for e in EXPERIMENTS if experiments.get(e.name)]

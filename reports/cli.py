@@ -62,6 +62,23 @@ def _command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_study(value: str) -> str:
+    """An argparse type: a study of the report (the registry is read only when --only is given)."""
+    from reports.studies import study
+
+    try:
+        return study(value).name
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _command_simulate(args: argparse.Namespace) -> int:
+    """Run one study of simulations.registry; outputs to --out (default runs/simulations/NAME)."""
+    from simulations.cli import simulate
+
+    return simulate(args, ["dropkey-lab"] + list(sys.argv[1:]))
+
+
 def _command_train(args: argparse.Namespace) -> int:
     """Train one ViT per the flags; files go to --out (see dropkey.lab.train)."""
     from dropkey.lab.data import DataError
@@ -173,8 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
     theory.add_argument("-v", "--verbose", action="store_true", help="print every expression")
     theory.set_defaults(handler=_command_theory)
 
-    from reports.studies import STUDY_NAMES
-
     report = commands.add_parser("report", help="build the self-contained HTML report of every claim")
     report.add_argument("--out", type=Path, default=Path("report"), help="output folder (default report/)")
     sizes = report.add_mutually_exclusive_group()
@@ -182,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--full", dest="size", action="store_const", const="full", help="full-size studies (real-ViT results are read from --results-dir, never trained here)")
     report.set_defaults(size="quick")
     report.add_argument("--seed", type=int, default=0, help="root seed of every study (default 0)")
-    report.add_argument("--only", choices=STUDY_NAMES, default=None, help="build only this study's page")
+    report.add_argument("--only", type=_report_study, default=None, help="build only this study's page")
     report.add_argument(
         "--cache", type=Path, default=Path("runs") / "report-cache", help="study cache (default runs/report-cache/)"
     )
@@ -194,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training runs of the quick experiments (default runs/experiments)")
     report.add_argument("--jobs", type=int, default=2, help="quick experiment runs trained in parallel (default 2)")
     report.set_defaults(handler=_command_report)
+
+    from simulations.cli import add_arguments as simulate_arguments
+
+    simulate = commands.add_parser("simulate", help="run one study (a simulation) and write its outputs")
+    simulate_arguments(simulate)
+    simulate.set_defaults(handler=_command_simulate)
 
     # choices are checked by TrainConfig (importing torch here would slow every subcommand)
     tr = commands.add_parser("train", help="train a small ViT (DropKey or a rival) and write metrics")

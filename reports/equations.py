@@ -2,7 +2,8 @@
 
 These are the *definitions* a page measures (what is estimated, compared or plotted); the
 derivations that prove the claims live in :mod:`theory.derivations` and on ``theory.html``.
-Expressions are built with sympy here and printed by :func:`reports.html.expression_record`,
+A study states its own (its page module's ``equations()``, see :mod:`simulations.registry`); the
+real-ViT experiments' are built here. All are printed by :func:`reports.html.expression_record`,
 so every page's mathematics comes from sympy, never from hand-written markup.
 """
 
@@ -11,26 +12,8 @@ from __future__ import annotations
 import sympy as sp
 
 from reports.html import expression_record
-
-# symbols shared by the pages
-r, t, M, K, L, n = sp.symbols("r t M K L n", positive=True)
-j, k, s, m, N = sp.symbols("j k s m N", integer=True, positive=True)
-p = sp.IndexedBase("p")
-w = sp.IndexedBase("w")
-c = sp.IndexedBase("c")
-v = sp.IndexedBase("v")
-beta = sp.IndexedBase("beta")
-alpha = sp.IndexedBase("alpha")
-gamma = sp.Symbol("gamma", positive=True)
-
-
-def _expected_weight():
-    return sp.Eq(sp.Symbol("E[w_j]"), c[j] * p[j])
-
-
-def _integral_coefficient():
-    others = sp.Product(r + (1 - r) * sp.exp(-t * p[k]), (k, 1, N)) / (r + (1 - r) * sp.exp(-t * p[j]))
-    return sp.Eq(c[j], (1 - r) * sp.Integral(sp.exp(-t * p[j]) * others, (t, 0, sp.oo)))
+from reports.studies import study, study_names
+from simulations.pages.symbols import K, N, j, k, n, s, w
 
 
 def _paired_difference():
@@ -42,49 +25,6 @@ def _paired_difference():
         ("the 95% interval the verdict reads (Student t, n - 1 degrees of freedom)",
          sp.Eq(sp.Symbol("CI"), sp.Symbol("Delta") + sp.Symbol("pm") * sp.Symbol("t_{0.975,n-1}") * sp.Symbol("SE"))),
     ]
-
-
-def _study_equations() -> dict[str, list[tuple[str, sp.Basic]]]:
-    undamped = p[s] / p[sp.Symbol("t_")]
-    return {
-        "coefficients": [
-            ("expected weight (Eq. 3)", _expected_weight()),
-            ("smoothing coefficient, integral form", _integral_coefficient()),
-            ("Monte-Carlo estimate from M sampled masks",
-             sp.Eq(sp.Symbol("hat{c}_j"), sp.Sum(w[j, m], (m, 1, M)) / (M * p[j]))),
-        ],
-        "gradient_damping": [
-            ("beta-gradient of key j under DropKey", sp.Eq(sp.Symbol("dL/dbeta_j"), w[j] * (sp.Sum(w[k] * beta[k], (k, 1, N)) - M))),
-            ("undamped ratio", sp.Eq(sp.Symbol("rho_0"), undamped)),
-            ("first-order DropKey ratio", sp.Eq(sp.Symbol("rho_1"), c[s] * p[s] / (c[sp.Symbol("t_")] * p[sp.Symbol("t_")]))),
-        ],
-        "toy_optimisation": [
-            ("objective (Eq. 5)", sp.Eq(L, sp.Rational(1, 2) * (sp.Sum(p[j] * beta[j], (j, 1, N)) - M) ** 2
-                                        + sp.Rational(1, 2) * sp.Sum(p[j] * alpha[j], (j, 1, N)) ** 2)),
-            ("logit-gradient gap (Eq. 11)", sp.Eq(sp.Symbol("dL/dp_s - dL/dp_t"),
-                                                  (sp.Sum(p[j] * beta[j], (j, 1, N)) - M) * (beta[s] - beta[sp.Symbol("t_")])
-                                                  + sp.Sum(p[j] * alpha[j], (j, 1, N)) * (alpha[s] - alpha[sp.Symbol("t_")]))),
-        ],
-        "train_test_mismatch": [
-            ("training expectation", sp.Eq(sp.Symbol("E_train[o]"), sp.Sum(c[j] * p[j] * v[j], (j, 1, N)))),
-            ("plain inference", sp.Eq(sp.Symbol("o_test"), sp.Sum(p[j] * v[j], (j, 1, N)))),
-            ("Monte-Carlo inference with K masks", sp.Eq(sp.Symbol("hat{o}_K"), sp.Sum(sp.Indexed("o", k), (k, 1, K)) / K)),
-            ("its RMS error", sp.Eq(sp.Symbol("RMS_K"), sp.Symbol("sigma") / sp.sqrt(K))),
-        ],
-        "toy_regimes": [
-            ("exact expected training loss under DropKey (all 2^N masks b, P(b) = r^(N-|b|) (1-r)^|b|)",
-             sp.Eq(sp.Symbol("E_b[L]"), sp.Sum(sp.Symbol("P(b)") * sp.Rational(1, 2)
-                                                * (sp.Sum(w[j] * v[j], (j, 1, N)) - sp.Symbol("y")) ** 2, (sp.Symbol("b"), 1, 2 ** N)))),
-            ("exact expected training loss under post-softmax dropout",
-             sp.Eq(sp.Symbol("E_b[L_dropout]"), sp.Rational(1, 2) * (sp.Sum(p[j] * v[j], (j, 1, N)) - sp.Symbol("y")) ** 2
-                   + r / (2 * (1 - r)) * sp.Sum(p[j] ** 2 * v[j] ** 2, (j, 1, N)))),
-        ],
-        "structured_masks": [
-            ("effective coefficient", sp.Eq(sp.Symbol("c^eff_j"), sp.Symbol("E[w_j]") / p[j])),
-            ("seed-rate calibration", sp.Eq(sp.Sum(1 - (1 - gamma) ** sp.Indexed("C", j), (j, 1, N)) / N, r)),
-            ("total-variation distance", sp.Eq(sp.Symbol("TV(a, b)"), sp.Rational(1, 2) * sp.Sum(sp.Abs(sp.Indexed("a", j) - sp.Indexed("b", j)), (j, 1, N)))),
-        ],
-    }
 
 
 def _experiment_equations() -> dict[str, list[tuple[str, sp.Basic]]]:
@@ -125,7 +65,12 @@ def _experiment_equations() -> dict[str, list[tuple[str, sp.Basic]]]:
 
 
 def page_equations(page: str) -> list[dict[str, str]]:
-    """MathML records (name, text, mathml) of the page's equations: a study name or ``vit_<experiment>``."""
-    table = _study_equations()
-    table.update({f"vit_{name}": items for name, items in _experiment_equations().items()})
-    return [expression_record(name, expression) for name, expression in table.get(page, [])]
+    """MathML records (name, text, mathml) of the page's equations: a study name or ``vit_<experiment>``.
+
+    A study's equations come from its :class:`simulations.registry.Study`; an experiment's are listed here.
+    """
+    if page in study_names():
+        items = study(page).equations()
+    else:
+        items = {f"vit_{name}": items for name, items in _experiment_equations().items()}.get(page, [])
+    return [expression_record(name, expression) for name, expression in items]

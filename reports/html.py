@@ -21,6 +21,8 @@ import pandas as pd
 import sympy as sp
 from sympy.printing.mathml import mathml
 
+from simulations.pages.figure import data_uri
+
 log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -44,10 +46,6 @@ def expression_record(name: str, expression: sp.Basic) -> dict[str, str]:
         log.warning("no MathML for %s: %s", name, error)
         markup = ""
     return {"name": name, "text": str(expression), "mathml": markup}
-
-
-def data_uri(payload: bytes, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(payload).decode('ascii')}"
 
 
 def csv_bytes(frame: pd.DataFrame) -> bytes:

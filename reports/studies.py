@@ -10,19 +10,23 @@ The report is always built from what is read back from the cache, never from the
 in-memory result of a fresh run, so a first build and a rebuild from the cache
 render the same bytes.
 
-The "code version" is a hash of the source files a study depends on (its module,
-``simulations/common.py`` and the ``theory`` package), so editing a simulation
+The "code version" is a hash of the code a study runs: its module and every project module
+it imports, transitively (:func:`code_modules`), so editing a study or anything it depends on
 invalidates its cached results while an unrelated edit does not.
+
+The studies themselves come from :mod:`simulations.registry` (each simulation's ``STUDY``) and
+:mod:`reports.theory_study` (the derivations).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
+import importlib.util
 import io
 import json
 import logging
+import modulefinder
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,74 +38,36 @@ from tqdm import tqdm
 
 from dropkey.provenance import provenance
 from dropkey.storage import write_json_atomic, write_text_atomic
+from reports.theory_study import THEORY
+from simulations import registry
+from simulations.registry import Study
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = ("quick", "full")
+SIZES = registry.SIZES
 COMPLETE_MARKER = "provenance.json"  # written last: its presence means the folder is complete
+#: The packages whose modules make up a study's code version.
+PROJECT_PACKAGES = ("theory", "dropkey", "simulations", "reports")
 
 
-@dataclass(frozen=True)
-class Study:
-    """One study of the report: where its code lives and how to present it."""
-
-    name: str
-    title: str
-    module: str  # importable module with run/summarise (theory: the derivations package)
-    config_class: str  # name of the frozen config dataclass in ``module`` ("" for theory)
-    sources: tuple[str, ...]  # files (relative to the repo root) whose content is the code version
+def all_studies() -> tuple[Study, ...]:
+    """Every study of the report: the simulations' (:func:`simulations.registry.studies`), then the theory."""
+    return registry.studies() + (THEORY,)
 
 
-_SIMULATION_SOURCES = ("simulations/common.py", "theory")
+def study_names() -> tuple[str, ...]:
+    """The names of :func:`all_studies`, in their order."""
+    return tuple(spec.name for spec in all_studies())
 
-STUDIES: tuple[Study, ...] = (
-    Study(
-        "coefficients",
-        "Smoothing coefficients: Monte-Carlo against exact",
-        "simulations.coefficients",
-        "CoefficientsConfig",
-        ("simulations/coefficients.py",) + _SIMULATION_SOURCES,
-    ),
-    Study(
-        "gradient_damping",
-        "Damping of the rich-get-richer loop",
-        "simulations.gradient_damping",
-        "GradientDampingConfig",
-        ("simulations/gradient_damping.py",) + _SIMULATION_SOURCES,
-    ),
-    Study(
-        "toy_optimisation",
-        "The paper's toy objective, optimised",
-        "simulations.toy_optimisation",
-        "ToyOptimisationConfig",
-        ("simulations/toy_optimisation.py",) + _SIMULATION_SOURCES,
-    ),
-    Study(
-        "train_test_mismatch",
-        "Train/test mismatch and Monte-Carlo inference",
-        "simulations.train_test_mismatch",
-        "TrainTestMismatchConfig",
-        ("simulations/train_test_mismatch.py",) + _SIMULATION_SOURCES,
-    ),
-    Study(
-        "toy_regimes",
-        "DropKey against dropout across toy regimes",
-        "simulations.toy_regimes",
-        "ToyRegimesConfig",
-        ("simulations/toy_regimes.py", "simulations/toy_exact.py", "simulations/toy_optimisation.py")
-        + _SIMULATION_SOURCES,
-    ),
-    Study(
-        "structured_masks",
-        "Structured masks: DropKey-Block and DropKey-Cross coefficients",
-        "simulations.structured_masks",
-        "StructuredMasksConfig",
-        ("simulations/structured_masks.py", "dropkey/masks.py") + _SIMULATION_SOURCES,
-    ),
-)
-THEORY = Study("theory", "Symbolic derivations", "theory.derivations", "", ("theory",))
-STUDY_NAMES = tuple(study.name for study in STUDIES) + (THEORY.name,)
+
+def __getattr__(name: str) -> Any:
+    """``STUDIES`` (the simulations' studies) and ``STUDY_NAMES`` (every study's name), read from the registry."""
+    if name == "STUDIES":
+        return registry.studies()
+    if name == "STUDY_NAMES":
+        return study_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -117,46 +83,48 @@ class StudyResult:
     from_cache: bool
 
 
-THEORY_QUESTION = "Do the paper's equations (Eqs. 3-11) hold as printed, and what do they imply beyond it?"
-THEORY_METHOD = ("Each statement is derived with sympy (symbolically where possible, exactly for small N otherwise) "
-                 "and cross-checked numerically against brute-force enumeration of every mask.")
-
-
 def page_text(spec: Study) -> dict[str, str]:
-    """The question, method and (optional) explanation at the top of a study's page, from its module."""
-    if spec is THEORY:
-        return {"question": THEORY_QUESTION, "method": THEORY_METHOD, "explanation": ""}
-    module = importlib.import_module(spec.module)
-    return {"question": module.QUESTION, "method": module.METHOD, "explanation": getattr(module, "EXPLANATION", "")}
+    """The question, method and (optional) explanation at the top of a study's page."""
+    return {"question": spec.question, "method": spec.method, "explanation": spec.explanation}
 
 
 def study(name: str) -> Study:
     """The study with this name (ValueError naming the allowed names otherwise)."""
-    for candidate in STUDIES + (THEORY,):
+    for candidate in all_studies():
         if candidate.name == name:
             return candidate
-    raise ValueError(f"study must be one of {STUDY_NAMES}, got {name!r}")
+    raise ValueError(f"study must be one of {study_names()}, got {name!r}")
 
 
 def default_config(name: str, size: str, seed: int) -> Any:
-    """The simulation's quick() or full() config with the given seed."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
-    spec = study(name)
-    config_class = getattr(importlib.import_module(spec.module), spec.config_class)
-    config = config_class.quick() if size == "quick" else config_class.full()
-    return dataclasses.replace(config, seed=seed)
+    """The study's quick() or full() config with the given seed."""
+    return study(name).config(size, seed)
 
 
-def code_version(spec: Study) -> str:
-    """SHA-256 over the sorted (path, content) of the study's source files."""
+def code_modules(spec: Study, root: Path = ROOT, packages: Sequence[str] = PROJECT_PACKAGES) -> dict[str, Path]:
+    """The project modules a study's code runs: its module and every module of ``packages`` it imports.
+
+    Imports are followed transitively and wherever they are written (in functions too), by reading
+    the code (:class:`modulefinder.ModuleFinder` on ``root``), not by importing it; modules imported
+    by name at run time (``importlib``) are not seen. A study's page module (its figures and
+    equations) is imported that way, so drawing code is not part of its results' code version.
+    Returns module name -> file.
+    """
+    origin = importlib.util.find_spec(spec.module).origin
+    finder = modulefinder.ModuleFinder(path=[str(root)])
+    finder.run_script(origin)
+    found = {name: Path(module.__file__) for name, module in finder.modules.items()
+             if module.__file__ and name.split(".")[0] in packages}
+    found[spec.module] = Path(origin)
+    return dict(sorted(found.items()))
+
+
+def code_version(spec: Study, root: Path = ROOT, packages: Sequence[str] = PROJECT_PACKAGES) -> str:
+    """SHA-256 over the sorted (module name, source) of :func:`code_modules`: editing any of them changes it."""
     digest = hashlib.sha256()
-    for source in spec.sources:
-        path = ROOT / source
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for file in files:
-            digest.update(file.relative_to(ROOT).as_posix().encode())
-            digest.update(file.read_bytes())
+    for name, file in code_modules(spec, root, packages).items():
+        digest.update(name.encode())
+        digest.update(file.read_bytes())
     return digest.hexdigest()
 
 
@@ -209,37 +177,6 @@ def _read(folder: Path, spec: Study, from_cache: bool) -> StudyResult:
     )
 
 
-def _simulate(spec: Study, config: Any, progress: bool) -> tuple[pd.DataFrame, dict]:
-    module = importlib.import_module(spec.module)
-    frame = module.run(config, progress=progress)
-    return frame, module.summarise(frame)
-
-
-def _derive(config: Mapping[str, Any]) -> tuple[pd.DataFrame, dict]:
-    """The theory 'study': every derivation, with its expressions pre-rendered as MathML."""
-    from reports.html import expression_record
-    from theory.derivations import verify_all
-
-    derivations = verify_all(seed=int(config["seed"]))
-    records = []
-    for result in derivations:
-        records.append(
-            {
-                "key": result.key,
-                "title": result.title,
-                "statement": result.statement,
-                "status": result.status,
-                "holds": bool(result.holds),
-                "details": result.details,
-                "expressions": [expression_record(name, expr) for name, expr in result.expressions.items()],
-            }
-        )
-    frame = pd.DataFrame(
-        [{"key": r["key"], "title": r["title"], "status": r["status"], "holds": r["holds"]} for r in records]
-    )
-    return frame, {"derivations": records}
-
-
 def run_study(
     name: str,
     config: Any,
@@ -255,10 +192,7 @@ def run_study(
         log.info("%s: cached in %s", name, folder)
         return _read(folder, spec, from_cache=True)
     log.info("%s: running (cache folder %s)", name, folder)
-    if spec is THEORY:
-        frame, summary = _derive(config)
-    else:
-        frame, summary = _simulate(spec, config, progress)
+    frame, summary = spec.compute(config, progress=progress)
     _write(folder, spec, config, frame, summary, list(command if command is not None else sys.argv))
     return _read(folder, spec, from_cache=False)
 
@@ -280,9 +214,5 @@ def run_studies(
 
 def default_configs(size: str, seed: int, only: Sequence[str] | None = None) -> dict[str, Any]:
     """Configs of the selected studies (all by default) at ``size`` with ``seed``."""
-    names = list(only) if only else list(STUDY_NAMES)
-    configs: dict[str, Any] = {}
-    for name in names:
-        study(name)  # validates the name
-        configs[name] = {"seed": seed} if name == THEORY.name else default_config(name, size, seed)
-    return configs
+    names = list(only) if only else list(study_names())
+    return {name: default_config(name, size, seed) for name in names}

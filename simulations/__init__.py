@@ -1,1 +1,1 @@
-"""Monte-Carlo studies of DropKey's claims (each a module with a config dataclass and run())."""
+"""Monte-Carlo studies of DropKey's claims: each a module exporting one ``STUDY`` (see :mod:`simulations.registry`)."""

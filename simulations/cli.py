@@ -1,10 +1,9 @@
-"""The command line of the simulations: ``python -m simulations.NAME [--full] [--seed S] [--out DIR]``.
+"""The command line of the studies: ``dropkey-lab simulate NAME [--full] [--seed S] [--out DIR]``.
 
-This is the only module of :mod:`simulations` that configures logging or writes
-to the terminal. Library code (each study's ``run`` and ``summarise``, and
-:mod:`simulations.common`) logs through :mod:`logging` and returns data; each
-study's ``main(argv)``, which its ``if __name__ == "__main__":`` block calls,
-hands its parts to :func:`run_cli` here.
+One entry for every study of :mod:`simulations.registry` (also ``python -m simulations NAME``).
+This is the only module of :mod:`simulations` that configures logging or writes to the
+terminal; a study's ``run`` and ``summarise`` and :mod:`simulations.common` log through
+:mod:`logging` and return data.
 """
 
 from __future__ import annotations
@@ -13,63 +12,67 @@ import argparse
 import dataclasses
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import pandas as pd
-
-from simulations.common import to_jsonable, write_study_outputs
+from simulations import registry
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Where a study's outputs go by default: ``runs/simulations/NAME`` (ignored by git).
+DEFAULT_OUT = Path("runs") / "simulations"
 
 
-def build_parser(name: str, description: str) -> argparse.ArgumentParser:
-    """The options every study's command line takes."""
-    parser = argparse.ArgumentParser(prog=f"python -m simulations.{name}", description=description)
+def study_name(value: str) -> str:
+    """An argparse type: the name of a registered study."""
+    try:
+        return registry.study(value).name
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of ``simulate``: the study's name, --full, --seed, --out."""
+    parser.add_argument("name", type=study_name, help="the study (see simulations.registry)")
     parser.add_argument("--full", action="store_true", help="run the full-size config (default: quick)")
     parser.add_argument("--seed", type=int, default=None, help="root seed (default: the config's)")
-    parser.add_argument(
-        "--out", type=Path, default=Path("results") / "simulations" / name, help="output folder"
-    )
+    parser.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEFAULT_OUT}/NAME)")
+    return parser
+
+
+def simulate(args: argparse.Namespace, command: Sequence[str]) -> int:
+    """Run the study ``args.name`` at its quick or full size, write its outputs and print its headline.
+
+    Writes ``results.csv``, ``summary.json`` and ``config.json`` (with provenance) into
+    ``args.out`` (default ``runs/simulations/NAME``); ``command`` is recorded in the provenance.
+    """
+    from simulations.common import to_jsonable, write_study_outputs  # numpy and pandas: not for --help
+
+    study = registry.study(args.name)
+    size = "full" if args.full else "quick"
+    config = study.config(size)
+    if args.seed is not None:
+        config = dataclasses.replace(config, seed=args.seed)
+    out = args.out if args.out is not None else DEFAULT_OUT / study.name
+    frame, summary = study.compute(config, progress=True)
+    summary = to_jsonable(summary)
+    write_study_outputs(out, name=study.name, size=size, config=config, frame=frame, summary=summary,
+                        command=list(command))
+    print(f"{study.name}: {len(frame)} rows -> {out}")
+    for line in study.headline(summary):
+        print(f"  {line}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m simulations NAME ...``: the arguments of ``dropkey-lab simulate`` and --log-level."""
+    parser = argparse.ArgumentParser(prog="python -m simulations", description="Run one study and write its outputs.")
+    add_arguments(parser)
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
     return parser
 
 
-def run_cli(
-    *,
-    name: str,
-    description: str,
-    config_class: type,
-    run: Callable[..., pd.DataFrame],
-    summarise: Callable[[pd.DataFrame], dict],
-    headline: Callable[[dict], list[str]],
-    argv: Sequence[str] | None,
-) -> int:
-    """Parse ``argv``, configure logging, run the study, write its outputs and print its headline.
-
-    ``config_class`` provides ``quick()`` and ``full()``; ``run(config, progress=True)``
-    returns the tidy frame, ``summarise(frame)`` the summary dict and
-    ``headline(summary)`` the lines printed under the one-line result. Returns 0.
-    """
-    args = build_parser(name, description).parse_args(argv)
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m simulations NAME [--full] [--seed S] [--out DIR] [--log-level L]``."""
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
-    config = config_class.full() if args.full else config_class.quick()
-    if args.seed is not None:
-        config = dataclasses.replace(config, seed=args.seed)
-    frame = run(config, progress=True)
-    summary = to_jsonable(summarise(frame))
-    command = [f"python -m simulations.{name}"] + list(sys.argv[1:] if argv is None else argv)
-    write_study_outputs(
-        args.out,
-        name=name,
-        size="full" if args.full else "quick",
-        config=config,
-        frame=frame,
-        summary=summary,
-        command=command,
-    )
-    print(f"{name}: {len(frame)} rows -> {args.out}")
-    for line in headline(summary):
-        print(f"  {line}")
-    return 0
-
+    return simulate(args, ["python -m simulations"] + list(sys.argv[1:] if argv is None else argv))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +38,6 @@ from scipy import stats
 from tqdm import tqdm
 
 import theory
-from simulations.cli import run_cli
 from simulations.common import (
     ALL_DROPPED,
     ROW_SHAPES,
@@ -57,6 +55,7 @@ from simulations.common import (
     generator,
     positive_drop_ratio_check,
 )
+from simulations.registry import Study
 
 log = logging.getLogger(__name__)
 
@@ -362,21 +361,18 @@ def _headline(summary: dict) -> list[str]:
     ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line ``python -m simulations.coefficients [--full] [--seed S] [--out DIR]`` (:mod:`simulations.cli`)."""
-    return run_cli(
-        name="coefficients",
-        description=__doc__.splitlines()[0],
-        config_class=CoefficientsConfig,
-        run=run,
-        summarise=summarise,
-        headline=_headline,
-        argv=argv,
-    )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+STUDY = Study(
+    name="coefficients",
+    title="Smoothing coefficients: Monte-Carlo against exact",
+    config_class=CoefficientsConfig,
+    run=run,
+    summarise=summarise,
+    question=QUESTION,
+    method=METHOD,
+    page="simulations.pages.coefficients",
+    headline=_headline,
+    rank=10,
+)
 
 
 __all__ = [
@@ -384,7 +380,7 @@ __all__ = [
     "KEY_COLUMNS",
     "CoefficientsConfig",
     "batched_weight_moments",
-    "main",
+    "STUDY",
     "run",
     "summarise",
 ]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +35,6 @@ import pandas as pd
 from tqdm import tqdm
 
 import theory
-from simulations.cli import run_cli
 from simulations.common import (
     ALL_DROPPED,
     ROW_SHAPES,
@@ -56,6 +54,7 @@ from simulations.common import (
     positive_drop_ratio_check,
     vit_like_rows,
 )
+from simulations.registry import Study
 
 log = logging.getLogger(__name__)
 
@@ -404,18 +403,15 @@ def _headline(summary: dict) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line ``python -m simulations.gradient_damping [--full] [--seed S] [--out DIR]`` (:mod:`simulations.cli`)."""
-    return run_cli(
-        name="gradient_damping",
-        description=__doc__.splitlines()[0],
-        config_class=GradientDampingConfig,
-        run=run,
-        summarise=summarise,
-        headline=_headline,
-        argv=argv,
-    )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+STUDY = Study(
+    name="gradient_damping",
+    title="Damping of the rich-get-richer loop",
+    config_class=GradientDampingConfig,
+    run=run,
+    summarise=summarise,
+    question=QUESTION,
+    method=METHOD,
+    page="simulations.pages.gradient_damping",
+    headline=_headline,
+    rank=20,
+)

@@ -77,7 +77,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,8 +86,13 @@ from scipy import stats
 from tqdm import tqdm
 
 import theory
-from dropkey.masks import block_keep_mask, calibrated_seed_rate, coverage_counts, cross_keep_mask, dropkey_keep_mask
-from simulations.cli import run_cli
+from dropkey.masks import (
+    block_keep_mask,
+    calibrated_seed_rate,
+    coverage_counts,
+    cross_keep_mask,
+    dropkey_keep_mask,
+)
 from simulations.common import (
     ALL_DROPPED,
     check_choice,
@@ -106,6 +110,7 @@ from simulations.common import (
     positive_drop_ratio_check,
     torch_seed,
 )
+from simulations.registry import Study
 
 log = logging.getLogger(__name__)
 
@@ -652,21 +657,18 @@ def _headline(summary: dict) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line ``python -m simulations.structured_masks [--full] [--seed S] [--out DIR]`` (:mod:`simulations.cli`)."""
-    return run_cli(
-        name="structured_masks",
-        description=__doc__.splitlines()[0],
-        config_class=StructuredMasksConfig,
-        run=run,
-        summarise=summarise,
-        headline=_headline,
-        argv=argv,
-    )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+STUDY = Study(
+    name="structured_masks",
+    title="Structured masks: DropKey-Block and DropKey-Cross coefficients",
+    config_class=StructuredMasksConfig,
+    run=run,
+    summarise=summarise,
+    question=QUESTION,
+    method=METHOD,
+    page="simulations.pages.structured_masks",
+    headline=_headline,
+    rank=60,
+)
 
 
 __all__ = [
@@ -676,7 +678,7 @@ __all__ = [
     "STRUCTURED",
     "StructuredMasksConfig",
     "keep_masks",
-    "main",
+    "STUDY",
     "make_rows",
     "run",
     "sample_moments",

@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,7 +56,6 @@ import torch
 from tqdm import tqdm
 
 import theory
-from simulations.cli import run_cli
 from simulations.common import (
     check_choice,
     check_float,
@@ -71,6 +70,7 @@ from simulations.common import (
     positive_drop_ratio_check,
     torch_seed,
 )
+from simulations.registry import Study
 
 log = logging.getLogger(__name__)
 
@@ -228,22 +228,9 @@ def _initial_problem(config: ToyOptimisationConfig) -> tuple[torch.Tensor, torch
 def training_weights(
     regulariser: str, logits: torch.Tensor, keep: torch.Tensor | None, drop_ratio: float
 ) -> torch.Tensor:
-    """The weights w used in the training loss for a regulariser (differentiable in logits)."""
-    if regulariser == "none":
-        return torch.softmax(logits, dim=-1)
-    assert keep is not None
-    n = logits.shape[-1]
-    all_dropped = ~keep.any(dim=-1, keepdim=True)
-    if regulariser == "dropkey":
-        masked = logits.masked_fill(~keep, float("-inf"))
-        masked = torch.where(all_dropped, torch.zeros_like(logits), masked)
-        return torch.softmax(masked, dim=-1)
-    p = torch.softmax(logits, dim=-1)
-    if regulariser == "dropout":
-        return p * keep / (1.0 - drop_ratio)
-    kept = p * keep  # dropattention: drop after the softmax, renormalise
-    norm = kept.sum(dim=-1, keepdim=True)
-    return torch.where(all_dropped, torch.full_like(p, 1.0 / n), kept / torch.where(all_dropped, 1.0, norm))
+    """The weights w used in the training loss for a regulariser (differentiable in logits): the library's
+    registered regulariser of that name (:mod:`dropkey.regularisers`, default all-dropped convention)."""
+    return regularisers.create(regulariser).weights(logits, keep, drop_ratio)
 
 
 def training_gradients(
@@ -703,18 +690,15 @@ def _headline(summary: dict) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line ``python -m simulations.toy_optimisation [--full] [--seed S] [--out DIR]`` (:mod:`simulations.cli`)."""
-    return run_cli(
-        name="toy_optimisation",
-        description=__doc__.splitlines()[0],
-        config_class=ToyOptimisationConfig,
-        run=run,
-        summarise=summarise,
-        headline=_headline,
-        argv=argv,
-    )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+STUDY = Study(
+    name="toy_optimisation",
+    title="The paper's toy objective, optimised",
+    config_class=ToyOptimisationConfig,
+    run=run,
+    summarise=summarise,
+    question=QUESTION,
+    method=METHOD,
+    page="simulations.pages.toy_optimisation",
+    headline=_headline,
+    rank=30,
+)

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -58,7 +58,6 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from simulations.cli import run_cli
 from simulations.common import (
     check_choice,
     check_float,
@@ -74,6 +73,7 @@ from simulations.common import (
     positive_drop_ratio_check,
     torch_seed,
 )
+from simulations.registry import Study
 from simulations.toy_exact import (
     MAX_KEYS,
     clean_loss,
@@ -525,18 +525,16 @@ def _headline(summary: dict) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line ``python -m simulations.toy_regimes [--full] [--seed S] [--out DIR]`` (:mod:`simulations.cli`)."""
-    return run_cli(
-        name="toy_regimes",
-        description=__doc__.splitlines()[0],
-        config_class=ToyRegimesConfig,
-        run=run,
-        summarise=summarise,
-        headline=_headline,
-        argv=argv,
-    )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+STUDY = Study(
+    name="toy_regimes",
+    title="DropKey against dropout across toy regimes",
+    config_class=ToyRegimesConfig,
+    run=run,
+    summarise=summarise,
+    question=QUESTION,
+    method=METHOD,
+    explanation=EXPLANATION,
+    page="simulations.pages.toy_regimes",
+    headline=_headline,
+    rank=50,
+)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +34,6 @@ import pandas as pd
 from tqdm import tqdm
 
 import theory
-from simulations.cli import run_cli
 from simulations.common import (
     ALL_DROPPED,
     ROW_SHAPES,
@@ -55,6 +53,7 @@ from simulations.common import (
     sample_dropkey_weights,
     vit_like_rows,
 )
+from simulations.registry import Study
 
 log = logging.getLogger(__name__)
 
@@ -262,18 +261,15 @@ def _headline(summary: dict) -> list[str]:
     return lines
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line ``python -m simulations.train_test_mismatch [--full] [--seed S] [--out DIR]`` (:mod:`simulations.cli`)."""
-    return run_cli(
-        name="train_test_mismatch",
-        description=__doc__.splitlines()[0],
-        config_class=TrainTestMismatchConfig,
-        run=run,
-        summarise=summarise,
-        headline=_headline,
-        argv=argv,
-    )
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+STUDY = Study(
+    name="train_test_mismatch",
+    title="Train/test mismatch and Monte-Carlo inference",
+    config_class=TrainTestMismatchConfig,
+    run=run,
+    summarise=summarise,
+    question=QUESTION,
+    method=METHOD,
+    page="simulations.pages.train_test_mismatch",
+    headline=_headline,
+    rank=40,
+)

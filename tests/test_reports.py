@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import functools
 import gzip
 import html
 import io
@@ -21,15 +22,17 @@ import pandas as pd
 import pytest
 import sympy as sp
 
-from reports.cli import build_parser, main
 from dropkey.lab.experiments import EXPERIMENT_NAMES
 from reports import claims as registry
 from reports.build import build_report
+from reports.cli import build_parser, main
 from reports.evidence import Evidence, EvidenceError, Sample, load_experiment_evidence
 from reports.statistics import DIRECTIONS
-from reports.studies import COMPLETE_MARKER, STUDY_NAMES, cache_folder, study
+from reports.studies import COMPLETE_MARKER, STUDY_NAMES, cache_folder, code_modules, code_version, study, study_names
+from simulations import registry as simulations_registry
 from simulations.coefficients import CoefficientsConfig
 from simulations.gradient_damping import GradientDampingConfig
+from simulations.registry import Study
 from simulations.structured_masks import StructuredMasksConfig
 from simulations.toy_optimisation import ToyOptimisationConfig
 from simulations.toy_regimes import ToyRegimesConfig
@@ -517,8 +520,7 @@ def test_second_build_uses_the_cache_and_never_reruns(built, monkeypatch, tmp_pa
     def refuse(*args, **kwargs):
         raise AssertionError("a cached study was recomputed")
 
-    for module in ("coefficients", "gradient_damping", "toy_optimisation", "train_test_mismatch"):
-        monkeypatch.setattr(f"simulations.{module}.run", refuse)
+    monkeypatch.setattr(Study, "compute", refuse)  # every simulation
     monkeypatch.setattr("theory.derivations.verify_all", refuse)
     report = build_report(tmp_path, configs=tiny_configs(), cache_dir=built["base"] / "cache", results_dir=tmp_path)
     assert report.computed == ()
@@ -529,11 +531,15 @@ def test_interrupted_build_resumes_with_the_unfinished_study_only(tmp_path, monk
     configs = tiny_configs(with_theory=False)
     cache = tmp_path / "cache"
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("interrupted")
+    compute = Study.compute
+
+    def crash(self, *args, **kwargs):
+        if self.name == "train_test_mismatch":  # the last study, in name order
+            raise RuntimeError("interrupted")
+        return compute(self, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr("simulations.train_test_mismatch.run", crash)  # the last study, in name order
+        patch.setattr(Study, "compute", crash)
         with pytest.raises(RuntimeError, match="interrupted"):
             build_report(tmp_path / "out", configs=configs, cache_dir=cache, results_dir=tmp_path)
     assert not (tmp_path / "out" / "index.html").exists()
@@ -570,6 +576,74 @@ def test_cache_key_changes_with_the_config(tmp_path):
     spec = study("coefficients")
     assert cache_folder(tmp_path, spec, config) == cache_folder(tmp_path, spec, config)
     assert cache_folder(tmp_path, spec, config) != cache_folder(tmp_path, spec, other)
+
+
+def _write_package(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+
+
+def test_cache_key_follows_the_code_the_study_imports(tmp_path, monkeypatch):
+    """Editing a module the study imports (directly, in a function, or through another) changes the key;
+    editing a module of the same package it does not import leaves it."""
+    _write_package(tmp_path, {
+        "labpkg/__init__.py": "",
+        "labpkg/study.py": "from labpkg import helper\n\ndef run(config, progress=False):\n"
+                           "    from labpkg.lazy import value\n    return helper.twice(value)\n",
+        "labpkg/helper.py": "from labpkg.deep import one\n\ndef twice(x):\n    return 2 * x * one\n",
+        "labpkg/deep.py": "one = 1\n",
+        "labpkg/lazy.py": "value = 3\n",
+        "labpkg/other.py": "unrelated = 0\n",
+    })
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import labpkg.study
+
+    spec = Study("labstudy", "t", dict, labpkg.study.run, dict, "q", "m")
+    version = functools.partial(code_version, spec, root=tmp_path, packages=("labpkg",))
+    assert sorted(code_modules(spec, root=tmp_path, packages=("labpkg",))) == [
+        "labpkg", "labpkg.deep", "labpkg.helper", "labpkg.lazy", "labpkg.study"]
+    before = version()
+    (tmp_path / "labpkg" / "other.py").write_text("unrelated = 1\n", encoding="utf-8")
+    assert version() == before
+    for name in ("deep.py", "lazy.py", "study.py"):
+        path = tmp_path / "labpkg" / name
+        path.write_text(path.read_text(encoding="utf-8") + "# edited\n", encoding="utf-8")
+        assert version() != before, name
+        before = version()
+
+
+def test_each_study_is_keyed_on_its_own_dependencies():
+    toy = code_modules(study("toy_regimes"))
+    assert {"simulations.toy_regimes", "simulations.toy_exact", "simulations.toy_optimisation",
+            "simulations.common", "theory.smoothing"} <= set(toy)
+    assert "simulations.coefficients" not in toy and not any(name.startswith("simulations.pages") for name in toy)
+    assert "dropkey.masks" in code_modules(study("structured_masks"))
+    assert "dropkey.masks" not in code_modules(study("coefficients"))
+    assert {"theory.derivations", "reports.html"} <= set(code_modules(study("theory")))
+
+
+def test_a_registered_example_study_gets_a_report_page(tmp_path, capsys):
+    """Adding a study is one file (tests/study_example.py, the worked example of docs/extending.md) plus a test."""
+    import study_example
+
+    simulations_registry.register(study_example.STUDY)
+    try:
+        assert "all_dropped" in study_names()
+        configs = {"all_dropped": study_example.AllDroppedConfig(num_samples=4000)}
+        report = build_report(tmp_path / "out", configs=configs, cache_dir=tmp_path / "cache", results_dir=tmp_path)
+        code = main(["simulate", "all_dropped", "--out", str(tmp_path / "sim")])
+    finally:
+        simulations_registry.unregister("all_dropped")
+    assert "all_dropped" not in study_names()
+    assert report.computed == ("all_dropped",) and code == 0
+    page = html.unescape((tmp_path / "out" / "all_dropped.html").read_text(encoding="utf-8"))
+    assert study_example.STUDY.title in page and study_example.QUESTION in page and study_example.METHOD in page
+    assert "<svg" in page and page.count('<math display="block">') == 1
+    assert "all_dropped.html" in (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    summary = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert summary["cells"] == 6 and summary["max_abs_z"] < 5  # r^N within 5 standard errors (fixed seed)
+    assert "max |z| over 6 cells" in capsys.readouterr().out
 
 
 def test_pages_are_written_atomically(tmp_path, monkeypatch, built):

@@ -1,14 +1,13 @@
-"""The simulations' command line: the one place that prints or configures logging.
+"""The studies' registry and their one command line (``dropkey-lab simulate NAME``, ``python -m simulations NAME``).
 
-Project rule: library code logs and never prints; only the command line configures
-output. In :mod:`simulations` that command line is :mod:`simulations.cli`; every
-study keeps a ``main(argv)`` that its ``python -m simulations.NAME`` block calls.
+Every study of :mod:`simulations.registry` is checked here for what the command line and the
+report need of it; each study's own tests run it through :func:`simulations.cli.main`.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
+import importlib
 import json
 import subprocess
 import sys
@@ -17,80 +16,82 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from simulations import cli
+from reports.cli import main as dropkey_lab
+from simulations import cli, registry
 from simulations.common import write_study_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = ("coefficients", "gradient_damping", "structured_masks", "toy_optimisation", "toy_regimes",
-           "train_test_mismatch")
-CLI_MODULES = {ROOT / "simulations" / "cli.py"}
-LIBRARY_FILES = sorted((ROOT / "simulations").glob("*.py")) + sorted((ROOT / "theory").rglob("*.py"))
 
 
-def _output_calls(tree: ast.AST) -> list[str]:
-    """Calls that write to the terminal or configure logging: print(...), *.basicConfig(...), sys.stdout/err.write."""
-    found = []
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
-            continue
-        function = node.func
-        if isinstance(function, ast.Name) and function.id == "print":
-            found.append(f"line {node.lineno}: print")
-        elif isinstance(function, ast.Attribute) and function.attr == "basicConfig":
-            found.append(f"line {node.lineno}: basicConfig")
-        elif (
-            isinstance(function, ast.Attribute)
-            and function.attr == "write"
-            and isinstance(function.value, ast.Attribute)
-            and function.value.attr in ("stdout", "stderr")
-        ):
-            found.append(f"line {node.lineno}: {function.value.attr}.write")
-    return found
+@pytest.mark.parametrize("name", registry.study_names())
+def test_every_study_describes_itself_completely(name):
+    study = registry.study(name)
+    assert study.name == name and study.title and study.question and study.method
+    module = importlib.import_module(study.module)
+    assert module.STUDY is study and study.module == f"simulations.{name}"
+    for size in registry.SIZES:
+        config = study.config(size, seed=7)
+        assert isinstance(config, study.config_class) and config.seed == 7
+    page = importlib.import_module(study.page)
+    assert callable(page.figures) and study.equations(), "a study page states what it measures"
 
 
-def test_the_scan_finds_prints_and_logging_configuration():
-    """The check below can fail: it flags the three forms of terminal output it looks for."""
-    source = "import logging, sys\nprint(1)\nlogging.basicConfig()\nsys.stderr.write('x')\nlog.info('ok')\n"
-    assert _output_calls(ast.parse(source)) == ["line 2: print", "line 3: basicConfig", "line 4: stderr.write"]
+def test_the_registry_finds_every_study_module_in_rank_order():
+    assert registry.study_names() == ("coefficients", "gradient_damping", "toy_optimisation", "train_test_mismatch",
+                                      "toy_regimes", "structured_masks")
 
 
-@pytest.mark.parametrize("path", LIBRARY_FILES, ids=lambda path: str(path.relative_to(ROOT)))
-def test_library_code_never_prints_or_configures_logging(path):
-    calls = _output_calls(ast.parse(path.read_text(), filename=str(path)))
-    if path in CLI_MODULES:
-        assert calls, "simulations/cli.py is where the command line prints; the scan should see it"
-    else:
-        assert not calls, f"{path.relative_to(ROOT)}: only simulations/cli.py may print or configure logging: {calls}"
-
-
-@pytest.mark.parametrize("study", STUDIES)
-def test_each_study_runs_its_main_when_run_as_a_module(study):
-    """``if __name__ == "__main__": raise SystemExit(main())`` and main goes through simulations.cli.run_cli."""
-    tree = ast.parse((ROOT / "simulations" / f"{study}.py").read_text())
-    guards = [
-        node
-        for node in tree.body
-        if isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"
-    ]
-    assert len(guards) == 1 and ast.unparse(guards[0].body[0]) == "raise SystemExit(main())"
-    (main,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main"]
-    assert "run_cli(" in ast.unparse(main)
+def test_registry_rejects_unknown_repeated_and_malformed_studies():
+    with pytest.raises(ValueError, match="study must be one of .*coefficients.*got 'nope'"):
+        registry.study("nope")
+    existing = registry.study("coefficients")
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(existing)
+    with pytest.raises(TypeError, match="entry must be a Study"):
+        registry.register("coefficients")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="name must be an identifier"):
+        dataclasses.replace(existing, name="two words")
+    with pytest.raises(ValueError, match="size must be one of"):
+        existing.config("medium")
+    with pytest.raises(ValueError, match="register"):
+        registry.unregister("coefficients")
 
 
 def test_python_dash_m_entry_point_works():
     result = subprocess.run(
-        [sys.executable, "-m", "simulations.coefficients", "--help"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        [sys.executable, "-m", "simulations", "--help"], capture_output=True, text=True, check=True, cwd=ROOT
     )
-    assert result.stdout.startswith("usage: python -m simulations.coefficients")
+    assert result.stdout.startswith("usage: python -m simulations")
     for option in ("--full", "--seed", "--out", "--log-level"):
         assert option in result.stdout
 
 
-def test_parser_defaults():
-    args = cli.build_parser("coefficients", "d").parse_args([])
-    assert (args.full, args.seed, args.log_level) == (False, None, "WARNING")
-    assert args.out == Path("results") / "simulations" / "coefficients"
+def test_parser_defaults_write_under_runs():
+    args = cli.build_parser().parse_args(["coefficients"])
+    assert (args.name, args.full, args.seed, args.out, args.log_level) == ("coefficients", False, None, None, "WARNING")
+    assert cli.DEFAULT_OUT == Path("runs") / "simulations"
+
+
+def test_an_unknown_study_is_a_usage_error_naming_the_studies(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dropkey_lab(["simulate", "no_such_study"])
+    assert exit_info.value.code == 2
+    assert "study must be one of" in capsys.readouterr().err
+
+
+def test_dropkey_lab_simulate_writes_under_runs_by_default(tmp_path, monkeypatch, capsys):
+    study = registry.study("train_test_mismatch")
+    tiny = dataclasses.replace(study.config(), ns=(4,), drop_ratios=(0.3,), n_problems=3, ks=(1, 4))
+    monkeypatch.setattr(study.config_class, "quick", classmethod(lambda cls: tiny))
+    monkeypatch.chdir(tmp_path)
+    assert dropkey_lab(["simulate", "train_test_mismatch", "--seed", "5"]) == 0
+    out = tmp_path / "runs" / "simulations" / "train_test_mismatch"
+    config = json.loads((out / "config.json").read_text())
+    assert config["study"] == "train_test_mismatch" and config["config"]["seed"] == 5
+    assert config["provenance"]["command"].startswith("dropkey-lab")
+    rows = len(pd.read_csv(out / "results.csv"))
+    assert rows > 0
+    assert f"train_test_mismatch: {rows} rows -> runs/simulations" in capsys.readouterr().out
 
 
 def test_outputs_are_written_without_printing(tmp_path, capsys, caplog):

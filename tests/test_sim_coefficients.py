@@ -18,8 +18,9 @@ import pandas as pd
 import pytest
 
 import theory
-from simulations import coefficients
 from reports.statistics import paired_decision
+from simulations import coefficients
+from simulations.cli import main as simulate
 from simulations.coefficients import COLUMNS, KEY_COLUMNS, CoefficientsConfig, batched_weight_moments, coverage_by_row
 from simulations.common import binomial_standard_error, check_tidy, generator
 
@@ -144,7 +145,7 @@ def test_quick_and_full_configs_are_valid():
 def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
     tiny = dataclasses.replace(TINY, ns=(4,), drop_ratios=(0.5,), num_samples=100, num_repeats=2)
     monkeypatch.setattr(CoefficientsConfig, "quick", classmethod(lambda cls: tiny))
-    assert coefficients.main(["--seed", "3", "--out", str(tmp_path)]) == 0
+    assert simulate(["coefficients", "--seed", "3", "--out", str(tmp_path)]) == 0
     written = pd.read_csv(tmp_path / "results.csv")
     assert tuple(written.columns) == COLUMNS
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from simulations import gradient_damping
+from simulations.cli import main as simulate
 from simulations.common import check_tidy
 from simulations.gradient_damping import COLUMNS, KEY_COLUMNS, GradientDampingConfig, exact_gradients
 
@@ -119,7 +120,7 @@ def test_invalid_config_raises_naming_the_field(field, value):
 def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
     tiny = dataclasses.replace(TINY, rows_per_cell=3, drop_ratios=(0.5,), beta_means=(0.0,), num_samples=100)
     monkeypatch.setattr(GradientDampingConfig, "quick", classmethod(lambda cls: tiny))
-    assert gradient_damping.main(["--out", str(tmp_path)]) == 0
+    assert simulate(["gradient_damping", "--out", str(tmp_path)]) == 0
     assert tuple(pd.read_csv(tmp_path / "results.csv").columns) == COLUMNS
     assert "cells" in json.loads((tmp_path / "summary.json").read_text())
     config = json.loads((tmp_path / "config.json").read_text())

@@ -25,6 +25,7 @@ from reports import claims as registry
 from reports.evidence import Evidence
 from reports.figures import study_figures
 from simulations import structured_masks
+from simulations.cli import main as simulate
 from simulations.common import check_tidy, to_jsonable
 from simulations.structured_masks import (
     COLUMNS,
@@ -209,7 +210,7 @@ def test_quick_and_full_configs_are_valid():
 def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
     tiny = dataclasses.replace(TINY, drop_ratios=(0.5,), rows_per_shape=1, num_samples=200)
     monkeypatch.setattr(StructuredMasksConfig, "quick", classmethod(lambda cls: tiny))
-    assert structured_masks.main(["--seed", "3", "--out", str(tmp_path)]) == 0
+    assert simulate(["structured_masks", "--seed", "3", "--out", str(tmp_path)]) == 0
     written = pd.read_csv(tmp_path / "results.csv")
     assert tuple(written.columns) == COLUMNS
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from simulations import toy_optimisation
+from simulations.cli import main as simulate
 from simulations.common import check_tidy
 from simulations.toy_optimisation import (
     COLUMNS,
@@ -176,7 +177,7 @@ def test_invalid_config_raises_naming_the_field(field, value):
 def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
     tiny = dataclasses.replace(TINY, n_problems=8, steps=20, n_records=5, covariance_samples=20)
     monkeypatch.setattr(ToyOptimisationConfig, "quick", classmethod(lambda cls: tiny))
-    assert toy_optimisation.main(["--out", str(tmp_path), "--seed", "4"]) == 0
+    assert simulate(["toy_optimisation", "--out", str(tmp_path), "--seed", "4"]) == 0
     assert tuple(pd.read_csv(tmp_path / "results.csv").columns) == COLUMNS
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "paired_comparisons" in summary

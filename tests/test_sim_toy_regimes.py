@@ -21,6 +21,7 @@ from scipy.optimize import linprog
 
 import theory
 from simulations import toy_optimisation, toy_regimes
+from simulations.cli import main as simulate
 from simulations.common import check_tidy, child_sequences, to_jsonable
 from simulations.toy_exact import (
     dropout_free_values_minimum,
@@ -305,7 +306,7 @@ def test_prose_is_present():
 def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
     tiny = dataclasses.replace(TINY, n_problems=4, checkpoints=(2,), drop_ratios=(0.3,))
     monkeypatch.setattr(ToyRegimesConfig, "quick", classmethod(lambda cls: tiny))
-    assert toy_regimes.main(["--out", str(tmp_path), "--seed", "3"]) == 0
+    assert simulate(["toy_regimes", "--out", str(tmp_path), "--seed", "3"]) == 0
     assert tuple(pd.read_csv(tmp_path / "results.csv").columns) == COLUMNS
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["cells"]
@@ -314,15 +315,13 @@ def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
 
 
 def test_figures_are_deterministic_svg_with_small_tables(frame):
-    from reports.toy_regimes_figures import toy_regimes_figures
-
     summary = toy_regimes.summarise(frame)
-    figures = toy_regimes_figures(frame, summary)
+    figures = toy_regimes.STUDY.figures(frame, summary)
     assert [figure.slug for figure in figures] == ["regime-map", "peak-by-length", "gradient-noise"]
     assert all(figure.kind == "svg" and figure.markup.startswith("<svg") for figure in figures)
     assert len(figures[0].data) == len(summary["cells"])
     assert all(len(figure.data) < len(frame) / 4 for figure in figures)
-    again = toy_regimes_figures(frame, summary)
+    again = toy_regimes.STUDY.figures(frame, summary)
     assert [figure.markup for figure in figures] == [figure.markup for figure in again]
 
 

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from simulations import train_test_mismatch
+from simulations.cli import main as simulate
 from simulations.common import check_tidy, fit_line
 from simulations.train_test_mismatch import COLUMNS, KEY_COLUMNS, TrainTestMismatchConfig
 
@@ -105,7 +106,7 @@ def test_invalid_config_raises_naming_the_field(field, value):
 def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
     tiny = dataclasses.replace(TINY, ns=(4,), drop_ratios=(0.5,), n_problems=5, ks=(1, 2, 4))
     monkeypatch.setattr(TrainTestMismatchConfig, "quick", classmethod(lambda cls: tiny))
-    assert train_test_mismatch.main(["--out", str(tmp_path), "--seed", "2"]) == 0
+    assert simulate(["train_test_mismatch", "--out", str(tmp_path), "--seed", "2"]) == 0
     assert tuple(pd.read_csv(tmp_path / "results.csv").columns) == COLUMNS
     assert "pooled_slope" in json.loads((tmp_path / "summary.json").read_text())
     assert json.loads((tmp_path / "config.json").read_text())["config"]["seed"] == 2

@@ -1,7 +1,8 @@
-"""Figures of the toy-regimes page (:mod:`simulations.toy_regimes`): the map, peaks by training length, gradient noise.
+"""The toy_regimes page (:mod:`simulations.toy_regimes`): the map, peaks by training length, gradient noise.
 
-Deterministic SVG via :func:`reports.figures.make_figure`, each with the small
-aggregated table it plots (sorted, so the same frame gives the same figure).
+:func:`figures`: deterministic SVG via :func:`simulations.pages.figure.make_figure`, each with the small
+aggregated table it plots (sorted, so the same frame gives the same figure); :func:`equations`: the
+exact expected losses the page's regimes train on, as sympy expressions.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import sympy as sp
 
-from reports.figures import PALETTE, Figure, make_figure
+from simulations.pages.figure import PALETTE, Figure, make_figure
 from simulations.toy_regimes import CELL_COLUMNS, REGIMES
 
 _REGIME_TITLES = {
@@ -55,9 +57,9 @@ def _draw_map(table: pd.DataFrame):
     def draw(fig: plt.Figure) -> None:
         lines = [list(dict.fromkeys(table.loc[table["regime"] == regime, "row"])) for regime in regimes]
         axes = fig.subplots(len(regimes), 1, sharex=True, squeeze=False, height_ratios=[len(n) for n in lines])[:, 0]
-        for ax, regime, names in zip(axes, regimes, lines):
+        for ax, regime, names in zip(axes, regimes, lines, strict=False):
             part = table[table["regime"] == regime]
-            for k, (colour, step) in enumerate(zip(PALETTE, steps)):
+            for k, (colour, step) in enumerate(zip(PALETTE, steps, strict=False)):
                 at = part[part["step"] == step]
                 y = np.array([names.index(name) for name in at["row"]]) + (k - (len(steps) - 1) / 2) * dodge
                 error = [at["mean"] - at["ci_low"], at["ci_high"] - at["mean"]]
@@ -96,11 +98,11 @@ def _draw_by_setting(table: pd.DataFrame, ylabel: str, log_y: bool):
         columns = min(4, len(settings))
         rows = -(-len(settings) // columns)
         axes = fig.subplots(rows, columns, sharex=True, squeeze=False).ravel()
-        for ax, setting in zip(axes, settings):
+        for ax, setting in zip(axes, settings, strict=False):
             part = table[table["setting"] == setting]
-            for (regulariser, r), line in part.groupby(["regulariser", "drop_ratio"], sort=True):
-                colour = "grey" if regulariser == "none" else PALETTE[ratios.index(r) % len(PALETTE)]
-                label = regulariser if regulariser == "none" else f"{regulariser} r={r:g}"
+            for (regulariser, ratio), line in part.groupby(["regulariser", "drop_ratio"], sort=True):
+                colour = "grey" if regulariser == "none" else PALETTE[ratios.index(ratio) % len(PALETTE)]
+                label = regulariser if regulariser == "none" else f"{regulariser} r={ratio:g}"
                 ax.plot(
                     line["step"],
                     line["mean"],
@@ -125,14 +127,14 @@ def _draw_by_setting(table: pd.DataFrame, ylabel: str, log_y: bool):
     return draw
 
 
-def toy_regimes_figures(frame: pd.DataFrame, summary: dict) -> list[Figure]:
+def figures(frame: pd.DataFrame, summary: dict) -> list[Figure]:
     """The map (paired peak differences per cell), mean peaks by training length, and the gradient noise."""
     table = _map_table(summary)
     peaks = _trajectory_table(frame, "peak")
     masked = frame[(frame["regulariser"] != "none") & (frame["values"] == "free")]
     noise = _trajectory_table(masked, "grad_noise") if len(masked) else pd.DataFrame()
     n_settings = peaks["setting"].nunique()
-    figures = [
+    drawn = [
         make_figure(
             "regime-map",
             "The map: where DropKey smooths more than dropout",
@@ -156,7 +158,7 @@ def toy_regimes_figures(frame: pd.DataFrame, summary: dict) -> list[Figure]:
         ),
     ]
     if len(noise):
-        figures.append(
+        drawn.append(
             make_figure(
                 "gradient-noise",
                 "Gradient noise on the logits with learned values",
@@ -169,4 +171,19 @@ def toy_regimes_figures(frame: pd.DataFrame, summary: dict) -> list[Figure]:
                 size=(8.0, 2.2 * -(-noise["setting"].nunique() // 4) + 0.4),
             )
         )
-    return figures
+    return drawn
+
+
+def equations() -> list[tuple[str, sp.Basic]]:
+    """The definitions the page measures: (name, sympy expression)."""
+    from simulations.pages.symbols import N, j, p, r, v, w
+
+    return [
+        ("exact expected training loss under DropKey (all 2^N masks b, P(b) = r^(N-|b|) (1-r)^|b|)",
+         sp.Eq(sp.Symbol("E_b[L]"), sp.Sum(sp.Symbol("P(b)") * sp.Rational(1, 2)
+                                            * (sp.Sum(w[j] * v[j], (j, 1, N)) - sp.Symbol("y")) ** 2,
+                                            (sp.Symbol("b"), 1, 2 ** N)))),
+        ("exact expected training loss under post-softmax dropout",
+         sp.Eq(sp.Symbol("E_b[L_dropout]"), sp.Rational(1, 2) * (sp.Sum(p[j] * v[j], (j, 1, N)) - sp.Symbol("y")) ** 2
+               + r / (2 * (1 - r)) * sp.Sum(p[j] ** 2 * v[j] ** 2, (j, 1, N)))),
+    ]
