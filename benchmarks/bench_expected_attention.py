@@ -147,7 +147,7 @@ def plain_coefficients(rows: np.ndarray, drop_ratio: float, step: float = PLAIN_
 
 
 def new_coefficients(rows: np.ndarray, drop_ratio: float) -> np.ndarray:
-    return smoothing_coefficients(rows, drop_ratio, method="integral")
+    return smoothing_coefficients(rows, drop_ratio, all_dropped="zero", method="integral")
 
 
 IMPLEMENTATIONS: dict[str, Coefficients] = {

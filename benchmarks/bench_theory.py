@@ -75,9 +75,9 @@ def reference_keys(p: np.ndarray, quick: bool) -> np.ndarray:
 
 def integral_error(p: np.ndarray, r: float, keys: np.ndarray) -> tuple[float, float, str]:
     """(max relative error of the integral method on ``keys``, reference's own error estimate, reference name)."""
-    exact = smoothing_coefficients(p, r, method="integral")
+    exact = smoothing_coefficients(p, r, all_dropped="zero", method="integral")
     if p.size <= 16:
-        reference = smoothing_coefficients(p, r, method="enumerate")
+        reference = smoothing_coefficients(p, r, all_dropped="zero", method="enumerate")
         return float(np.max(np.abs(exact[keys] - reference[keys]) / reference[keys])), 0.0, "enumeration"
     values, estimate = mpmath_coefficients(p, keys, r)
     reference = np.array([values[int(j)] for j in keys])
@@ -86,8 +86,8 @@ def integral_error(p: np.ndarray, r: float, keys: np.ndarray) -> tuple[float, fl
 
 def monte_carlo_samples_needed(p: np.ndarray, r: float, relative: float) -> int:
     """Samples for one standard error <= relative * E[w_j] on every key (exact variance)."""
-    expected = smoothing_coefficients(p, r) * p
-    variance = attention_variance(p, r)
+    expected = smoothing_coefficients(p, r, all_dropped="zero") * p
+    variance = attention_variance(p, r, all_dropped="zero")
     return int(np.ceil(np.max(variance / (relative * expected) ** 2)))
 
 

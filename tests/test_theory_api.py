@@ -21,6 +21,8 @@ from theory import (
     expected_attention,
     smoothing_coefficients,
 )
+from theory.conventions import DEFAULT, all_dropped_weights, renormalise_kept
+from theory.seeding import generator, keyed_sequence, root_sequence
 
 PUBLIC_ROW_FUNCTIONS = [expected_attention, smoothing_coefficients, attention_variance]
 DROPOUT_FUNCTIONS = [dropout_expected_attention, dropout_attention_variance]
@@ -87,7 +89,7 @@ def test_batch_of_rows_equals_row_by_row(function):
     batch = rng.dirichlet(np.ones(14), size=5)
     stacked = function(batch, 0.3)
     assert stacked.shape == batch.shape
-    for row, result in zip(batch, stacked):
+    for row, result in zip(batch, stacked, strict=True):
         np.testing.assert_allclose(function(row, 0.3), result, rtol=1e-13)
 
 
@@ -103,8 +105,8 @@ def test_drop_ratio_zero_returns_p_exactly():
 
 
 def test_integer_and_list_input_are_accepted():
-    np.testing.assert_array_equal(expected_attention([1], 0.5), [0.5])
-    np.testing.assert_array_equal(expected_attention(np.array([1]), 0.5), [0.5])
+    np.testing.assert_array_equal(expected_attention([1], 0.5, all_dropped="zero"), [0.5])
+    np.testing.assert_array_equal(expected_attention(np.array([1]), 0.5, all_dropped="zero"), [0.5])
 
 
 # --- closed forms -----------------------------------------------------------------------
@@ -114,7 +116,7 @@ def test_integer_and_list_input_are_accepted():
 def test_single_key(method):
     # N = 1: the key is kept w.p. 1 - r (weight 1), else the row is all-dropped.
     for r in (1e-9, 0.3, 0.999):
-        assert expected_attention([1.0], r, method=method)[0] == pytest.approx(1 - r, rel=1e-13)
+        assert expected_attention([1.0], r, all_dropped="zero", method=method)[0] == pytest.approx(1 - r, rel=1e-13)
         for convention in ("uniform", "undropped"):
             value = expected_attention([1.0], r, all_dropped=convention, method=method)[0]
             assert value == pytest.approx(1.0, rel=1e-13)
@@ -126,7 +128,7 @@ def test_two_keys_closed_form(method):
     p = np.array([0.8, 0.2])
     for r in (0.05, 0.5, 0.95):
         exact = (1 - r) * r + (1 - r) ** 2 * p
-        np.testing.assert_allclose(expected_attention(p, r, method=method), exact, rtol=1e-13)
+        np.testing.assert_allclose(expected_attention(p, r, all_dropped="zero", method=method), exact, rtol=1e-13)
         np.testing.assert_allclose(
             expected_attention(p, r, all_dropped="uniform", method=method), exact + r**2 / 2, rtol=1e-13
         )
@@ -140,8 +142,8 @@ def test_uniform_row_is_uniform(n_keys):
     # By symmetry every key gets (1 - r^N) / N, and c = 1 - r^N.
     row = np.full(n_keys, 1 / n_keys)
     r = 0.4
-    np.testing.assert_allclose(expected_attention(row, r), (1 - r**n_keys) / n_keys, rtol=1e-12)
-    np.testing.assert_allclose(smoothing_coefficients(row, r), 1 - r**n_keys, rtol=1e-12)
+    np.testing.assert_allclose(expected_attention(row, r, all_dropped="zero"), (1 - r**n_keys) / n_keys, rtol=1e-12)
+    np.testing.assert_allclose(smoothing_coefficients(row, r, all_dropped="zero"), 1 - r**n_keys, rtol=1e-12)
 
 
 @pytest.mark.parametrize("n_keys", [4, 30])
@@ -152,7 +154,8 @@ def test_first_order_in_small_drop_ratio(n_keys):
     p = rng.dirichlet(np.ones(n_keys))
     r = 1e-7
     first_order = 1 - n_keys * r + r * (np.sum(1 / (1 - p)) - 1 / (1 - p))
-    np.testing.assert_allclose(smoothing_coefficients(p, r), first_order, rtol=0, atol=50 * (n_keys * r) ** 2)
+    coefficients = smoothing_coefficients(p, r, all_dropped="zero")
+    np.testing.assert_allclose(coefficients, first_order, rtol=0, atol=50 * (n_keys * r) ** 2)
 
 
 @pytest.mark.parametrize("n_keys", [3, 25])
@@ -164,7 +167,9 @@ def test_first_order_in_keep_ratio_near_one(n_keys):
     s = 1e-5
     pair = p[:, None] / (p[:, None] + p[None, :])
     second = pair.sum(axis=1) - 0.5 - (n_keys - 1)
-    np.testing.assert_allclose(expected_attention(p, 1 - s), s + s**2 * second, rtol=0, atol=10 * n_keys**3 * s**3)
+    np.testing.assert_allclose(
+        expected_attention(p, 1 - s, all_dropped="zero"), s + s**2 * second, rtol=0, atol=10 * n_keys**3 * s**3
+    )
 
 
 # --- absent keys (p_j = 0) -----------------------------------------------------------
@@ -175,7 +180,8 @@ def test_absent_keys_get_no_weight_and_do_not_count(method):
     # [0.5, 0.5, 0, 0] behaves like [0.5, 0.5]; N' = 2 present keys.
     r = 0.5
     row = np.array([0.5, 0.5, 0.0, 0.0])
-    np.testing.assert_allclose(expected_attention(row, r, method=method), [0.375, 0.375, 0, 0], rtol=1e-13)
+    zero = expected_attention(row, r, all_dropped="zero", method=method)
+    np.testing.assert_allclose(zero, [0.375, 0.375, 0, 0], rtol=1e-13)
     uniform = expected_attention(row, r, all_dropped="uniform", method=method)
     np.testing.assert_allclose(uniform, [0.5, 0.5, 0, 0], rtol=1e-13)
 
@@ -190,7 +196,7 @@ def test_absent_key_coefficient_is_the_marginal_coefficient():
     eps = 1e-9
     tiny = np.concatenate([[eps], (1 - eps) * others])
     jump = (1 - r) * r**6
-    slope = (expected_attention(tiny, r)[0] - jump) / eps
+    slope = (expected_attention(tiny, r, all_dropped="zero")[0] - jump) / eps
     marginal = smoothing_coefficients(np.concatenate([[0.0], others]), r)[0]
     assert slope == pytest.approx(marginal, rel=1e-5)
 
@@ -200,7 +206,7 @@ def test_weight_of_a_vanishing_key_tends_to_the_alone_probability():
     others = np.array([0.7, 0.3])
     for eps in (1e-6, 1e-12, 1e-200):
         row = np.concatenate([[eps], (1 - eps) * others])
-        assert expected_attention(row, r)[0] == pytest.approx((1 - r) * r**2, rel=1e-5)
+        assert expected_attention(row, r, all_dropped="zero")[0] == pytest.approx((1 - r) * r**2, rel=1e-5)
 
 
 # --- post-softmax dropout -------------------------------------------------------------
@@ -230,7 +236,7 @@ def test_post_softmax_dropout_batch_of_rows(function):
     batch = rng.dirichlet(np.ones(7), size=4)
     stacked = function(batch, 0.4)
     assert stacked.shape == batch.shape and stacked.dtype == np.float64
-    for row, result in zip(batch, stacked):
+    for row, result in zip(batch, stacked, strict=True):
         single = function(row, 0.4)
         assert single.shape == row.shape
         np.testing.assert_array_equal(single, result)
@@ -261,4 +267,52 @@ def test_two_key_variance_closed_form():
     p1, r = 0.7, 0.4
     second = (1 - r) * r + (1 - r) ** 2 * p1**2
     first = (1 - r) * r + (1 - r) ** 2 * p1
-    assert attention_variance([p1, 1 - p1], r)[0] == pytest.approx(second - first**2, rel=1e-12)
+    assert attention_variance([p1, 1 - p1], r, all_dropped="zero")[0] == pytest.approx(second - first**2, rel=1e-12)
+
+
+# --- the all-dropped default and the shared homes the theory uses -----------------------------
+
+
+def test_default_convention_is_the_documented_one():
+    """Every numeric function defaults to theory.conventions.DEFAULT ("uniform", docs/theory.md section 1).
+
+    Two equal keys at r = 1/2: each is alone w.p. 1/4 (weight 1), both kept w.p. 1/4 (1/2), none
+    w.p. 1/4, which "uniform" turns into 1/2 each and "zero" into 0: E[w] = 1/2 and 3/8.
+    """
+    assert DEFAULT == "uniform"
+    row = [0.5, 0.5]
+    np.testing.assert_allclose(expected_attention(row, 0.5), [0.5, 0.5], rtol=1e-14)
+    np.testing.assert_allclose(expected_attention(row, 0.5, all_dropped="zero"), [0.375, 0.375], rtol=1e-14)
+    np.testing.assert_allclose(smoothing_coefficients(row, 0.5), [1.0, 1.0], rtol=1e-14)
+    # Var: w in {1, 0 (one key alone), 1/2 (both), 1/2 (none, uniform)}: E[w^2] = 1/4 + 1/16 + 1/16, E[w] = 1/2.
+    np.testing.assert_allclose(attention_variance(row, 0.5), [0.125, 0.125], rtol=1e-13)
+    sampled = theory.sampled_expected_attention([0.2, 0.8], 0.9, num_samples=4000, seed=0)
+    uniform = theory.sampled_expected_attention([0.2, 0.8], 0.9, num_samples=4000, seed=0, all_dropped="uniform")
+    assert np.array_equal(sampled.mean, uniform.mean)
+    zero = theory.sampled_expected_attention([0.2, 0.8], 0.9, num_samples=4000, seed=0, all_dropped="zero")
+    assert np.all(sampled.mean > zero.mean)  # same masks: the all-dropped ones (81%) add 1/2 each
+
+
+def test_conventions_spread_uniform_weight_over_present_keys_only():
+    p = np.array([[0.5, 0.0, 0.5, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    np.testing.assert_array_equal(all_dropped_weights(p, "uniform"), np.full((2, 4), 0.25))
+    np.testing.assert_array_equal(all_dropped_weights(p, "uniform", present=p > 0), [[0.5, 0, 0.5, 0], [0.25] * 4])
+    keep = np.zeros((3, 4), dtype=bool)
+    keep[0, 0] = True
+    weights = renormalise_kept(p[0], keep, "uniform", present=p[0] > 0)
+    np.testing.assert_array_equal(weights, [[1, 0, 0, 0], [0.5, 0, 0.5, 0], [0.5, 0, 0.5, 0]])
+    np.testing.assert_array_equal(renormalise_kept(p[0], keep, "uniform")[1], [0.25] * 4)
+
+
+def test_seed_streams_match_numpy_and_do_not_depend_on_other_keys():
+    assert np.array_equal(generator(root_sequence(7)).random(4), np.random.default_rng(7).random(4))
+    sequence = np.random.SeedSequence(3)
+    assert root_sequence(sequence) is sequence
+    first = generator(keyed_sequence(0, "order-preservation")).random(3)
+    assert np.array_equal(first, generator(keyed_sequence(0, "order-preservation")).random(3))
+    assert not np.array_equal(first, generator(keyed_sequence(0, "majorisation")).random(3))
+    assert not np.array_equal(first, generator(keyed_sequence(1, "order-preservation")).random(3))
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        root_sequence(-1)
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        keyed_sequence(1.5, "key")

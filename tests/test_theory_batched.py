@@ -53,15 +53,15 @@ def relative_error(found: np.ndarray, reference: np.ndarray) -> float:
 def grouped_expectation(own: float, weights: list[float], counts: list[int], r: float) -> float:
     """E[1/(own + S)] (own > 0) or E[1/S ; S > 0] (own = 0), S = sum_h k_h w_h, k_h ~ Bin(counts_h, 1 - r)."""
     grids = np.meshgrid(*[np.arange(n + 1) for n in counts], indexing="ij")
-    log_probability = sum(binom.logpmf(k, n, 1.0 - r) for k, n in zip(grids, counts))
-    total = own + sum(k * w for k, w in zip(grids, weights))
+    log_probability = sum(binom.logpmf(k, n, 1.0 - r) for k, n in zip(grids, counts, strict=True))
+    total = own + sum(k * w for k, w in zip(grids, weights, strict=True))
     keep = total > 0
     return float(np.exp(logsumexp(log_probability[keep] - np.log(total[keep]))))
 
 
 def grouped_row(weights: list[float], counts: list[int], n_absent: int, rng: np.random.Generator) -> np.ndarray:
     """The row with counts[h] keys of weights[h] and n_absent zeros, in a random key order."""
-    row = np.concatenate([np.full(n, w) for w, n in zip(weights, counts)] + [np.zeros(n_absent)])
+    row = np.concatenate([np.full(n, w) for w, n in zip(weights, counts, strict=True)] + [np.zeros(n_absent)])
     return row[rng.permutation(row.size)]
 
 
@@ -116,7 +116,7 @@ def test_grouped_reference_can_fail():
     """The grouped reference distinguishes a coefficient that is off by 1e-9 relative."""
     batch = grouped_batch(65, np.random.default_rng(1))
     reference = np.stack([grouped_coefficients(row, 0.1, "zero") for row in batch])
-    found = smoothing_coefficients(batch, 0.1) * (1 + 1e-9)
+    found = smoothing_coefficients(batch, 0.1, all_dropped="zero") * (1 + 1e-9)
     assert relative_error(found, reference) > MAX_RELATIVE_ERROR
 
 
@@ -142,7 +142,7 @@ def test_vit_like_rows_match_mpmath(n_keys, drop_ratio, every_key, checked_rows)
     and the absent key (N = 197, 577), of the batch's ViT-like rows; every key of every row
     (also the one spanning 15 decades) for every r in the slow test below."""
     batch = vit_batch(n_keys, seed=n_keys)
-    found = smoothing_coefficients(batch, drop_ratio)
+    found = smoothing_coefficients(batch, drop_ratio, all_dropped="zero")
     for index in checked_rows:
         row = batch[index]
         order = np.argsort(row)
@@ -158,7 +158,7 @@ def test_vit_like_rows_match_mpmath(n_keys, drop_ratio, every_key, checked_rows)
 def test_every_key_matches_mpmath_across_drop_ratios(n_keys):
     batch = vit_batch(n_keys, seed=n_keys + 1)
     for r in DROP_RATIOS:
-        found = smoothing_coefficients(batch, r)
+        found = smoothing_coefficients(batch, r, all_dropped="zero")
         for index, row in enumerate(batch):
             values, estimate = mpmath_coefficients(row, range(n_keys), r, digits=20)
             assert estimate < 1e-15
@@ -186,7 +186,8 @@ def small_batches(draw) -> np.ndarray:
     return np.stack(rows)
 
 
-@given(small_batches(), st.sampled_from(DROP_RATIOS) | st.floats(1e-6, 1 - 1e-6), st.sampled_from(ALL_DROPPED_CONVENTIONS))
+@given(small_batches(), st.sampled_from(DROP_RATIOS) | st.floats(1e-6, 1 - 1e-6),
+       st.sampled_from(ALL_DROPPED_CONVENTIONS))
 @example(np.array([[0.0, 1.0, 0.0, 0.0, 0.0]]), 0.001, "uniform")  # variance exactly 0 (found at step 0.24)
 def test_batches_match_enumeration(batch, r, convention):
     """E[w] and the present keys' c to 1e-10 relative, variances to 1e-9 (+1e-15): batched integral vs enumeration."""
@@ -279,7 +280,7 @@ def test_rows_failing_the_step_check_are_refined(monkeypatch):
 
     monkeypatch.setattr(integral._Block, "_estimates", spy)
     monkeypatch.setattr(integral, "CHECK_TOLERANCE", 1e-9)
-    found = smoothing_coefficients(batch, 0.3)
+    found = smoothing_coefficients(batch, 0.3, all_dropped="zero")
     assert calls[:2] == [integral.STEP, integral.STEP / 2]
     assert relative_error(found, reference) <= MAX_RELATIVE_ERROR
 
@@ -296,7 +297,7 @@ def test_clipped_exponentials_are_exact_zeros_where_it_matters():
     row = grouped_row([1 - 40 * 1e-150, 1e-150], [1, 40], 0, np.random.default_rng(8))
     r = 1e-200
     reference = grouped_coefficients(row, r, "zero")
-    assert relative_error(smoothing_coefficients(row, r), reference) <= MAX_RELATIVE_ERROR
+    assert relative_error(smoothing_coefficients(row, r, all_dropped="zero"), reference) <= MAX_RELATIVE_ERROR
 
 
 def test_subnormal_weights_are_exact_or_infinite_never_nan():
@@ -306,10 +307,12 @@ def test_subnormal_weights_are_exact_or_infinite_never_nan():
     for r in (0.001, 0.1):
         reference = grouped_coefficients(row, r, "uniform")
         assert relative_error(smoothing_coefficients(row, r, all_dropped="uniform"), reference) <= MAX_RELATIVE_ERROR
-    beyond = smoothing_coefficients(row, 0.9)  # c ~ r^m / p for the subnormal keys, E[1/S] for absent ones
+    # c ~ r^m / p for the subnormal keys, E[1/S] for absent ones
+    beyond = smoothing_coefficients(row, 0.9, all_dropped="zero")
     overflowing = (row == 4e-320) | (row == 0)
     assert np.all(beyond[overflowing] == np.inf) and np.all(np.isfinite(beyond[~overflowing]))
-    assert np.all(np.isfinite(expected_attention(row, 0.9))) and np.all(np.isfinite(attention_variance(row, 0.9)))
+    assert np.all(np.isfinite(expected_attention(row, 0.9, all_dropped="zero")))
+    assert np.all(np.isfinite(attention_variance(row, 0.9, all_dropped="zero")))
 
 
 def test_tail_bound_covers_tiny_drop_ratios():
@@ -318,7 +321,7 @@ def test_tail_bound_covers_tiny_drop_ratios():
     row /= row.sum()
     for r in (1e-12, 1e-300):
         reference = grouped_coefficients(row, r, "zero")
-        assert relative_error(smoothing_coefficients(row, r), reference) <= MAX_RELATIVE_ERROR
+        assert relative_error(smoothing_coefficients(row, r, all_dropped="zero"), reference) <= MAX_RELATIVE_ERROR
 
 
 # --- torch tensors ------------------------------------------------------------------------------
@@ -340,7 +343,8 @@ def test_torch_tensors_in_float64_tensors_out(function, dtype_name):
 
 def test_torch_integer_and_one_row_tensors():
     torch = pytest.importorskip("torch")
-    assert torch.equal(expected_attention(torch.tensor([1]), 0.5), torch.tensor([0.5], dtype=torch.float64))
+    one_key = expected_attention(torch.tensor([1]), 0.5, all_dropped="zero")
+    assert torch.equal(one_key, torch.tensor([0.5], dtype=torch.float64))
     row = torch.tensor([0.75, 0.25])
     assert smoothing_coefficients(row, 0.2).shape == (2,)
 
@@ -384,5 +388,6 @@ def test_grouped_reference_agrees_with_enumeration():
     for convention in ALL_DROPPED_CONVENTIONS:
         enumerated = smoothing_coefficients(row, 0.35, method="enumerate", all_dropped=convention)
         present = row > 0
-        np.testing.assert_allclose(grouped_coefficients(row, 0.35, convention)[present], enumerated[present], rtol=1e-12)
+        grouped = grouped_coefficients(row, 0.35, convention)
+        np.testing.assert_allclose(grouped[present], enumerated[present], rtol=1e-12)
     assert math.isclose(grouped_expectation(0.0, [1.0], [1], 0.5), 0.5)  # E[1/S; S>0] for one key of weight 1

@@ -17,6 +17,7 @@ batched method and its memory bound (``workspace_bytes``, default
 Symbolic derivations live in :mod:`theory.derivations` (imported lazily: sympy is slow to load).
 """
 
+from theory.conventions import ALL_DROPPED_CONVENTIONS
 from theory.enumeration import ENUMERATE_MAX_KEYS
 from theory.integral import MAX_WORKSPACE_BYTES
 from theory.sampling import SampledAttention, sampled_expected_attention
@@ -29,7 +30,7 @@ from theory.smoothing import (
     expected_attention,
     smoothing_coefficients,
 )
-from theory.validation import ALL_DROPPED_CONVENTIONS, ROW_SUM_TOLERANCE
+from theory.validation import ROW_SUM_TOLERANCE
 
 __all__ = [
     "ALL_DROPPED_CONVENTIONS",

@@ -41,27 +41,37 @@ def check_all_dropped(value: object, name: str = "all_dropped") -> str:
     return AllDropped(value).value
 
 
-def all_dropped_weights(p: np.ndarray, all_dropped: str) -> np.ndarray:
-    """The weights of an all-dropped row for rows ``p`` (..., N) under the convention."""
+def all_dropped_weights(p: np.ndarray, all_dropped: str, *, present: np.ndarray | None = None) -> np.ndarray:
+    """The weights of an all-dropped row for rows ``p`` (..., N) under the convention.
+
+    ``present`` (bool, broadcastable to ``p``) marks the keys that exist (a key excluded by padding or a
+    causal mask is absent): ``uniform`` then spreads 1/N' over the N' present keys of each row and gives
+    absent keys 0. Without it every key is present (1/N each).
+    """
     if all_dropped == AllDropped.ZERO:
         return np.zeros_like(p)
     if all_dropped == AllDropped.UNIFORM:
-        return np.full_like(p, 1.0 / p.shape[-1])
+        if present is None:
+            return np.full_like(p, 1.0 / p.shape[-1])
+        present = np.broadcast_to(np.asarray(present, dtype=bool), np.shape(p))
+        return present / present.sum(axis=-1, keepdims=True)
     if all_dropped == AllDropped.UNDROPPED:
         return np.array(p, copy=True)
     raise ValueError(f"all_dropped must be one of {ALL_DROPPED_CONVENTIONS}, got {all_dropped!r}")
 
 
-def renormalise_kept(p: np.ndarray, keep: np.ndarray, all_dropped: str = DEFAULT) -> np.ndarray:
+def renormalise_kept(p: np.ndarray, keep: np.ndarray, all_dropped: str = DEFAULT, *,
+                     present: np.ndarray | None = None) -> np.ndarray:
     """DropKey's weights from the undropped ones: w = keep p / sum(keep p), the convention where nothing is kept.
 
     Masking logits to -inf before the softmax equals renormalising the kept softmax weights, so
     this is the numpy form of DropKey for given keep masks. ``p`` (..., N) broadcasts against
-    ``keep`` (..., N) (e.g. one row against many masks).
+    ``keep`` (..., N) (e.g. one row against many masks); ``present`` as in :func:`all_dropped_weights`.
     """
     kept = np.asarray(keep, dtype=bool) * np.asarray(p, dtype=np.float64)
     total = kept.sum(axis=-1, keepdims=True)
-    fallback = all_dropped_weights(np.broadcast_to(np.asarray(p, dtype=np.float64), kept.shape), all_dropped)
+    fallback = all_dropped_weights(np.broadcast_to(np.asarray(p, dtype=np.float64), kept.shape), all_dropped,
+                                   present=None if present is None else np.broadcast_to(present, kept.shape))
     return np.where(total > 0, kept / np.where(total > 0, total, 1.0), fallback)
 
 

@@ -7,8 +7,9 @@ exactly (up to float64 rounding). This is the specification the integral method
 is checked against; its cost is 2^N * N per row, so it is limited to
 :data:`ENUMERATE_MAX_KEYS` keys.
 
-Rows whose kept keys all have zero weight (the all-dropped event) contribute 0
-here; the conventions of THEORY-NOTES section 1 are added in one place,
+Masks whose kept keys all have zero weight (the all-dropped event) contribute 0
+here (the ``zero`` convention of :func:`theory.conventions.renormalise_kept`); the
+other conventions of docs/theory.md section 1 are added in one place,
 :mod:`theory.smoothing`.
 """
 
@@ -16,10 +17,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from theory.conventions import AllDropped, renormalise_kept
+
 #: Largest row length the enumeration accepts: 2^18 masks x 18 keys.
 ENUMERATE_MAX_KEYS = 18
 
-# Bound on the number of (row, mask, key) float64 entries held at once (~64 MB).
+# Bound on the (row, mask, key) float64 entries of one block's arrays (~64 MB each; a block holds a few).
 _MAX_BLOCK_ENTRIES = 8_000_000
 
 
@@ -46,15 +49,11 @@ def enumerated_weight_moment(rows: np.ndarray, drop_ratio: float, order: int) ->
     with np.errstate(divide="ignore"):  # log(0) when r == 0: those masks get probability 0
         log_prob = n_kept * np.log1p(-drop_ratio) + (n_keys - n_kept) * np.log(drop_ratio)
     mask_prob = np.exp(log_prob)  # (M,)
-    kept = masks.astype(np.float64)
 
     moment = np.empty_like(rows)
     block = max(1, _MAX_BLOCK_ENTRIES // (masks.shape[0] * n_keys))
     for start in range(0, n_rows, block):
         p = rows[start : start + block]  # (b, N)
-        kept_weight = kept[None, :, :] * p[:, None, :]  # (b, M, N)
-        total = kept_weight.sum(axis=2, keepdims=True)  # (b, M, 1)
-        # All-dropped masks (total == 0) contribute 0: the zero convention.
-        weights = np.divide(kept_weight, total, out=np.zeros_like(kept_weight), where=total > 0)
+        weights = renormalise_kept(p[:, None, :], masks[None, :, :], AllDropped.ZERO)  # (b, M, N)
         moment[start : start + block] = np.einsum("m,bmn->bn", mask_prob, weights**order)
     return moment

@@ -7,9 +7,10 @@ mpmath's tanh-sinh quadrature of the *original* integral
 
 (the absent-key case is the marginal coefficient of :mod:`theory.smoothing`; m counts the
 present keys), at ``digits`` significant digits, with break points at every decade the
-weights live on; the absent-key integral stops at a finite t where its tail is negligible. It shares nothing with :mod:`theory.integral` but the integral itself:
-not the substitution t = e^u, not the log-space factors, not the grid. The tests and
-benchmarks check the integral method against it.
+weights live on; the absent-key integral stops at a finite t where its tail is negligible.
+It shares nothing with :mod:`theory.integral` but the integral itself: not the substitution
+t = e^u, not the log-space factors, not the grid. The tests and benchmarks check the
+integral method against it.
 """
 
 from __future__ import annotations

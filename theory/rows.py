@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from theory.seeding import generator, root_sequence
+
 #: Keys of a ViT-B/16 row at 224 px: 14 x 14 patches plus the class token.
 VIT_KEYS = 197
 #: Standard deviation of the Gaussian logits of a ViT-like row.
@@ -32,5 +34,4 @@ def softmax_gaussian_rows(
 
 def vit_like_row(seed: int = 0, n_keys: int = VIT_KEYS, logit_std: float = LOGIT_STD) -> np.ndarray:
     """One ViT-like row, (n_keys,), from a generator seeded by ``SeedSequence(seed)``."""
-    rng = np.random.default_rng(np.random.SeedSequence(seed))
-    return softmax_gaussian_rows(rng, 1, n_keys, logit_std)[0]
+    return softmax_gaussian_rows(generator(root_sequence(seed)), 1, n_keys, logit_std)[0]

@@ -12,12 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from theory.validation import (
-    ALL_DROPPED_CONVENTIONS,
-    check_attention_rows,
-    check_drop_ratio,
-    check_option,
-)
+from theory.checks import check_drop_ratio, check_int
+from theory.conventions import DEFAULT, check_all_dropped, renormalise_kept
+from theory.seeding import generator, root_sequence
+from theory.validation import check_attention_rows
 
 # Bound on (samples x keys) float64 entries per chunk (~32 MB).
 _MAX_CHUNK_ENTRIES = 4_000_000
@@ -38,39 +36,32 @@ def sampled_expected_attention(
     *,
     num_samples: int,
     seed: int | np.random.SeedSequence,
-    all_dropped: str = "zero",
+    all_dropped: str = DEFAULT,
 ) -> SampledAttention:
     """Monte-Carlo mean of DropKey weights for one row p, with its standard error.
 
-    Masks are drawn from ``numpy.random.default_rng(seed)``; a SeedSequence may be
-    passed so callers derive child seeds. Memory is bounded by sampling in chunks
-    (the result does not depend on the chunking).
+    Masks are drawn from ``theory.seeding.generator(root_sequence(seed))`` (the stream of
+    ``numpy.random.default_rng(seed)``); a SeedSequence may be passed so callers derive child
+    seeds. All-dropped masks follow ``all_dropped`` (default ``"uniform"``, 1/N' on the present
+    keys). Memory is bounded by sampling in chunks (the result does not depend on the chunking).
     """
     rows, batch_shape = check_attention_rows(p)
     if batch_shape:
         raise ValueError(f"p must be one row (1-D) here, got shape {(*batch_shape, rows.shape[1])}")
     r = check_drop_ratio(drop_ratio)
-    convention = check_option(all_dropped, ALL_DROPPED_CONVENTIONS, name="all_dropped")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+    convention = check_all_dropped(all_dropped)
+    num_samples = check_int(num_samples, "num_samples", 2)
     row = rows[0]
     present = row > 0
-    fallback = {
-        "zero": np.zeros_like(row),
-        "uniform": present / present.sum(),
-        "undropped": row,
-    }[convention]
 
-    rng = np.random.default_rng(seed)
+    rng = generator(root_sequence(seed))
     total = np.zeros_like(row)
     total_sq = np.zeros_like(row)
     chunk = max(1, _MAX_CHUNK_ENTRIES // row.size)
     for start in range(0, num_samples, chunk):
         size = min(chunk, num_samples - start)
         kept = rng.random((size, row.size)) >= r  # (S, N)
-        kept_weight = kept * row  # (S, N)
-        norm = kept_weight.sum(axis=1, keepdims=True)  # (S, 1)
-        weights = np.where(norm > 0, kept_weight / np.where(norm > 0, norm, 1.0), fallback)
+        weights = renormalise_kept(row, kept, convention, present=present)  # (S, N)
         total += weights.sum(axis=0)
         total_sq += (weights**2).sum(axis=0)
     mean = total / num_samples

@@ -8,6 +8,7 @@ takes a generator or a seed and derives what it needs here.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,14 +18,26 @@ from theory.checks import check_seed
 SeedLike = int | np.random.SeedSequence
 
 
+def root_sequence(seed: SeedLike) -> np.random.SeedSequence:
+    """``seed`` as a SeedSequence: a SeedSequence as is, an integer checked (:func:`theory.checks.check_seed`)
+    and wrapped. ``generator(root_sequence(s))`` draws what ``numpy.random.default_rng(s)`` draws."""
+    return seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(check_seed(seed))
+
+
+def keyed_sequence(seed: int, key: str) -> np.random.SeedSequence:
+    """A stream named by a string: ``SeedSequence([seed, crc32(key)])``. Unlike :func:`named_streams`, it does
+    not depend on which other names exist or in what order they are listed (the derivations' checks use it,
+    so that each check's random rows do not depend on which checks run)."""
+    return np.random.SeedSequence([check_seed(seed), zlib.crc32(key.encode())])
+
+
 def child_sequences(seed: SeedLike, count: int) -> list[np.random.SeedSequence]:
     """``count`` independent children of ``seed`` by :meth:`numpy.random.SeedSequence.spawn`.
 
     An integer seed starts a fresh root each call, so child ``i`` depends only on ``(seed, i)``,
     whatever ``count`` is (>= i + 1). A SeedSequence is spawned from as is (its counter advances).
     """
-    root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(check_seed(seed))
-    return root.spawn(count)
+    return root_sequence(seed).spawn(count)
 
 
 def named_streams(seed: SeedLike, names: Sequence[str]) -> dict[str, np.random.SeedSequence]:

@@ -1,12 +1,13 @@
 """Expected attention under DropKey and post-softmax dropout: the public numeric API.
 
-DropKey (THEORY-NOTES section 1): every key of a row is kept independently with
+DropKey (docs/theory.md section 1): every key of a row is kept independently with
 probability 1 - r, dropped logits go to -inf before the softmax, and there is no
 rescaling, so a kept mask b gives w_j = b_j p_j / sum_k b_k p_k. Then
 
     E[w_j] = c_j p_j,   c_j = (1 - r) E[1 / (p_j + S_-j)],   S_-j = sum_{k != j} b_k p_k.
 
-All-dropped rows (probability r^N') follow one of three conventions:
+All-dropped rows (probability r^N') follow one of three conventions
+(:mod:`theory.conventions`, default :data:`theory.conventions.DEFAULT`, ``"uniform"``):
 ``"zero"`` (weights 0), ``"uniform"`` (1/N' on every present key) or
 ``"undropped"`` (p itself), which add 0, r^N'/N' and r^N' p_j to E[w_j].
 
@@ -46,16 +47,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from theory.checks import check_choice, check_drop_ratio
+from theory.conventions import DEFAULT, all_dropped_weights, check_all_dropped
 from theory.enumeration import ENUMERATE_MAX_KEYS, enumerated_weight_moment
 from theory.integral import MAX_WORKSPACE_BYTES, kept_moments, rows_per_block
 from theory.tensors import to_numpy
-from theory.validation import (
-    ALL_DROPPED_CONVENTIONS,
-    check_attention_rows,
-    check_drop_ratio,
-    check_option,
-    check_workspace_bytes,
-)
+from theory.validation import check_attention_rows, check_workspace_bytes
 
 METHODS = ("auto", "enumerate", "integral")
 
@@ -68,7 +65,7 @@ _ASSEMBLY_VALUES = 8
 
 
 def _resolve_method(method: object, n_keys: int) -> str:
-    method = check_option(method, METHODS, name="method")
+    method = check_choice(method, "method", METHODS)
     if method == "auto":
         return "enumerate" if n_keys <= AUTO_ENUMERATE_MAX_KEYS else "integral"
     if method == "enumerate" and n_keys > ENUMERATE_MAX_KEYS:
@@ -105,7 +102,7 @@ def _request(p: object, drop_ratio: object, all_dropped: object, method: object,
     array, restore = to_numpy(p)
     rows, batch_shape = check_attention_rows(array)
     r = check_drop_ratio(drop_ratio)
-    convention = check_option(all_dropped, ALL_DROPPED_CONVENTIONS, name="all_dropped")
+    convention = check_all_dropped(all_dropped)
     resolved = _resolve_method(method, rows.shape[1])
     budget = check_workspace_bytes(workspace_bytes)
     return _Request(rows, batch_shape, restore, r, convention, resolved,
@@ -116,16 +113,6 @@ def _all_dropped_probability(rows: np.ndarray, drop_ratio: float) -> np.ndarray:
     """r^N' per row, N' = number of present keys; shape (R, 1)."""
     n_present = (rows > 0).sum(axis=1, keepdims=True)
     return np.exp(n_present * math.log(drop_ratio))
-
-
-def _all_dropped_weight(rows: np.ndarray, all_dropped: str, order: int) -> np.ndarray:
-    """w_j^order of an all-dropped row under each convention, shape (R, N)."""
-    if all_dropped == "zero":
-        return np.zeros_like(rows)
-    if all_dropped == "uniform":
-        present = rows > 0
-        return present / present.sum(axis=1, keepdims=True) ** order
-    return rows**order  # "undropped"
 
 
 def _weight_moments(
@@ -151,12 +138,13 @@ def _weight_moments(
         moments = (1.0 - r) * found.moments
         coefficient[:, 0] = (1.0 - r) * found.marginal
     alone = _all_dropped_probability(rows, r)
+    fallback = all_dropped_weights(rows, request.all_dropped, present=rows > 0)  # w_j of an all-dropped row
     for index, order in enumerate(orders):
-        moments[index] += alone * _all_dropped_weight(rows, request.all_dropped, order)
+        moments[index] += alone * fallback**order
     return moments, coefficient
 
 
-def expected_attention(p: object, drop_ratio: object, *, all_dropped: str = "zero", method: str = "auto",
+def expected_attention(p: object, drop_ratio: object, *, all_dropped: str = DEFAULT, method: str = "auto",
                        workspace_bytes: int | None = None) -> object:
     """E[w] for attention row(s) p under DropKey with drop ratio r in [0, 1).
 
@@ -166,8 +154,10 @@ def expected_attention(p: object, drop_ratio: object, *, all_dropped: str = "zer
     p exactly. ``workspace_bytes`` bounds the memory held at once besides the input's
     float64 copy and the result (default :data:`theory.integral.MAX_WORKSPACE_BYTES`).
 
-    >>> expected_attention([0.5, 0.5], 0.5).tolist()  # each key alone w.p. 1/4, both w.p. 1/4
+    >>> expected_attention([0.5, 0.5], 0.5, all_dropped="zero").tolist()  # alone w.p. 1/4, both w.p. 1/4
     [0.375, 0.375]
+    >>> expected_attention([0.5, 0.5], 0.5).tolist()  # uniform (default): the all-dropped 1/4 adds 1/8 each
+    [0.5, 0.5]
     """
     request = _request(p, drop_ratio, all_dropped, method, workspace_bytes)
     if request.drop_ratio == 0.0:
@@ -175,7 +165,7 @@ def expected_attention(p: object, drop_ratio: object, *, all_dropped: str = "zer
     return request.blockwise(lambda rows: _weight_moments(request, rows, (1,))[0][0])
 
 
-def smoothing_coefficients(p: object, drop_ratio: object, *, all_dropped: str = "zero", method: str = "auto",
+def smoothing_coefficients(p: object, drop_ratio: object, *, all_dropped: str = DEFAULT, method: str = "auto",
                            workspace_bytes: int | None = None) -> object:
     """Smoothing coefficients c with E[w] = c * p (see the module doc for p_j = 0).
 
@@ -196,7 +186,7 @@ def smoothing_coefficients(p: object, drop_ratio: object, *, all_dropped: str = 
     return request.blockwise(coefficients)
 
 
-def attention_variance(p: object, drop_ratio: object, *, all_dropped: str = "zero", method: str = "auto",
+def attention_variance(p: object, drop_ratio: object, *, all_dropped: str = DEFAULT, method: str = "auto",
                        workspace_bytes: int | None = None) -> object:
     """Var[w_j] under DropKey, from the exact second moment E[w_j^2] minus E[w_j]^2.
 

@@ -1,7 +1,10 @@
-"""Input checks shared by every public function of :mod:`theory`.
+"""Checks of the theory's own arguments: attention rows and workspace budgets.
 
-Every check raises ``ValueError`` naming the offending argument and the allowed
-range, so a caller never gets a silent NaN back.
+The generic checks (drop ratios, option names, integers, seeds) have one home, :mod:`theory.checks`,
+and the all-dropped conventions theirs, :mod:`theory.conventions`; ``check_drop_ratio`` and
+``ALL_DROPPED_CONVENTIONS`` are re-exported here for older imports. Every check raises
+``ValueError`` naming the offending argument and the allowed range, so a caller never gets a
+silent NaN back.
 """
 
 from __future__ import annotations
@@ -10,29 +13,20 @@ import numbers
 
 import numpy as np
 
-#: Conventions for a row whose keys are all dropped (THEORY-NOTES section 1).
-ALL_DROPPED_CONVENTIONS = ("zero", "uniform", "undropped")
+from theory.checks import check_drop_ratio
+from theory.conventions import ALL_DROPPED_CONVENTIONS
+
+__all__ = [
+    "ALL_DROPPED_CONVENTIONS",
+    "ROW_SUM_TOLERANCE",
+    "check_attention_rows",
+    "check_drop_ratio",
+    "check_workspace_bytes",
+]
 
 #: A row of attention weights must sum to 1 within this absolute tolerance.
 #: It admits float32 softmax outputs of ViT rows (N <= a few thousand keys).
 ROW_SUM_TOLERANCE = 1e-6
-
-
-def check_drop_ratio(drop_ratio: object, *, name: str = "drop_ratio") -> float:
-    """Return ``drop_ratio`` as a float in [0, 1), or raise ValueError."""
-    if isinstance(drop_ratio, bool) or not isinstance(drop_ratio, numbers.Real):
-        raise ValueError(f"{name} must be a real number in [0, 1), got {drop_ratio!r}")
-    value = float(drop_ratio)
-    if not (0.0 <= value < 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return value
-
-
-def check_option(value: object, allowed: tuple[str, ...], *, name: str) -> str:
-    """Return ``value`` if it is one of ``allowed``, else raise ValueError."""
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
 
 
 def check_attention_rows(p: object, *, name: str = "p") -> tuple[np.ndarray, tuple[int, ...]]:

@@ -8,13 +8,13 @@ r > 0, so signs that need r < 1 are argued with the positive symbol ``keep = 1 -
 from __future__ import annotations
 
 import itertools
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import sympy as sp
 
-from theory.validation import ALL_DROPPED_CONVENTIONS  # the one definition; the derivations import it from here
+from theory.conventions import ALL_DROPPED_CONVENTIONS, AllDropped
+from theory.seeding import generator, keyed_sequence
 
 #: The drop ratio r (each key is dropped independently with probability r).
 DROP_RATIO = sp.Symbol("r", positive=True)
@@ -49,12 +49,13 @@ def kept_sum(mask: Sequence[int], weights: Sequence[sp.Expr]) -> sp.Expr:
 
 
 def all_dropped_term(n_keys: int, weight: sp.Expr, all_dropped: str) -> sp.Expr:
-    """What an all-dropped row (probability r^N) adds to E[w_j] under each convention."""
-    if all_dropped == "zero":
+    """What an all-dropped row (probability r^N) adds to E[w_j] under each convention: r^N times the
+    symbolic counterpart of :func:`theory.conventions.all_dropped_weights` (docs/theory.md section 1)."""
+    if all_dropped == AllDropped.ZERO:
         return sp.Integer(0)
-    if all_dropped == "uniform":
+    if all_dropped == AllDropped.UNIFORM:
         return DROP_RATIO**n_keys / n_keys
-    if all_dropped == "undropped":
+    if all_dropped == AllDropped.UNDROPPED:
         return DROP_RATIO**n_keys * weight
     raise ValueError(f"all_dropped must be one of {ALL_DROPPED_CONVENTIONS}, got {all_dropped!r}")
 
@@ -94,7 +95,7 @@ def cancel_by_denominator(expression: sp.Expr) -> sp.Expr:
 
 def rng_for(seed: int, key: str) -> np.random.Generator:
     """A generator for one derivation: independent of the order in which checks run."""
-    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(key.encode())]))
+    return generator(keyed_sequence(seed, key))
 
 
 #: Unit roundoff of float64 (2^-53): one rounded operation errs by at most this, relatively.

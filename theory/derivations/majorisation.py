@@ -26,6 +26,7 @@ import numpy as np
 import sympy as sp
 
 import theory
+from theory.conventions import entropy
 from theory.derivations.common import (
     ALL_DROPPED_CONVENTIONS,
     equation,
@@ -98,10 +99,6 @@ def entropy_schur_condition() -> tuple[sp.Expr, sp.Expr]:
     return condition, -delta * sp.log(1 + delta / x_j)
 
 
-def _entropy(rows: np.ndarray) -> np.ndarray:
-    return -np.sum(np.where(rows > 0, rows * np.log(np.where(rows > 0, rows, 1.0)), 0.0), axis=1)
-
-
 def _numeric_violations(seed: int, expected_attention: Callable[..., np.ndarray]) -> dict[str, int]:
     """Violations of q ≺ p, max q <= max p and H(q) >= H(p) on random rows, all conventions."""
     rng = rng_for(seed, KEY)
@@ -116,7 +113,7 @@ def _numeric_violations(seed: int, expected_attention: Callable[..., np.ndarray]
                 q_partial = np.cumsum(-np.sort(-normalised, axis=1), axis=1)
                 counts["partial sums"] += int(np.sum(q_partial > p_partial + TOLERANCE))
                 counts["max"] += int(np.sum(normalised.max(axis=1) > rows.max(axis=1) + TOLERANCE))
-                counts["entropy"] += int(np.sum(_entropy(normalised) < _entropy(rows) - TOLERANCE))
+                counts["entropy"] += int(np.sum(entropy(normalised) < entropy(rows) - TOLERANCE))
     return counts
 
 
