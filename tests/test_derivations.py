@@ -39,9 +39,9 @@ from theory.derivations.lagrangian import (
     j,
     lagrangian_gradients,
     mu,
-    notes_gradient_difference,
-    notes_gradients,
     p,
+    printed_gradient_difference,
+    printed_gradients,
     s,
     t,
 )
@@ -159,7 +159,7 @@ def test_wrong_dropout_variance_is_refuted() -> None:
 
 def test_wrong_beta_gradient_is_refuted() -> None:
     def without_weight() -> dict[str, sp.Expr]:
-        printed = notes_gradients()
+        printed = printed_gradients()
         printed["dL/dbeta_j"] = printed["dL/dbeta_j"] / p[j]  # (10) without its p_j factor
         return printed
 
@@ -169,7 +169,7 @@ def test_wrong_beta_gradient_is_refuted() -> None:
 
 
 def test_wrong_gradient_difference_is_refuted() -> None:
-    result = check_gradient_difference(printed=lambda: notes_gradient_difference() + 2 * (beta[s] - beta[t]))
+    result = check_gradient_difference(printed=lambda: printed_gradient_difference() + 2 * (beta[s] - beta[t]))
     assert (result.status, result.holds) == ("refuted", False)
 
 

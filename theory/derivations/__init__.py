@@ -1,4 +1,4 @@
-"""Symbolic derivations of the DropKey theory (THEORY-NOTES sections 2 and 3), each proved or refuted.
+"""Symbolic derivations of the DropKey theory (docs/theory.md sections 1-3), each proved or refuted.
 
 One module per derivation. Each exposes the derived sympy objects as public
 functions and a ``check_...()`` returning a :class:`Derivation`; the package

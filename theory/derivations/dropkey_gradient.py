@@ -5,9 +5,9 @@ the same differentiation as (10), dL/dbeta_j = w_j (sum_k w_k beta_k - M) for ea
 mask, and
 
     E[dL/dbeta_j] = -M E[w_j] + E[w_j sum_k w_k beta_k]          (exact)
-                  = E[w_j] (sum_k p_k beta_k - M) + O(|beta|)     (the notes' "first order").
+                  = E[w_j] (sum_k p_k beta_k - M) + O(|beta|)     (the paper's "first order").
 
-The notes' form agrees with the exact one in the O(M) term, the one that dominates
+The paper's form agrees with the exact one in the O(M) term, the one that dominates
 far from the optimum (|beta| << M); the O(|beta|) remainder is E[w_j sum w beta] -
 E[w_j] sum p beta, which is not zero in general. To leading order the ratio of the
 s and t updates is E[w_s]/E[w_t] = c_s p_s/(c_t p_t), which ratio-compression bounds
@@ -70,8 +70,8 @@ def expected_beta_gradients(n_keys: int = SYMBOLIC_SIZE) -> list[sp.Expr]:
     return gradients
 
 
-def notes_first_order_gradient(n_keys: int, key: int) -> sp.Expr:
-    """The notes' E[w_j] (sum_k p_k beta_k - M), with E[w_j] = c_j p_j in closed form."""
+def paper_first_order_gradient(n_keys: int, key: int) -> sp.Expr:
+    """The paper's E[w_j] (sum_k p_k beta_k - M), with E[w_j] = c_j p_j in closed form."""
     weights = key_weights(n_keys)
     betas = sp.symbols(f"beta1:{n_keys + 1}", real=True)
     expected_weight = smoothing_coefficient_closed_form(n_keys, key) * weights[key]
@@ -143,13 +143,13 @@ def finite_difference_errors(
 def check_dropkey_gradient(
     *,
     seed: int = 0,
-    first_order_gradient: Callable[[int, int], sp.Expr] = notes_first_order_gradient,
+    first_order_gradient: Callable[[int, int], sp.Expr] = paper_first_order_gradient,
     expected_attention: Callable[..., np.ndarray] = theory.expected_attention,
 ) -> Derivation:
-    """Prove the notes' expected beta-gradient to leading order in M, and the damped update ratio.
+    """Prove the paper's expected beta-gradient to leading order in M, and the damped update ratio.
 
     ``first_order_gradient(n_keys, key)`` is the claimed leading-order E[dL/dbeta_j]
-    (default: the notes' E[w_j](sum p beta - M)) and ``expected_attention`` the numeric
+    (default: the paper's E[w_j](sum p beta - M)) and ``expected_attention`` the numeric
     E[w] the finite-difference slope is compared with (default :func:`theory.expected_attention`).
     A claimed form whose O(M) term differs from the exact one, or a slope that differs from
     ``expected_attention`` beyond its rounding bound, gives ``status="refuted"``.
@@ -184,7 +184,7 @@ def check_dropkey_gradient(
     expressions: dict[str, sp.Basic] = {
         "dE[dL/dbeta_1]/dM (N=3)": equation(sp.Symbol("dE[g_1]/dM"), -sp.Symbol("E[w_1]")),
         "E[dL/dbeta_1] (N=2, exact)": expected_beta_gradients(2)[0],
-        "exact - notes (O(beta) remainder, j=1) at p=(1/2,1/3,1/6), r=1/2, beta=(1,0,0)": remainder_value,
+        "exact - paper (O(beta) remainder, j=1) at p=(1/2,1/3,1/6), r=1/2, beta=(1,0,0)": remainder_value,
         "leading-order update ratio": leading_ratio,
     }
     if slope_mismatches or first_order_mismatches:
@@ -201,7 +201,7 @@ def check_dropkey_gradient(
         )
     details = (
         f"sympy: exact 2^N-mask expectation at N={SYMBOLIC_SIZE} (symbolic p, beta, M): d/dM = -c_j p_j and "
-        "d/dM (exact - notes) = 0, so the notes' form is right to first (leading) order in M only: the M^0 "
+        "d/dM (exact - paper) = 0, so the paper's form is right to first (leading) order in M only: the M^0 "
         f"remainder is not 0 (e.g. {remainder_value}); ratio <= p_s/p_t by ratio-compression; central differences of "
         f"the mask-averaged loss (N=5, d=4, all conventions; quadratic, so exact up to rounding): slope = -E[w_j] "
         f"to relative {slope_error:.1e} ({error_over_tolerance:.2g} of the rounding bound)"

@@ -7,7 +7,7 @@ w_j = b_j p_j / (1 - r) with b_j ~ Bernoulli(1 - r), independent. Since b_j^2 = 
     Var[w_j] = p_j^2 / (1 - r) - p_j^2               = r / (1 - r) p_j^2,
 
 and Cov[w_i, w_j] = 0 for i != j, so Var[o] = sum_j r/(1-r) p_j^2 v_j v_j^T, whose trace is
-the notes' per-key penalty r/(1-r) p_j^2 ||v_j||^2. Everything is symbolic for any N
+the per-key penalty r/(1-r) p_j^2 ||v_j||^2 (docs/theory.md section 2). Everything is symbolic for any N
 (one key at a time); the numeric API is compared on random rows.
 """
 
@@ -57,14 +57,14 @@ def dropout_moments() -> dict[str, sp.Expr]:
     }
 
 
-def notes_dropout_variance(weight: sp.Expr = _WEIGHT) -> sp.Expr:
-    """The notes' Var[w_j] = r/(1 - r) p_j^2."""
+def claimed_dropout_variance(weight: sp.Expr = _WEIGHT) -> sp.Expr:
+    """The claimed Var[w_j] = r/(1 - r) p_j^2 (docs/theory.md section 2)."""
     return DROP_RATIO / (1 - DROP_RATIO) * weight**2
 
 
 def check_dropout_moments(*, seed: int = 0, claimed_variance: sp.Expr | None = None) -> Derivation:
-    """Prove E[w_j] = p_j and Var[w_j] = ``claimed_variance`` (default: the notes' r/(1-r) p_j^2)."""
-    claimed = notes_dropout_variance() if claimed_variance is None else claimed_variance
+    """Prove E[w_j] = p_j and Var[w_j] = ``claimed_variance`` (default: r/(1-r) p_j^2, docs/theory.md section 2)."""
+    claimed = claimed_dropout_variance() if claimed_variance is None else claimed_variance
     title = "Post-softmax inverted dropout: E[w_j] = p_j, Var[w_j] = r/(1-r) p_j^2"
     statement = (
         "attention dropout after the softmax has c_j = 1 (no first-moment smoothing) and Var[w_j] = r/(1-r) p_j^2"

@@ -184,7 +184,7 @@ def check_expected_output(
     integral_form: Callable[[int, int], sp.Integral] = smoothing_coefficient_integral_form,
     symbolic_sizes: tuple[int, ...] = SYMBOLIC_SIZES,
 ) -> Derivation:
-    """Prove closed form == integral form (the notes' Eq. 3 representation).
+    """Prove closed form == integral form (the Eq. 3 representation, docs/theory.md section 2).
 
     ``integral_form(n, j)`` is the claim being checked; pass a different one to see
     the check fail.

@@ -44,7 +44,8 @@ DIFFERENCE_KEY = "gradient-difference"
 
 # Indexed symbols for a general number of keys N and of free alpha coordinates D.
 N_KEYS, N_FREE = sp.symbols("N D", integer=True, positive=True)
-# Indices as in the notes: j (a key), k (summed over keys), i, m (alpha coordinates), s, t (a pair of keys).
+# Indices (docs/theory.md section 3): j (a key), k (summed over keys), i, m (alpha coordinates),
+# s, t (a pair of keys).
 j, k, i, m, s, t = sp.symbols("j k i m s t", integer=True, positive=True)
 p = sp.IndexedBase("p")
 beta = sp.IndexedBase("beta")
@@ -107,8 +108,8 @@ def _lagrangian_gradients() -> dict[str, sp.Expr]:
     }
 
 
-def notes_gradients() -> dict[str, sp.Expr]:
-    """(7) and (10) as printed in THEORY-NOTES, and (8), which the notes do not print: p_j sum_k p_k alpha_k."""
+def printed_gradients() -> dict[str, sp.Expr]:
+    """(7) and (10) as the paper states them, and (8), p_j sum_k p_k alpha_k (docs/theory.md section 3)."""
     residual = weighted_beta() - TARGET_NORM
     return {
         "dL/dp_j": residual * beta[j] + alpha_inner(j) + MULTIPLIER - mu[j],
@@ -117,7 +118,7 @@ def notes_gradients() -> dict[str, sp.Expr]:
     }
 
 
-def notes_gradient_difference() -> sp.Expr:
+def printed_gradient_difference() -> sp.Expr:
     """(11) as printed: (sum p beta)(beta_s - beta_t) + (sum p alpha).(alpha_s - alpha_t) - M (beta_s - beta_t)."""
     return (
         weighted_beta() * (beta[s] - beta[t])
@@ -245,7 +246,7 @@ def finite_difference_errors(
 def check_lagrangian_gradients(
     *,
     seed: int = 0,
-    printed: Callable[[], dict[str, sp.Expr]] = notes_gradients,
+    printed: Callable[[], dict[str, sp.Expr]] = printed_gradients,
     derive: Callable[[], dict[str, sp.Expr]] = lagrangian_gradients,
 ) -> Derivation:
     """Derive (7), (8), (10) for general N, D and compare with ``printed()`` and with central differences.
@@ -297,7 +298,7 @@ def derived_gradient_difference() -> sp.Expr:
 
 
 def check_gradient_difference(
-    *, seed: int = 0, printed: Callable[[], sp.Expr] = notes_gradient_difference
+    *, seed: int = 0, printed: Callable[[], sp.Expr] = printed_gradient_difference
 ) -> Derivation:
     """Compare the derived dL/dp_s - dL/dp_t with (11) as printed, and derive the chain's sign conditions."""
     del seed  # purely symbolic

@@ -5,7 +5,7 @@ Statuses:
 - ``"proved"``: a symbolic proof. Where a step is an argument rather than a sympy
   computation (an induction, a cited textbook theorem), ``details`` says so.
 - ``"checked"``: only an exact or numeric check, no proof; ``details`` says which.
-- ``"refuted"``: the statement as written in THEORY-NOTES does not hold;
+- ``"refuted"``: the statement as claimed (docs/theory.md) does not hold;
   ``details`` says what is wrong and what the correct statement is.
 - ``"failed"``: the check itself could not run (an exception); nothing is known.
 """
@@ -21,7 +21,7 @@ STATUSES = ("proved", "checked", "refuted", "failed")
 
 @dataclass(frozen=True)
 class Derivation:
-    """One claim of THEORY-NOTES, derived and checked."""
+    """One claim of the theory (docs/theory.md), derived and checked."""
 
     key: str
     title: str

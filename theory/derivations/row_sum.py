@@ -43,8 +43,8 @@ def expected_row_sum(n_keys: int, *, all_dropped: str = "zero") -> sp.Expr:
     )
 
 
-def notes_row_sum(n_keys: int, all_dropped: str) -> sp.Expr:
-    """The total THEORY-NOTES implies: 1 - r^N (zero); 1 (uniform, undropped)."""
+def claimed_row_sum(n_keys: int, all_dropped: str) -> sp.Expr:
+    """The claimed total (docs/theory.md section 2): 1 - r^N (zero); 1 (uniform, undropped)."""
     return 1 - DROP_RATIO**n_keys if all_dropped == "zero" else sp.Integer(1)
 
 
@@ -61,7 +61,7 @@ def _equal_on_simplex(derived: sp.Expr, claimed: sp.Expr, n_keys: int) -> bool:
 
 
 def check_row_sum(
-    *, seed: int = 0, claimed_total: Callable[[int, str], sp.Expr] = notes_row_sum
+    *, seed: int = 0, claimed_total: Callable[[int, str], sp.Expr] = claimed_row_sum
 ) -> Derivation:
     """Prove sum_j c_j p_j equals ``claimed_total(N, convention)`` at N = 2, 3, 4 (seed unused)."""
     del seed  # purely symbolic

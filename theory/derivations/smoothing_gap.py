@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 KEY = "smoothing-gap"
 SYMBOLIC_SIZES = (3,)  # N at which the closed-form gap is compared with the expectation form (4 takes ~5 s)
-NOTES_PREFACTOR = DROP_RATIO * (1 - DROP_RATIO)
+CLAIMED_PREFACTOR = DROP_RATIO * (1 - DROP_RATIO)
 
 # Generic symbols of the general-N argument.
 _LARGER, _SMALLER = sp.symbols("p_s p_t", positive=True)
@@ -67,8 +67,8 @@ def smoothing_gap_integrand() -> sp.Expr:
     return (1 - DROP_RATIO) * (two_key_s - two_key_t) * _COMMON
 
 
-def smoothing_gap_integral_form(prefactor: sp.Expr = NOTES_PREFACTOR) -> sp.Integral:
-    """prefactor * int_0^oo (e^(-t p_s) - e^(-t p_t)) G(t) dt (the notes' form with r(1-r))."""
+def smoothing_gap_integral_form(prefactor: sp.Expr = CLAIMED_PREFACTOR) -> sp.Integral:
+    """prefactor * int_0^oo (e^(-t p_s) - e^(-t p_t)) G(t) dt (claimed with r(1-r), docs/theory.md section 2)."""
     t = INTEGRATION_VARIABLE
     return sp.Integral(prefactor * (sp.exp(-t * _LARGER) - sp.exp(-t * _SMALLER)) * _COMMON, (t, 0, sp.oo))
 
@@ -99,7 +99,7 @@ def smoothing_gap(n_keys: int, s: int = 0, t: int = 1, *, all_dropped: str = "ze
 
 
 def smoothing_gap_expectation_form(
-    n_keys: int, s: int = 0, t: int = 1, *, all_dropped: str = "zero", prefactor: sp.Expr = NOTES_PREFACTOR
+    n_keys: int, s: int = 0, t: int = 1, *, all_dropped: str = "zero", prefactor: sp.Expr = CLAIMED_PREFACTOR
 ) -> sp.Expr:
     """prefactor * E_R[(p_t - p_s)/((p_s + R)(p_t + R))] plus the convention's term of c_s - c_t."""
     weights = key_weights(n_keys)
@@ -133,10 +133,10 @@ def _numeric_order_violations(seed: int) -> int:
 def check_smoothing_gap(
     *,
     seed: int = 0,
-    claimed_prefactor: sp.Expr = NOTES_PREFACTOR,
+    claimed_prefactor: sp.Expr = CLAIMED_PREFACTOR,
     symbolic_sizes: tuple[int, ...] = SYMBOLIC_SIZES,
 ) -> Derivation:
-    """Prove the gap identity with the claimed prefactor (r(1-r) in the notes) and its sign."""
+    """Prove the gap identity with the claimed prefactor (r(1-r), docs/theory.md section 2) and its sign."""
     title = "Smoothing gap: p_s > p_t implies c_s < c_t (Eq. 4)"
     statement = (
         "c_s - c_t = r(1-r) int_0^oo (e^(-t p_s) - e^(-t p_t)) prod_{k!=s,t} (r + (1-r) e^(-t p_k)) dt "
