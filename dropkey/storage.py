@@ -1,16 +1,48 @@
-"""Atomic file writes: a file is either fully written or untouched, never half-written.
+"""Files and result folders: atomic writes, one CSV float format, one JSON conversion, one completion marker.
 
-Write to a temporary file in the same directory, flush and fsync it, then
-``os.replace`` it over the target (atomic on POSIX and Windows).
+Atomic writes: a file is either fully written or untouched, never half-written (write to a
+temporary file in the same directory, flush and fsync it, then ``os.replace`` it over the
+target: atomic on POSIX and Windows).
+
+A *result folder* is what every layer writes a finished computation into (an experiment, a
+study, a training run): CSV tables (:data:`FLOAT_FORMAT`), JSON documents (through
+:func:`to_jsonable`), ``provenance.json`` and, written last, the completion marker
+``complete.json``. The marker records every file written with its size and SHA-256, so a folder
+is complete exactly when its marker exists, and a reader sees only the files the marker lists.
+:func:`write_result_folder` writes one, :func:`read_result_folder` reads one back (a
+FileNotFoundError naming the folder and what to run if it is absent or incomplete).
+
+Only the standard library is imported here: data frames are written by their own ``to_csv``
+and read back by the caller (``pandas.read_csv(result.path(name))``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import numbers
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+
+class Frame(Protocol):
+    """What the writers need of a table: a pandas DataFrame's ``to_csv``."""
+
+    def to_csv(self, *args: Any, **kwargs: Any) -> Any: ...
+
+#: The one float format of every CSV table the suite writes (12 significant digits).
+FLOAT_FORMAT = "%.12g"
+#: The completion marker of a result folder: written last, it lists the files written.
+MARKER = "complete.json"
+#: The provenance record of a result folder (:func:`dropkey.provenance.provenance`).
+PROVENANCE = "provenance.json"
+#: Version of the marker's layout.
+MARKER_FORMAT = 1
 
 
 def _current_umask() -> int:
@@ -46,6 +78,200 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_text(payload: Any) -> str:
+    """``payload`` as indented, key-sorted JSON (stable across runs), newline-terminated."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+
+
 def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:
     """Write ``payload`` as indented, key-sorted JSON (stable across runs) atomically."""
-    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    return write_text_atomic(path, json_text(payload))
+
+
+def to_jsonable(value: Any) -> Any:
+    """``value`` as strict JSON data, recursively.
+
+    Mappings become dicts with string keys; tuples, lists and arrays (anything with ``tolist``
+    and ``ndim >= 1``) become lists; numpy and torch scalars become Python numbers; bools stay
+    bools; non-finite floats become ``None``. Anything else (strings, None) is returned as is.
+    """
+    if isinstance(value, Mapping):
+        return {str(key): to_jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(item) for item in value]
+    if isinstance(value, (str, bytes)) or value is None:
+        return value
+    if getattr(value, "ndim", 0) and hasattr(value, "tolist"):  # an array
+        return [to_jsonable(item) for item in value.tolist()]
+    if hasattr(value, "item"):  # a numpy or torch scalar (a 0-d array included)
+        value = value.item()
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    return value
+
+
+def csv_text(frame: Frame) -> str:
+    """A data frame as CSV text in the suite's one format (no index, :data:`FLOAT_FORMAT`, ``\\n`` line ends)."""
+    return frame.to_csv(index=False, float_format=FLOAT_FORMAT, lineterminator="\n")
+
+
+def write_csv_atomic(path: str | os.PathLike[str], frame: Frame) -> Path:
+    """Write ``frame`` as CSV (:func:`csv_text`) atomically."""
+    return write_text_atomic(path, csv_text(frame))
+
+
+# --- result folders -----------------------------------------------------------------------
+
+
+def _file_name(name: object, argument: str, suffix: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{argument} must be keyed by file names (str), got {type(name).__name__}")
+    if Path(name).name != name or name in ("", ".", "..") or not name.endswith(suffix) or name in (MARKER, PROVENANCE):
+        raise ValueError(
+            f"{argument} keys must be plain file names ending in {suffix!r} (not {MARKER!r} or {PROVENANCE!r}), "
+            f"got {name!r}"
+        )
+    return name
+
+
+def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A file's size in bytes and SHA-256 (hex)."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def mark_complete(
+    folder: str | os.PathLike[str], files: Iterable[str] | None = None, record: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write the folder's completion marker (atomically) over ``files``; return the marker.
+
+    ``files`` are names in ``folder`` (default: every regular file there except the marker and
+    temporaries). The marker holds the layout version, each file's size and SHA-256, and
+    ``record`` (e.g. a summary of the run) under ``"record"``.
+    """
+    where = Path(folder)
+    if files is None:
+        names = sorted(p.name for p in where.iterdir()
+                       if p.is_file() and p.name != MARKER and not p.name.startswith("."))
+    else:
+        names = sorted(set(files))
+    missing = [name for name in names if not (where / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot mark {where} complete: {missing} not written")
+    marker: dict[str, Any] = {"format": MARKER_FORMAT, "files": {name: file_record(where / name) for name in names}}
+    if record is not None:
+        marker["record"] = to_jsonable(record)
+    write_json_atomic(where / MARKER, marker)
+    return marker
+
+
+def is_complete(folder: str | os.PathLike[str]) -> bool:
+    """True when the folder's completion marker exists (everything it lists was written before it)."""
+    return (Path(folder) / MARKER).is_file()
+
+
+def _listed_files(folder: Path) -> tuple[str, ...]:
+    if not is_complete(folder):
+        return ()
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ()
+    return tuple(marker.get("files", {})) if isinstance(marker, dict) else ()
+
+
+def write_result_folder(
+    folder: str | os.PathLike[str],
+    *,
+    tables: Mapping[str, Frame] | None = None,
+    documents: Mapping[str, Any] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    record: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a complete result folder; return its marker.
+
+    ``tables`` maps ``*.csv`` names to data frames (:func:`csv_text`); ``documents`` maps
+    ``*.json`` names to JSON data (through :func:`to_jsonable`); ``provenance`` is written to
+    ``provenance.json``; ``record`` goes into the marker. The old marker and provenance are removed
+    first, so an interrupted rewrite leaves an incomplete folder, never a mix that looks complete;
+    files the old marker listed and this write does not rewrite are removed. Every file is written
+    atomically and the marker last.
+    """
+    where = Path(folder)
+    tables = dict(tables or {})
+    documents = dict(documents or {})
+    names = [_file_name(name, "tables", ".csv") for name in tables]
+    names += [_file_name(name, "documents", ".json") for name in documents]
+    if not names and provenance is None:
+        raise ValueError("a result folder needs at least one of tables, documents or provenance")
+    where.mkdir(parents=True, exist_ok=True)
+    previous = _listed_files(where)
+    (where / MARKER).unlink(missing_ok=True)
+    (where / PROVENANCE).unlink(missing_ok=True)
+    for name in previous:
+        if name not in names and name != PROVENANCE:
+            (where / name).unlink(missing_ok=True)
+    for name, frame in tables.items():
+        write_csv_atomic(where / name, frame)
+    for name, payload in documents.items():
+        write_json_atomic(where / name, to_jsonable(payload))
+    if provenance is not None:
+        write_json_atomic(where / PROVENANCE, to_jsonable(provenance))
+        names.append(PROVENANCE)
+    return mark_complete(where, names, record)
+
+
+@dataclass(frozen=True)
+class ResultFolder:
+    """A complete result folder as read back: its path, marker and provenance; the files on demand."""
+
+    folder: Path
+    files: tuple[str, ...]  # what the writer recorded (the marker's list)
+    marker: dict[str, Any]
+    provenance: dict[str, Any]
+
+    def has(self, name: str) -> bool:
+        """Whether the writer wrote ``name`` (a file left over from an earlier write does not count)."""
+        return name in self.files
+
+    def path(self, name: str) -> Path:
+        """Where ``name`` is (FileNotFoundError unless the writer wrote it); tables: ``pandas.read_csv(path)``."""
+        if not self.has(name):
+            raise FileNotFoundError(f"{self.folder} has no {name} (written: {list(self.files)})")
+        return self.folder / name
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.path(name).read_text(encoding="utf-8"))
+
+
+def read_result_folder(
+    folder: str | os.PathLike[str], *, remedy: str, what: str = "result", legacy_marker: str | None = None
+) -> ResultFolder:
+    """Read back a complete result folder (see :func:`write_result_folder`).
+
+    Raises FileNotFoundError naming ``what``, the folder and ``remedy`` (the command that writes it)
+    when the folder is absent or incomplete. ``legacy_marker`` (e.g. ``"provenance.json"``) also
+    accepts folders written before the marker existed, whose writer wrote that file last; every
+    file present then counts as written.
+    """
+    where = Path(folder)
+    if is_complete(where):
+        marker = json.loads((where / MARKER).read_text(encoding="utf-8"))
+        files = tuple(marker.get("files", {}))
+    elif legacy_marker is not None and (where / legacy_marker).is_file():
+        marker = {}
+        files = tuple(sorted(p.name for p in where.iterdir() if p.is_file() and not p.name.startswith(".")))
+    else:
+        raise FileNotFoundError(f"no complete {what} in {where}: run `{remedy}`")
+    record = json.loads((where / PROVENANCE).read_text(encoding="utf-8")) if PROVENANCE in files else {}
+    return ResultFolder(folder=where, files=files, marker=marker, provenance=record)

@@ -8,7 +8,6 @@ reads it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 
@@ -112,12 +111,6 @@ def test_top_blocks():
     assert list(analysis.top_blocks(24)) == list(range(16, 24))
 
 
-def test_json_ready_makes_strict_json():
-    record = analysis.json_ready({"a": np.float64(math.nan), "b": (1, np.int64(2)), "c": {"d": math.inf}})
-    assert record == {"a": None, "b": [1, 2], "c": {"d": None}}
-    json.dumps(record, allow_nan=False)
-
-
 # --- runner: cache and resume ---------------------------------------------------------------------
 
 
@@ -190,7 +183,7 @@ def test_quick_experiments_measure_every_claim(quick_results):
     for name, result in results.items():
         assert {p.name for p in result.folder.iterdir()} >= {
             "runs.csv", "attention.csv", "finals.csv", "per_seed.csv", "comparisons.csv", "summary.json",
-            "config.json", "provenance.json"}
+            "config.json", "provenance.json", "complete.json"}
         assert set(result.finals["seed"]) == set(SCALES["quick"].seeds)
         assert set(result.per_seed["seed"]) == set(SCALES["quick"].seeds)
         assert np.isfinite(result.per_seed["value"]).all()

@@ -2,7 +2,7 @@
 
 >>> from dropkey.lab.experiments import run_experiment              # doctest: +SKIP
 >>> result = run_experiment("accuracy", "quick")
->>> result.measurements[["quantity", "value", "standard_error", "n"]]
+>>> result.comparisons[["quantity", "value", "standard_error", "n"]]
 
 ``run_experiment(name, scale)`` trains (or reuses, see :mod:`dropkey.lab.experiments.runner`) the
 runs of experiment ``name`` (:data:`EXPERIMENT_NAMES`) at ``scale`` (:data:`SCALE_NAMES`),
@@ -13,15 +13,16 @@ then writes ``results_dir/<scale>/<name>/``:
   ``other_layer >= 0`` rows are the cross-layer similarity of ``layer`` and ``other_layer``);
 - ``finals.csv``: one row per run, the per-run quantities of :mod:`.analysis`;
 - ``monte_carlo.csv``: (alignment only) test accuracy of k-pass Monte-Carlo inference;
+- ``per_seed.csv``: every paired difference the claims read, seed by seed (quantity, group,
+  layer, seed, value, covariate, description);
 - ``comparisons.csv``: every paired comparison (value, standard error over seeds, n);
-- ``measurements.csv``: the comparisons the claims registry reads (claim_id, quantity,
-  value, standard_error, n, scale, experiment);
-- ``summary.json``, ``config.json`` (the scale, every arm and run config), and
-  ``provenance.json`` (commit, versions, machine, seeds, command, wall time), written last:
-  its presence marks a complete result folder.
+- ``summary.json``, ``config.json`` (the scale, every arm and run config),
+  ``provenance.json`` (commit, versions, machine, seeds, command, wall time) and, written last,
+  ``complete.json`` (:mod:`dropkey.storage`'s completion marker: every file's size and SHA-256).
 
-Every file is written atomically. Measured medium- and full-scale results are committed
-under ``results/``; quick-scale results (CI, the README's main command) are not.
+Tables use the one CSV float format of :mod:`dropkey.storage`; every file is written
+atomically. Measured medium- and full-scale results are committed under ``results/``;
+quick-scale results (CI, the README's main command) are not.
 """
 
 from __future__ import annotations

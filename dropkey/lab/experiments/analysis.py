@@ -359,16 +359,3 @@ def throughput(finals: pd.DataFrame) -> dict[str, Any]:
     """Median training images/s per arm (indicative only: runs may have shared the CPU)."""
     return {f"{group + ' ' if group else ''}{arm}": float(frame["images_per_s"].median())
             for (group, arm), frame in finals.groupby(["group", "arm"], sort=False)}
-
-
-def json_ready(value: Any) -> Any:
-    """Non-finite floats -> None, numpy scalars -> Python, tuples -> lists, recursively (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

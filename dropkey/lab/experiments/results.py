@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -12,11 +13,11 @@ from typing import Any
 
 import pandas as pd
 
+from dropkey import storage
 from dropkey.lab.experiments import analysis
 from dropkey.lab.experiments.definitions import arm_record, experiment, scale
 from dropkey.lab.experiments.runner import RunSpec, execute_all, train_config
 from dropkey.provenance import provenance
-from dropkey.storage import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,8 @@ __all__ = ["DEFAULT_RESULTS_DIR", "DEFAULT_RUNS_DIR", "ExperimentResult", "load_
 
 DEFAULT_RUNS_DIR = Path("runs") / "experiments"
 DEFAULT_RESULTS_DIR = Path("results")
-COMPLETE_MARKER = "provenance.json"
+#: folders written before :mod:`dropkey.storage`'s marker existed wrote provenance.json last
+LEGACY_MARKER = storage.PROVENANCE
 OLD_MEASUREMENTS = "measurements.csv"  # the claims' table of earlier versions (mean and SE only)
 
 
@@ -67,10 +69,6 @@ def run_specs(
             config = train_config(s, arm, seed, runs_dir=runs_dir, data_dir=data_dir, device=device)
             specs.append(RunSpec(arm, seed, config, monte_carlo))
     return specs
-
-
-def _csv(frame: pd.DataFrame) -> str:
-    return frame.to_csv(index=False, float_format="%.10g", lineterminator="\n")
 
 
 def run_experiment(
@@ -121,7 +119,7 @@ def run_experiment(
 
 def _write_result(folder: Path, name: str, tables: dict[str, pd.DataFrame], summary: dict[str, Any],
                   config: dict[str, Any], record: dict[str, Any]) -> None:
-    """Analyse the run tables and write the folder; provenance.json last (it marks the folder complete)."""
+    """Analyse the run tables and write the result folder (:func:`dropkey.storage.write_result_folder`)."""
     try:
         per_seed = analysis.per_seed(name, tables["finals.csv"], tables["attention.csv"], tables["monte_carlo.csv"])
     except KeyError as error:
@@ -131,14 +129,11 @@ def _write_result(folder: Path, name: str, tables: dict[str, pd.DataFrame], summ
     files = {**tables, "per_seed.csv": per_seed, "comparisons.csv": analysis.comparisons(per_seed)}
     if not len(files["monte_carlo.csv"]):
         files.pop("monte_carlo.csv")
-    (folder / COMPLETE_MARKER).unlink(missing_ok=True)  # incomplete until provenance.json is rewritten
-    for filename, frame in files.items():
-        write_text_atomic(folder / filename, _csv(frame))
-    for stale in (OLD_MEASUREMENTS,):  # written by earlier versions; nothing reads it any more
-        (folder / stale).unlink(missing_ok=True)
-    write_json_atomic(folder / "summary.json", analysis.json_ready(summary))
-    write_json_atomic(folder / "config.json", analysis.json_ready(config))
-    write_json_atomic(folder / COMPLETE_MARKER, analysis.json_ready(record))
+    for stale in (OLD_MEASUREMENTS, "monte_carlo.csv"):  # left by earlier writes (no marker listing them)
+        if stale not in files:
+            (folder / stale).unlink(missing_ok=True)
+    storage.write_result_folder(folder, tables=files, documents={"summary.json": summary, "config.json": config},
+                                provenance=record)
 
 
 def reanalyse(results_dir: str | os.PathLike[str], scale_name: str, name: str,
@@ -160,31 +155,27 @@ def reanalyse(results_dir: str | os.PathLike[str], scale_name: str, name: str,
     return load_result(results_dir, scale_name, name)
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _read_csv(folder: storage.ResultFolder, name: str) -> pd.DataFrame:
     """A result table; the empty ``group`` label (no sweep) reads back as "" rather than NaN."""
+    path = folder.path(name)
     missing = {column: ["", "nan", "NaN"] for column in pd.read_csv(path, nrows=0).columns if column != "group"}
     return pd.read_csv(path, dtype={"group": str}, keep_default_na=False, na_values=missing)
 
 
 def load_result(results_dir: str | os.PathLike[str], scale_name: str, name: str) -> ExperimentResult:
     """Read a complete result folder (FileNotFoundError naming it if incomplete or absent)."""
-    import json
-
-    folder = result_folder(results_dir, scale_name, name)
-    if not (folder / COMPLETE_MARKER).is_file():
-        raise FileNotFoundError(
-            f"no complete {name} result at {scale_name} scale in {folder}: run "
-            f"`dropkey-lab experiment {name} --scale {scale_name}`"
-        )
-    read = lambda filename: json.loads((folder / filename).read_text(encoding="utf-8"))  # noqa: E731
-    mc_path = folder / "monte_carlo.csv"
-    per_seed_path = folder / "per_seed.csv"  # absent in folders of earlier versions: see reanalyse()
+    folder = storage.read_result_folder(
+        result_folder(results_dir, scale_name, name), what=f"{name} result at {scale_name} scale",
+        remedy=f"dropkey-lab experiment {name} --scale {scale_name}", legacy_marker=LEGACY_MARKER,
+    )
+    table = functools.partial(_read_csv, folder)
     return ExperimentResult(
-        name=name, scale=scale_name, folder=folder,
-        runs=_read_csv(folder / "runs.csv"), attention=_read_csv(folder / "attention.csv"),
-        finals=_read_csv(folder / "finals.csv"),
-        monte_carlo=_read_csv(mc_path) if mc_path.is_file() else pd.DataFrame(),
-        comparisons=_read_csv(folder / "comparisons.csv"),
-        per_seed=_read_csv(per_seed_path) if per_seed_path.is_file() else pd.DataFrame(columns=analysis.PER_SEED_COLUMNS),
-        summary=read("summary.json"), config=read("config.json"), provenance=read(COMPLETE_MARKER),
+        name=name, scale=scale_name, folder=folder.folder,
+        runs=table("runs.csv"), attention=table("attention.csv"), finals=table("finals.csv"),
+        monte_carlo=table("monte_carlo.csv") if folder.has("monte_carlo.csv") else pd.DataFrame(),
+        comparisons=table("comparisons.csv"),
+        # per_seed.csv is absent in folders of earlier versions: see reanalyse()
+        per_seed=(table("per_seed.csv") if folder.has("per_seed.csv")
+                  else pd.DataFrame(columns=analysis.PER_SEED_COLUMNS)),
+        summary=folder.read_json("summary.json"), config=folder.read_json("config.json"), provenance=folder.provenance,
     )
