@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from theory.checks import check_seed
+from theory.checks import check_int, check_seed
 
 SeedLike = int | np.random.SeedSequence
 
@@ -29,6 +29,13 @@ def keyed_sequence(seed: int, key: str) -> np.random.SeedSequence:
     not depend on which other names exist or in what order they are listed (the derivations' checks use it,
     so that each check's random rows do not depend on which checks run)."""
     return np.random.SeedSequence([check_seed(seed), zlib.crc32(key.encode())])
+
+
+def address_sequence(seed: int, *address: int) -> np.random.SeedSequence:
+    """The stream at an integer address: ``SeedSequence([seed, *address])``. Like :func:`keyed_sequence`, it does
+    not depend on which other addresses exist (the lab's per-rank training streams and per-batch Monte-Carlo
+    passes use it, so that each is found again from its address alone)."""
+    return np.random.SeedSequence([check_seed(seed), *(check_seed(part, "address") for part in address)])
 
 
 def child_sequences(seed: SeedLike, count: int) -> list[np.random.SeedSequence]:
@@ -58,3 +65,9 @@ def integer_seed(sequence: np.random.SeedSequence, bits: int = 63) -> int:
         raise ValueError(f"bits must be in [1, 64], got {bits!r}")
     word = int(sequence.generate_state(1, dtype=np.uint64)[0])
     return word & ((1 << bits) - 1)
+
+
+def integer_seeds(sequence: np.random.SeedSequence, count: int) -> list[int]:
+    """``count`` 32-bit integer seeds from one SeedSequence (its first ``count`` 32-bit words), e.g. one per
+    Monte-Carlo pass; ``integer_seeds(s, 1)[0] == integer_seed(s, 32)``."""
+    return [int(word) for word in sequence.generate_state(check_int(count, "count", 1), dtype=np.uint32)]
