@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from reports.evidence import Evidence, EvidenceError, Sample
+from theory.conventions import entropy
 
 # --- the theory ---------------------------------------------------------------------------------
 
@@ -43,11 +44,6 @@ def _row_groups(frame: pd.DataFrame):
     return first.sort_values("key").groupby(["n_keys", "shape", "drop_ratio", "all_dropped"], sort=True)
 
 
-def _entropy(x: np.ndarray) -> float:
-    positive = x[x > 0]
-    return float(-(positive * np.log(positive)).sum())
-
-
 def order_counts(evidence: Evidence) -> dict[str, int] | None:
     """Exact c and E[w] = c p on every row of the coefficients study: count order violations (exact, no noise)."""
     if not evidence.ran("coefficients"):
@@ -64,7 +60,7 @@ def order_counts(evidence: Evidence) -> dict[str, int] | None:
         w_violations += int((w[:-1] <= w[1:])[strictly].sum())
         q = w / w.sum()
         max_violations += int(q.max() > p.max() * (1 + 1e-12))
-        entropy_violations += int(_entropy(q) < _entropy(p) - 1e-12)
+        entropy_violations += int(entropy(q) < entropy(p) - 1e-12)
         rows += 1
     return {"pairs": pairs, "rows": rows, "c_order_violations": c_violations, "w_order_violations": w_violations,
             "max_violations": max_violations, "entropy_violations": entropy_violations}

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from theory.checks import check_choice, check_real
+
 DIRECTIONS = ("up", "down", "no-gain", "equal")
 OUTCOMES = ("confirmed", "contradicted", "inconclusive", "not yet measured")
 POWER = 0.8  # the power at which detectable effects and needed seeds are stated
@@ -104,17 +106,14 @@ class Decision:
 
 
 def _check(direction: str, smallest_effect: float, alpha: float) -> tuple[str, float, float]:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    """TypeError for a number of the wrong type, else the ranges of :mod:`theory.checks` (ValueError)."""
+    check_choice(direction, "direction", DIRECTIONS)
     if isinstance(smallest_effect, bool) or not isinstance(smallest_effect, (int, float, np.floating, np.integer)):
         raise TypeError(f"smallest_effect must be a real number > 0, got {smallest_effect!r}")
-    if not (math.isfinite(smallest_effect) and smallest_effect > 0):
-        raise ValueError(f"smallest_effect must be a finite number > 0, got {smallest_effect!r}")
+    smallest_effect = check_real(smallest_effect, "smallest_effect", 0.0, None, low_open=True)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)):
         raise TypeError(f"alpha must be a real number in (0, 0.5], got {alpha!r}")
-    if not (0.0 < alpha <= 0.5):
-        raise ValueError(f"alpha must be in (0, 0.5], got {alpha!r}")
-    return direction, float(smallest_effect), float(alpha)
+    return direction, smallest_effect, check_real(alpha, "alpha", 0.0, 0.5, low_open=True)
 
 
 def _as_vector(values: Iterable[float] | np.ndarray, name: str) -> np.ndarray:
@@ -278,8 +277,7 @@ def combine(outcomes: Iterable[str]) -> str:
     """
     found = list(outcomes)
     for outcome in found:
-        if outcome not in OUTCOMES:
-            raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
+        check_choice(outcome, "outcome", OUTCOMES)
     if not found or all(o == "not yet measured" for o in found):
         return "not yet measured"
     if all(o == "confirmed" for o in found):

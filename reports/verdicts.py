@@ -39,6 +39,7 @@ from typing import Any
 
 from reports.evidence import Evidence, Sample
 from reports.statistics import OUTCOMES, Decision, _check, combine, paired_decision
+from theory.checks import check_choice
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,7 @@ class Verdict:
     findings: tuple[Finding, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        check_choice(self.status, "status", STATUSES)
 
 
 @dataclass(frozen=True)

@@ -38,24 +38,11 @@ from scipy import stats
 from tqdm import tqdm
 
 import theory
-from simulations.common import (
-    ALL_DROPPED,
-    ROW_SHAPES,
-    attention_row,
-    check_choice,
-    check_float,
-    check_int,
-    check_seed,
-    check_tidy,
-    check_tuple,
-    child_sequences,
-    chunk_sizes,
-    concat_frames,
-    frame_from_columns,
-    generator,
-    positive_drop_ratio_check,
-)
+from simulations.common import ROW_SHAPES, attention_row, check_tidy, chunk_sizes, concat_frames, frame_from_columns
 from simulations.registry import Study
+from theory.checks import check_choice, check_drop_ratio, check_int, check_real, check_seed, check_tuple
+from theory.conventions import ALL_DROPPED_CONVENTIONS, check_all_dropped, renormalise_kept
+from theory.seeding import child_sequences, generator
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +94,7 @@ class CoefficientsConfig:
     ns: tuple[int, ...] = (4, 16, 65, 197)
     drop_ratios: tuple[float, ...] = (0.05, 0.1, 0.3, 0.5, 0.9)
     shapes: tuple[str, ...] = ROW_SHAPES
-    conventions: tuple[str, ...] = ALL_DROPPED
+    conventions: tuple[str, ...] = ALL_DROPPED_CONVENTIONS
     num_samples: int = 4000
     num_repeats: int = 25
     confidence: float = 0.95
@@ -119,16 +106,16 @@ class CoefficientsConfig:
 
     def __post_init__(self) -> None:
         check_tuple(self.ns, "ns", lambda v, n: check_int(v, n, 1, 4096))
-        check_tuple(self.drop_ratios, "drop_ratios", positive_drop_ratio_check)
+        check_tuple(self.drop_ratios, "drop_ratios", lambda v, n: check_drop_ratio(v, n, allow_zero=False))
         check_tuple(self.shapes, "shapes", lambda v, n: check_choice(v, n, ROW_SHAPES))
-        check_tuple(self.conventions, "conventions", lambda v, n: check_choice(v, n, ALL_DROPPED))
+        check_tuple(self.conventions, "conventions", lambda v, n: check_choice(v, n, ALL_DROPPED_CONVENTIONS))
         check_int(self.num_samples, "num_samples", 10)
         check_int(self.num_repeats, "num_repeats", 1)
-        check_float(self.confidence, "confidence", 0.0, 1.0, low_open=True, high_open=True)
-        check_float(self.min_effective_samples, "min_effective_samples", 0.0, 1e6, low_open=True)
-        check_float(self.peak_mass, "peak_mass", 0.0, 1.0, low_open=True, high_open=True)
-        check_float(self.power_exponent, "power_exponent", 0.0, 10.0)
-        check_float(self.logit_std, "logit_std", 0.0, 20.0, low_open=True)
+        check_real(self.confidence, "confidence", 0.0, 1.0, low_open=True, high_open=True)
+        check_real(self.min_effective_samples, "min_effective_samples", 0.0, 1e6, low_open=True)
+        check_real(self.peak_mass, "peak_mass", 0.0, 1.0, low_open=True, high_open=True)
+        check_real(self.power_exponent, "power_exponent", 0.0, 10.0)
+        check_real(self.logit_std, "logit_std", 0.0, 20.0, low_open=True)
         check_seed(self.seed)
 
     @classmethod
@@ -160,17 +147,11 @@ def batched_weight_moments(
     """
     p = np.asarray(p, dtype=np.float64)
     n = p.size
-    fallback = {
-        "zero": np.zeros_like(p),
-        "uniform": (p > 0) / (p > 0).sum(),
-        "undropped": p,
-    }[check_choice(all_dropped, "all_dropped", ALL_DROPPED)]
+    check_all_dropped(all_dropped)
     means, errors = [], []
     for size in chunk_sizes(num_repeats, num_samples * n):
         kept = rng.random((size, num_samples, n)) >= drop_ratio
-        kept_weight = kept * p
-        norm = kept_weight.sum(axis=-1, keepdims=True)
-        weights = np.where(norm > 0, kept_weight / np.where(norm > 0, norm, 1.0), fallback)
+        weights = renormalise_kept(p, kept, all_dropped, present=p > 0)  # a zero weight is an absent key
         mean = weights.mean(axis=1)
         variance = weights.var(axis=1, ddof=1)
         means.append(mean)

@@ -1,11 +1,10 @@
 """Helpers shared by the Monte-Carlo studies in :mod:`simulations`.
 
-Seeding. Every run takes one integer seed. Independent random streams are
-derived from it with :meth:`numpy.random.SeedSequence.spawn` (never by adding
-offsets to the seed), so streams never overlap and a study's result depends
-only on its config (seed included). Studies use :func:`child_sequences`, which
-addresses the children by position: a study spawns one child per part (rows,
-masks, ...) and one grandchild per grid cell, in the config's grid order.
+The shared homes below the studies are used directly: argument checks from
+:mod:`theory.checks`, seeding from :mod:`theory.seeding` (one named child stream per
+part of a study, one grandchild per grid cell, never offsets added to a seed), the
+all-dropped conventions, DropKey's renormalisation of kept weights and the entropy
+from :mod:`theory.conventions`.
 
 Attention rows. :func:`attention_row` builds the named row shapes used by the
 studies (flat, peaked, power-law, ViT-like), sorted in decreasing order so that
@@ -28,7 +27,7 @@ import io
 import logging
 import math
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,110 +36,17 @@ import pandas as pd
 
 from dropkey.provenance import provenance
 from dropkey.storage import write_json_atomic, write_text_atomic
+from theory.checks import check_choice, check_int
+from theory.conventions import renormalise_kept
 from theory.rows import softmax_gaussian_rows
-from theory.validation import ALL_DROPPED_CONVENTIONS
 
 log = logging.getLogger(__name__)
 
 #: Names of the attention-row shapes understood by :func:`attention_row`.
 ROW_SHAPES = ("flat", "peaked", "power_law", "vit_like")
 
-#: Conventions for rows whose keys are all dropped (THEORY-NOTES section 1): the
-#: theory's tuple itself, under the name the studies use.
-ALL_DROPPED = ALL_DROPPED_CONVENTIONS
-
 #: Upper bound on float64 entries materialised per sampling chunk (~32 MB).
 MAX_CHUNK_ENTRIES = 4_000_000
-
-
-# --- config validation ----------------------------------------------------------------
-
-
-def check_seed(value: object, name: str = "seed") -> int:
-    """A seed is a non-negative Python/numpy integer (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return int(value)
-
-
-def check_int(value: object, name: str, low: int, high: int | None = None) -> int:
-    """An integer in [low, high] (high=None: unbounded above)."""
-    allowed = f"[{low}, {'inf' if high is None else high}]"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer in {allowed}, got {value!r}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"{name} must be an integer in {allowed}, got {value!r}")
-    return int(value)
-
-
-def check_float(
-    value: object,
-    name: str,
-    low: float,
-    high: float,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> float:
-    """A finite real number in the interval from low to high (open ends as asked)."""
-    allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number in {allowed}, got {value!r}")
-    number = float(value)
-    ok = math.isfinite(number)
-    ok = ok and (number > low if low_open else number >= low)
-    ok = ok and (number < high if high_open else number <= high)
-    if not ok:
-        raise ValueError(f"{name} must be a real number in {allowed}, got {value!r}")
-    return number
-
-
-def check_tuple(
-    values: object, name: str, check: Callable[[object, str], Any], *, unique: bool = True
-) -> tuple:
-    """A non-empty tuple whose items each pass ``check(item, f"{name}[i]")``."""
-    if not isinstance(values, tuple) or len(values) == 0:
-        raise ValueError(f"{name} must be a non-empty tuple, got {values!r}")
-    checked = tuple(check(item, f"{name}[{i}]") for i, item in enumerate(values))
-    if unique and len(set(checked)) != len(checked):
-        raise ValueError(f"{name} must not repeat values, got {values!r}")
-    return checked
-
-
-def check_choice(value: object, name: str, allowed: Sequence[str]) -> str:
-    """One of the allowed option names."""
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-    return value
-
-
-def positive_drop_ratio_check(value: object, name: str) -> float:
-    """A drop ratio in (0, 1)."""
-    return check_float(value, name, 0.0, 1.0, low_open=True, high_open=True)
-
-
-# --- seeding ------------------------------------------------------------------------------
-
-
-def child_sequences(seed: int | np.random.SeedSequence, count: int) -> list[np.random.SeedSequence]:
-    """``count`` independent children of ``seed`` via :meth:`numpy.random.SeedSequence.spawn`.
-
-    An integer seed starts a fresh root each call, so the children depend only on
-    ``(seed, index)``: child ``i`` is the same whatever ``count`` is (>= i + 1).
-    A SeedSequence argument is spawned from as is (its spawn counter advances).
-    """
-    root = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
-    return root.spawn(count)
-
-
-def generator(sequence: np.random.SeedSequence) -> np.random.Generator:
-    """A numpy Generator on a SeedSequence child."""
-    return np.random.default_rng(sequence)
-
-
-def torch_seed(sequence: np.random.SeedSequence) -> int:
-    """A 63-bit integer seed for ``torch.Generator.manual_seed`` from a SeedSequence."""
-    return int(sequence.generate_state(1, dtype=np.uint64)[0] & np.uint64(2**63 - 1))
 
 
 # --- attention rows and masks --------------------------------------------------------------
@@ -184,54 +90,25 @@ def vit_like_rows(rng: np.random.Generator, rows: int, n_keys: int, logit_std: f
     return -np.sort(-softmax_gaussian_rows(rng, rows, n_keys, logit_std), axis=1)
 
 
-def all_dropped_weights(p: np.ndarray, all_dropped: str) -> np.ndarray:
-    """Weights of an all-dropped row under a convention, broadcastable like ``p``."""
-    check_choice(all_dropped, "all_dropped", ALL_DROPPED)
-    if all_dropped == "zero":
-        return np.zeros_like(p)
-    if all_dropped == "uniform":
-        present = p > 0
-        return present / present.sum(axis=-1, keepdims=True)
-    return p
-
-
-def dropkey_weights_from_keep(kept: np.ndarray, p: np.ndarray, all_dropped: str) -> np.ndarray:
-    """DropKey weights w = b p / sum(b p) for keep masks ``kept`` (..., N) and rows ``p``.
-
-    ``p`` broadcasts against ``kept``; rows whose kept mass is 0 follow ``all_dropped``.
-    """
-    kept_weight = kept * p
-    norm = kept_weight.sum(axis=-1, keepdims=True)
-    safe = np.where(norm > 0, norm, 1.0)
-    fallback = np.broadcast_to(all_dropped_weights(p, all_dropped), kept_weight.shape)
-    return np.where(norm > 0, kept_weight / safe, fallback)
-
-
 def sample_dropkey_weights(
     p: np.ndarray, drop_ratio: float, num_samples: int, rng: np.random.Generator, all_dropped: str
 ) -> np.ndarray:
     """``num_samples`` DropKey weight draws for rows ``p`` (..., N): shape (S, ..., N).
 
-    Keep indicators are ``rng.random(...) >= r``, the same rule as
-    :func:`theory.sampled_expected_attention`, so one row and one seed give the
-    same masks there and here.
+    A key of weight 0 is read as absent (as in :mod:`theory`): an all-dropped row under
+    "uniform" spreads 1/N' over its N' keys of positive weight. Keep indicators are
+    ``rng.random(...) >= r``, the same rule as :func:`theory.sampled_expected_attention`,
+    so one row and one seed give the same masks there and here.
     """
     p = np.asarray(p, dtype=np.float64)
     kept = rng.random((num_samples,) + p.shape) >= drop_ratio
-    return dropkey_weights_from_keep(kept, p, all_dropped)
+    return renormalise_kept(p, kept, all_dropped, present=p > 0)
 
 
 def chunk_sizes(total: int, per_item_entries: int, max_entries: int = MAX_CHUNK_ENTRIES) -> list[int]:
     """Split ``total`` items into chunks of at most ``max_entries`` float entries."""
     size = max(1, max_entries // max(per_item_entries, 1))
     return [min(size, total - start) for start in range(0, total, size)]
-
-
-def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Shannon entropy (nats) along ``axis``, with 0 log 0 = 0."""
-    p = np.asarray(p, dtype=np.float64)
-    logs = np.log(np.where(p > 0, p, 1.0))
-    return -(p * logs).sum(axis=axis)
 
 
 # --- statistics ------------------------------------------------------------------------------

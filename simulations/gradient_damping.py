@@ -36,25 +36,18 @@ from tqdm import tqdm
 
 import theory
 from simulations.common import (
-    ALL_DROPPED,
     ROW_SHAPES,
     attention_row,
-    check_choice,
-    check_float,
-    check_int,
-    check_seed,
     check_tidy,
-    check_tuple,
-    child_sequences,
     chunk_sizes,
     concat_frames,
-    dropkey_weights_from_keep,
     frame_from_columns,
-    generator,
-    positive_drop_ratio_check,
     vit_like_rows,
 )
 from simulations.registry import Study
+from theory.checks import check_choice, check_drop_ratio, check_int, check_real, check_seed, check_tuple
+from theory.conventions import check_all_dropped, renormalise_kept
+from theory.seeding import child_sequences, generator
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +121,16 @@ class GradientDampingConfig:
             self.shapes, "shapes", lambda v, n: check_choice(v, n, tuple(s for s in ROW_SHAPES if s != "flat"))
         )
         check_int(self.rows_per_cell, "rows_per_cell", 1)
-        check_tuple(self.drop_ratios, "drop_ratios", positive_drop_ratio_check)
-        check_tuple(self.beta_means, "beta_means", lambda v, n: check_float(v, n, -10.0, 10.0))
-        check_float(self.beta_std, "beta_std", 0.0, 10.0)
-        check_float(self.target_norm, "target_norm", 0.0, 100.0, low_open=True)
+        check_tuple(self.drop_ratios, "drop_ratios", lambda v, n: check_drop_ratio(v, n, allow_zero=False))
+        check_tuple(self.beta_means, "beta_means", lambda v, n: check_real(v, n, -10.0, 10.0))
+        check_real(self.beta_std, "beta_std", 0.0, 10.0)
+        check_real(self.target_norm, "target_norm", 0.0, 100.0, low_open=True)
         check_int(self.num_samples, "num_samples", 10)
         check_int(self.enumerate_max_keys, "enumerate_max_keys", 0, 16)
-        check_choice(self.all_dropped, "all_dropped", ALL_DROPPED)
-        check_float(self.peak_mass, "peak_mass", 0.0, 1.0, low_open=True, high_open=True)
-        check_float(self.power_exponent, "power_exponent", 0.0, 10.0)
-        check_float(self.logit_std, "logit_std", 0.0, 20.0, low_open=True)
+        check_all_dropped(self.all_dropped)
+        check_real(self.peak_mass, "peak_mass", 0.0, 1.0, low_open=True, high_open=True)
+        check_real(self.power_exponent, "power_exponent", 0.0, 10.0)
+        check_real(self.logit_std, "logit_std", 0.0, 20.0, low_open=True)
         check_seed(self.seed)
 
     @classmethod
@@ -188,7 +181,7 @@ def monte_carlo_gradients(
     sums = np.zeros((5, p.shape[0]))  # g_s, g_t, g_s^2, g_t^2, g_s g_t
     for size in chunk_sizes(num_samples, p.size):
         kept = rng.random((size,) + p.shape) >= drop_ratio
-        gradient = _gradients(dropkey_weights_from_keep(kept, p, all_dropped), beta, m)
+        gradient = _gradients(renormalise_kept(p, kept, all_dropped, present=p > 0), beta, m)
         g_s, g_t = gradient[:, rows, s], gradient[:, rows, t]
         sums += np.stack([g_s.sum(0), g_t.sum(0), (g_s**2).sum(0), (g_t**2).sum(0), (g_s * g_t).sum(0)])
     n = num_samples
@@ -218,7 +211,7 @@ def exact_gradients(
     masks = np.array(list(itertools.product((False, True), repeat=n)))  # (2^N, N)
     kept_count = masks.sum(1)
     probability = (1.0 - drop_ratio) ** kept_count * drop_ratio ** (n - kept_count)  # (2^N,)
-    weights = dropkey_weights_from_keep(masks[:, None, :], p[None], all_dropped)  # (2^N, R, N)
+    weights = renormalise_kept(p[None], masks[:, None, :], all_dropped, present=p[None] > 0)  # (2^N, R, N)
     return np.einsum("k,krn->rn", probability, _gradients(weights, beta, m))
 
 

@@ -93,24 +93,11 @@ from dropkey.masks import (
     cross_keep_mask,
     dropkey_keep_mask,
 )
-from simulations.common import (
-    ALL_DROPPED,
-    check_choice,
-    check_float,
-    check_int,
-    check_seed,
-    check_tidy,
-    check_tuple,
-    child_sequences,
-    chunk_sizes,
-    concat_frames,
-    entropy,
-    frame_from_columns,
-    generator,
-    positive_drop_ratio_check,
-    torch_seed,
-)
+from simulations.common import check_tidy, chunk_sizes, concat_frames, frame_from_columns
 from simulations.registry import Study
+from theory.checks import check_choice, check_drop_ratio, check_int, check_real, check_seed, check_tuple
+from theory.conventions import all_dropped_weights, check_all_dropped, entropy
+from theory.seeding import child_sequences, generator, integer_seed
 
 log = logging.getLogger(__name__)
 
@@ -211,17 +198,17 @@ class StructuredMasksConfig:
         check_int(self.num_prefix_tokens, "num_prefix_tokens", 0, 8)
         check_tuple(self.shapes, "shapes", lambda v, n: check_choice(v, n, SHAPES))
         check_tuple(self.structured, "structured", lambda v, n: check_choice(v, n, STRUCTURED))
-        check_tuple(self.drop_ratios, "drop_ratios", positive_drop_ratio_check)
+        check_tuple(self.drop_ratios, "drop_ratios", lambda v, n: check_drop_ratio(v, n, allow_zero=False))
         check_int(self.rows_per_shape, "rows_per_shape", 1)
         check_int(self.num_samples, "num_samples", 10)
         check_int(self.block_side, "block_side", 1, 15)
         check_int(self.cross_arm, "cross_arm", 1, 7)
-        check_float(self.logit_std, "logit_std", 0.0, 20.0, low_open=True)
-        check_float(self.local_sigma, "local_sigma", 0.0, 100.0, low_open=True)
-        check_float(self.local_logit_noise, "local_logit_noise", 0.0, 20.0)
-        check_float(self.cls_logit, "cls_logit", -50.0, 50.0)
-        check_choice(self.all_dropped, "all_dropped", ALL_DROPPED)
-        check_float(self.min_effective_samples, "min_effective_samples", 0.0, 1e6, low_open=True)
+        check_real(self.logit_std, "logit_std", 0.0, 20.0, low_open=True)
+        check_real(self.local_sigma, "local_sigma", 0.0, 100.0, low_open=True)
+        check_real(self.local_logit_noise, "local_logit_noise", 0.0, 20.0)
+        check_real(self.cls_logit, "cls_logit", -50.0, 50.0)
+        check_all_dropped(self.all_dropped)
+        check_real(self.min_effective_samples, "min_effective_samples", 0.0, 1e6, low_open=True)
         check_seed(self.seed)
 
     @classmethod
@@ -299,15 +286,21 @@ def keep_masks(
 
 
 def weights_from_keep(kept: torch.Tensor, p: torch.Tensor, all_dropped: str) -> torch.Tensor:
-    """w = b p / sum(b p) in float64 for keep masks (..., S, N) and rows p (..., 1, N) or (N,)."""
-    check_choice(all_dropped, "all_dropped", ALL_DROPPED)
+    """w = b p / sum(b p) in float64 for keep masks (..., S, N) and rows p (..., 1, N) or (N,).
+
+    An all-dropped row follows :func:`theory.conventions.all_dropped_weights` with every key
+    present ("uniform": 1/N, as the masks of :mod:`dropkey.masks` count every key; the numpy
+    samplers of :mod:`simulations.common` read a zero weight as an absent key instead, which
+    differs only for rows with exact zeros, and these rows are softmaxes: none).
+    """
+    check_all_dropped(all_dropped)
     kept_weight = kept.to(torch.float64) * p
     norm = kept_weight.sum(dim=-1, keepdim=True)
     ok = norm > 0
     weights = kept_weight / torch.where(ok, norm, torch.ones_like(norm))
-    if all_dropped == "zero" or bool(ok.all()):
+    if bool(ok.all()):
         return weights
-    fallback = torch.full_like(p, 1.0 / p.shape[-1]) if all_dropped == "uniform" else p
+    fallback = torch.as_tensor(all_dropped_weights(p.numpy(), all_dropped))
     return torch.where(ok, weights, fallback.expand_as(weights))
 
 
@@ -336,11 +329,11 @@ def sample_moments(
     """Moments of the weights of rows ``p`` (R, N) over ``config.num_samples`` masks each.
 
     All rows share one mask call per chunk of samples, shape (R, chunk, N); the
-    torch generator is seeded from ``seed`` (:func:`simulations.common.torch_seed`).
+    torch generator is seeded from ``seed`` (:func:`theory.seeding.integer_seed`).
     """
     rows, n = p.shape
     samples = config.num_samples
-    gen = torch.Generator().manual_seed(torch_seed(seed))
+    gen = torch.Generator().manual_seed(integer_seed(seed))
     p_t = torch.as_tensor(p, dtype=torch.float64).unsqueeze(1)  # (R, 1, N)
     sum_w = torch.zeros(rows, n, dtype=torch.float64)
     sum_w2 = torch.zeros(rows, n, dtype=torch.float64)

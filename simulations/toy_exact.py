@@ -22,8 +22,8 @@ import functools
 
 import torch
 
-from simulations.common import check_choice, check_int, positive_drop_ratio_check
 from simulations.toy_optimisation import training_gradients, training_weights
+from theory.checks import check_choice, check_drop_ratio, check_int
 from theory.enumeration import all_keep_masks
 
 #: Largest N the enumeration accepts here (2^N masks per problem).
@@ -35,7 +35,7 @@ REGULARISERS = ("none", "dropkey", "dropout")
 def _check(regulariser: object, drop_ratio: object, logits: torch.Tensor) -> None:
     """ValueError naming the argument: a known regulariser, r in (0, 1), 2 <= N <= MAX_KEYS."""
     check_choice(regulariser, "regulariser", REGULARISERS)
-    positive_drop_ratio_check(drop_ratio, "drop_ratio")
+    check_drop_ratio(drop_ratio, allow_zero=False)
     check_int(logits.shape[-1], "logits.shape[-1] (N)", 2, MAX_KEYS)
 
 

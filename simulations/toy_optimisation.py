@@ -56,21 +56,10 @@ import torch
 from tqdm import tqdm
 
 import theory
-from simulations.common import (
-    check_choice,
-    check_float,
-    check_int,
-    check_seed,
-    check_tidy,
-    check_tuple,
-    child_sequences,
-    concat_frames,
-    frame_from_columns,
-    generator,
-    positive_drop_ratio_check,
-    torch_seed,
-)
+from simulations.common import check_tidy, concat_frames, frame_from_columns
 from simulations.registry import Study
+from theory.checks import check_choice, check_drop_ratio, check_int, check_real, check_seed, check_tuple
+from theory.seeding import child_sequences, generator, integer_seed
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +151,15 @@ class ToyOptimisationConfig:
         check_int(self.dim, "dim", 2, 4096)
         check_int(self.steps, "steps", 1)
         check_int(self.n_records, "n_records", 2, self.steps + 1)
-        check_float(self.learning_rate, "learning_rate", 0.0, 10.0, low_open=True)
-        check_float(self.logit_lr_multiplier, "logit_lr_multiplier", 0.0, 1000.0, low_open=True)
-        check_tuple(self.drop_ratios, "drop_ratios", positive_drop_ratio_check)
+        check_real(self.learning_rate, "learning_rate", 0.0, 10.0, low_open=True)
+        check_real(self.logit_lr_multiplier, "logit_lr_multiplier", 0.0, 1000.0, low_open=True)
+        check_tuple(self.drop_ratios, "drop_ratios", lambda v, n: check_drop_ratio(v, n, allow_zero=False))
         check_tuple(self.regularisers, "regularisers", lambda v, n: check_choice(v, n, REGULARISERS))
-        check_float(self.target_norm, "target_norm", 0.0, 100.0, low_open=True)
-        check_float(self.logit_init_std, "logit_init_std", 0.0, 10.0)
-        check_float(self.value_init_std, "value_init_std", 0.0, 10.0)
+        check_real(self.target_norm, "target_norm", 0.0, 100.0, low_open=True)
+        check_real(self.logit_init_std, "logit_init_std", 0.0, 10.0)
+        check_real(self.value_init_std, "value_init_std", 0.0, 10.0)
         check_int(self.covariance_samples, "covariance_samples", 2)
-        check_float(self.far_fraction, "far_fraction", 0.0, 1.0, low_open=True)
+        check_real(self.far_fraction, "far_fraction", 0.0, 1.0, low_open=True)
         check_seed(self.seed)
 
     @classmethod
@@ -397,7 +386,7 @@ def _train(
     e = target / m
     mask_generator = torch.Generator()
     if masks_sequence is not None:
-        mask_generator.manual_seed(torch_seed(masks_sequence))
+        mask_generator.manual_seed(integer_seed(masks_sequence))
     b, n = logits.shape
     lr_values = config.learning_rate
     lr_logits = config.learning_rate * config.logit_lr_multiplier

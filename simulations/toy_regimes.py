@@ -58,21 +58,7 @@ import torch
 from scipy import stats
 from tqdm import tqdm
 
-from simulations.common import (
-    check_choice,
-    check_float,
-    check_int,
-    check_seed,
-    check_tidy,
-    check_tuple,
-    child_sequences,
-    concat_frames,
-    entropy,
-    frame_from_columns,
-    generator,
-    positive_drop_ratio_check,
-    torch_seed,
-)
+from simulations.common import check_tidy, concat_frames, frame_from_columns
 from simulations.registry import Study
 from simulations.toy_exact import (
     MAX_KEYS,
@@ -88,6 +74,9 @@ from simulations.toy_optimisation import (
     _single_thread,
     training_gradients,
 )
+from theory.checks import check_choice, check_drop_ratio, check_int, check_real, check_seed, check_tuple
+from theory.conventions import entropy
+from theory.seeding import child_sequences, generator, integer_seed
 
 log = logging.getLogger(__name__)
 
@@ -203,22 +192,22 @@ class ToyRegimesConfig:
         check_int(self.n_keys, "n_keys", 2, MAX_KEYS)
         check_int(self.dim, "dim", 2, 4096)
         _increasing_steps(self.checkpoints, "checkpoints")
-        check_tuple(self.drop_ratios, "drop_ratios", positive_drop_ratio_check)
+        check_tuple(self.drop_ratios, "drop_ratios", lambda v, n: check_drop_ratio(v, n, allow_zero=False))
         check_tuple(
             self.logit_lr_multipliers,
             "logit_lr_multipliers",
-            lambda v, n: check_float(v, n, 0.0, 1000.0, low_open=True),
+            lambda v, n: check_real(v, n, 0.0, 1000.0, low_open=True),
         )
         check_tuple(self.regimes, "regimes", lambda v, n: check_choice(v, n, tuple(REGIMES)))
-        check_float(self.learning_rate, "learning_rate", 0.0, 10.0, low_open=True)
-        check_float(self.fixed_learning_rate, "fixed_learning_rate", 0.0, 10.0, low_open=True)
-        check_float(self.target_norm, "target_norm", 0.0, 100.0, low_open=True)
-        check_float(self.logit_init_std, "logit_init_std", 0.0, 10.0)
-        check_float(self.value_init_std, "value_init_std", 0.0, 10.0)
-        check_float(self.fixed_value_std, "fixed_value_std", 0.0, 10.0, low_open=True)
-        check_tuple(self.fixed_value_offsets, "fixed_value_offsets", lambda v, n: check_float(v, n, 0.0, 100.0))
-        check_float(self.dirichlet_alpha, "dirichlet_alpha", 0.0, 100.0, low_open=True)
-        check_float(self.outside_margin, "outside_margin", 0.0, 10.0, low_open=True)
+        check_real(self.learning_rate, "learning_rate", 0.0, 10.0, low_open=True)
+        check_real(self.fixed_learning_rate, "fixed_learning_rate", 0.0, 10.0, low_open=True)
+        check_real(self.target_norm, "target_norm", 0.0, 100.0, low_open=True)
+        check_real(self.logit_init_std, "logit_init_std", 0.0, 10.0)
+        check_real(self.value_init_std, "value_init_std", 0.0, 10.0)
+        check_real(self.fixed_value_std, "fixed_value_std", 0.0, 10.0, low_open=True)
+        check_tuple(self.fixed_value_offsets, "fixed_value_offsets", lambda v, n: check_real(v, n, 0.0, 100.0))
+        check_real(self.dirichlet_alpha, "dirichlet_alpha", 0.0, 100.0, low_open=True)
+        check_real(self.outside_margin, "outside_margin", 0.0, 10.0, low_open=True)
         check_int(self.probe_masks, "probe_masks", 2, 4096)
         check_seed(self.seed)
 
@@ -434,7 +423,7 @@ def run(config: ToyRegimesConfig, *, progress: bool = False) -> pd.DataFrame:
                 if run_.regime == "free_exact":
                     step = _exact_step(regulariser, r, free[0], rates)
                 else:
-                    masks = torch.Generator().manual_seed(torch_seed(mask_children[run_.index]))
+                    masks = torch.Generator().manual_seed(integer_seed(mask_children[run_.index]))
                     step = _sampled_step(regulariser, r, free[0], rates, masks)
             frames.extend(_train(config, run_, problem, step, probes))
             log.debug("ran %s", run_)

@@ -35,25 +35,19 @@ from tqdm import tqdm
 
 import theory
 from simulations.common import (
-    ALL_DROPPED,
     ROW_SHAPES,
     attention_row,
-    check_choice,
-    check_float,
-    check_int,
-    check_seed,
     check_tidy,
-    check_tuple,
-    child_sequences,
     concat_frames,
     fit_line,
     frame_from_columns,
-    generator,
-    positive_drop_ratio_check,
     sample_dropkey_weights,
     vit_like_rows,
 )
 from simulations.registry import Study
+from theory.checks import check_choice, check_drop_ratio, check_int, check_real, check_seed, check_tuple
+from theory.conventions import check_all_dropped
+from theory.seeding import child_sequences, generator
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +91,17 @@ class TrainTestMismatchConfig:
 
     def __post_init__(self) -> None:
         check_tuple(self.ns, "ns", lambda v, n: check_int(v, n, 1, 4096))
-        check_tuple(self.drop_ratios, "drop_ratios", positive_drop_ratio_check)
+        check_tuple(self.drop_ratios, "drop_ratios", lambda v, n: check_drop_ratio(v, n, allow_zero=False))
         check_tuple(self.shapes, "shapes", lambda v, n: check_choice(v, n, ROW_SHAPES))
         check_int(self.n_problems, "n_problems", 2)
         check_int(self.dim, "dim", 1, 4096)
         check_tuple(self.ks, "ks", lambda v, n: check_int(v, n, 1, 1_000_000))
         if len(self.ks) < 2:
             raise ValueError(f"ks must hold at least 2 distinct sample counts, got {self.ks!r}")
-        check_choice(self.all_dropped, "all_dropped", ALL_DROPPED)
-        check_float(self.peak_mass, "peak_mass", 0.0, 1.0, low_open=True, high_open=True)
-        check_float(self.power_exponent, "power_exponent", 0.0, 10.0)
-        check_float(self.logit_std, "logit_std", 0.0, 20.0, low_open=True)
+        check_all_dropped(self.all_dropped)
+        check_real(self.peak_mass, "peak_mass", 0.0, 1.0, low_open=True, high_open=True)
+        check_real(self.power_exponent, "power_exponent", 0.0, 10.0)
+        check_real(self.logit_std, "logit_std", 0.0, 20.0, low_open=True)
         check_seed(self.seed)
 
     @classmethod

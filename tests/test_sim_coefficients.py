@@ -22,7 +22,8 @@ from reports.statistics import paired_decision
 from simulations import coefficients
 from simulations.cli import main as simulate
 from simulations.coefficients import COLUMNS, KEY_COLUMNS, CoefficientsConfig, batched_weight_moments, coverage_by_row
-from simulations.common import binomial_standard_error, check_tidy, generator
+from simulations.common import binomial_standard_error, check_tidy
+from theory.seeding import generator
 
 TINY = CoefficientsConfig(
     ns=(4, 16),
@@ -156,11 +157,11 @@ def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
     assert "coverage" in capsys.readouterr().out
 
 
-# --- shared helpers of simulations.common (used by every study) ---------------------------
+# --- shared helpers of simulations.common and theory.seeding (used by every study) -----------
 
 
 def test_child_seeds_come_from_seedsequence_spawn_and_do_not_depend_on_count():
-    from simulations.common import child_sequences
+    from theory.seeding import child_sequences
 
     few, many = child_sequences(5, 2), child_sequences(5, 10)
     assert [c.spawn_key for c in few] == [(0,), (1,)]

@@ -22,7 +22,7 @@ from scipy.optimize import linprog
 import theory
 from simulations import toy_optimisation, toy_regimes
 from simulations.cli import main as simulate
-from simulations.common import check_tidy, child_sequences, to_jsonable
+from simulations.common import check_tidy, to_jsonable
 from simulations.toy_exact import (
     dropout_free_values_minimum,
     enumerated_expected_loss,
@@ -40,6 +40,7 @@ from simulations.toy_regimes import (
     ToyRegimesConfig,
     peak_differences,
 )
+from theory.seeding import child_sequences
 
 TINY = ToyRegimesConfig(
     n_problems=12,
