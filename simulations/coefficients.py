@@ -2,7 +2,7 @@
 
 For every cell of the grid (N keys, drop ratio r, row shape, all-dropped
 convention) and every repeat, ``num_samples`` DropKey masks are drawn in one
-array operation; the sample mean of w_j / p_j estimates c_j (THEORY-NOTES
+array operation; the sample mean of w_j / p_j estimates c_j (docs/theory.md
 section 2: E[w_j] = c_j p_j), its sample standard error gives a normal
 confidence interval, and the interval is compared with the exact c_j from
 :func:`theory.smoothing_coefficients`. If the exact theory and the sampler

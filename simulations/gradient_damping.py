@@ -5,7 +5,7 @@ masked weights w, so the gradient with respect to beta_j = v_j . e is
 
     g_j = dL/dbeta_j = w_j (sum_k w_k beta_k - M).
 
-THEORY-NOTES section 3 predicts, to first order, E[g_j] = E[w_j] (sum p beta - M)
+docs/theory.md section 3 predicts, to first order, E[g_j] = E[w_j] (sum p beta - M)
 = c_j p_j (sum p beta - M), so the ratio of the top two keys s, t (by p) shrinks
 from the undamped p_s / p_t to c_s p_s / (c_t p_t). The exact expectation is
 E[w_j sum_k w_k beta_k] - M E[w_j], which involves the mixed moments

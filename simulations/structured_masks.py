@@ -1,11 +1,11 @@
 """Structured masks: effective smoothing coefficients of DropKey-Block and DropKey-Cross.
 
-DropKey-Block and DropKey-Cross (THEORY-NOTES section 4) drop keys in spatial
+DropKey-Block and DropKey-Cross (docs/theory.md section 4) drop keys in spatial
 clusters on the patch grid (a ``side x side`` square, or a plus of arm ``arm``,
 around every seed patch; masks from :mod:`dropkey.masks`, seed rate calibrated
 so that the expected dropped fraction equals the drop ratio r). Their keep
 indicators are correlated, so the exact DropKey coefficients c_j of
-THEORY-NOTES section 2 (independent masks) no longer apply. This study measures,
+docs/theory.md section 2 (independent masks) no longer apply. This study measures,
 by Monte-Carlo, the *effective* coefficients
 
     c_eff_j = E[w_j] / p_j,    w = b p / sum(b p),

@@ -1,4 +1,4 @@
-"""The paper's toy objective (THEORY-NOTES section 3), optimised for thousands of problems at once.
+"""The paper's toy objective (docs/theory.md section 3), optimised for thousands of problems at once.
 
 Each problem: minimise L = 1/2 || sum_j w_j v_j - y ||^2 jointly over logits s
 (p = softmax(s)) and values v_j in R^d by gradient descent, with y = M e,

@@ -1,4 +1,4 @@
-"""The toy objective of THEORY-NOTES section 3 (simulations.toy_optimisation).
+"""The toy objective of docs/theory.md section 3 (simulations.toy_optimisation).
 
 Statistical tolerance: 5 standard errors (paired differences across problems,
 Monte-Carlo expectations over masks). Deterministic consequences (links (a) and
