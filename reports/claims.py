@@ -377,7 +377,7 @@ CLAIMS: tuple[Claim, ...] = (
         "vit-alignment",
         "Aligning training and inference — Monte-Carlo inference with DropKey masks, or training the last epochs "
         "without DropKey — improves top-1 over plain inference of a DropKey-trained ViT.",
-        "the paper's alignment options for the train/test mismatch (docs/theory.md, train/test mismatch)", "alignment",
+        "the paper's alignment options for the train/test mismatch (docs/theory.md section 4)", "alignment",
         (_top1("top1_mc_minus_plain", "test top-1 of the mean of K DropKey passes (largest K) minus plain inference, "
                "same trained model"),
          _top1("top1_finetune_minus_plain", "test top-1 of the run whose last epochs drop nothing minus the DropKey "
