@@ -27,6 +27,7 @@ from reports.equations import page_equations
 from reports.evidence import (
     VIT_SCALES,
     Evidence,
+    experiment_complete,
     experiment_evidence,
     load_experiment_evidence,
 )
@@ -82,7 +83,7 @@ def load_experiments(results_dir: Path) -> dict[str, list]:
     for name in EXPERIMENT_NAMES:
         for scale in reversed(VIT_SCALES):
             folder = Path(results_dir) / scale / name
-            if (folder / "provenance.json").is_file():
+            if experiment_complete(folder):
                 experiment_evidence(folder, name, scale)  # EvidenceError for a folder of an older format
                 found.setdefault(name, []).append(load_result(results_dir, scale, name))
     return found

@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dropkey import storage
+
 log = logging.getLogger(__name__)
 
 VIT_SCALES = ("quick", "medium", "full")  # smallest to largest; a claim is judged at the largest measured
 VIT_PER_SEED = "per_seed.csv"  # in results/<scale>/<experiment>/: every quantity, seed by seed
-VIT_COMPLETE = "provenance.json"  # written last: the folder is complete
 
 
 class EvidenceError(RuntimeError):
@@ -101,13 +102,22 @@ class Evidence:
         return frame
 
 
+def experiment_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds a complete experiment result: :mod:`dropkey.storage`'s marker, or, for a folder
+    written before the marker existed, its ``provenance.json`` (then written last)."""
+    return storage.is_complete(folder) or (Path(folder) / storage.PROVENANCE).is_file()
+
+
 def experiment_evidence(folder: Path, experiment: str, scale: str) -> ExperimentEvidence:
-    path = folder / VIT_PER_SEED
-    if not path.is_file():
+    result = storage.read_result_folder(folder, what=f"{experiment} result at {scale} scale",
+                                        remedy=f"dropkey-lab experiment {experiment} --scale {scale}",
+                                        legacy_marker=storage.PROVENANCE)
+    if not result.has(VIT_PER_SEED):
         raise EvidenceError(
             f"{folder} is a complete experiment result without {VIT_PER_SEED} (an older format): re-analyse it "
             f"with `dropkey-lab experiment {experiment} --scale {scale} --reanalyse`"
         )
+    path = result.path(VIT_PER_SEED)
     frame = pd.read_csv(path, dtype={"group": str}, keep_default_na=False, na_values={"value": [""], "covariate": [""]})
     needed = {"quantity", "group", "layer", "seed", "value", "covariate"}
     if not needed <= set(frame.columns):
@@ -123,10 +133,10 @@ def load_experiment_evidence(results_dir: Path) -> dict[str, ExperimentEvidence]
     found: dict[str, ExperimentEvidence] = {}
     root = Path(results_dir)
     for scale in reversed(VIT_SCALES):
-        for marker in sorted(root.glob(f"{scale}/*/{VIT_COMPLETE}")):
-            experiment = marker.parent.name
+        for folder in sorted(path for path in root.glob(f"{scale}/*") if experiment_complete(path)):
+            experiment = folder.name
             if experiment in found:
                 continue  # measured at a larger scale already
-            found[experiment] = experiment_evidence(marker.parent, experiment, scale)
-            log.info("read real-ViT results of %s at %s scale from %s", experiment, scale, marker.parent)
+            found[experiment] = experiment_evidence(folder, experiment, scale)
+            log.info("read real-ViT results of %s at %s scale from %s", experiment, scale, folder)
     return found

@@ -21,6 +21,7 @@ import pandas as pd
 import sympy as sp
 from sympy.printing.mathml import mathml
 
+from dropkey.storage import csv_text
 from simulations.pages.figure import data_uri
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,8 @@ def expression_record(name: str, expression: sp.Basic) -> dict[str, str]:
 
 
 def csv_bytes(frame: pd.DataFrame) -> bytes:
-    """The frame as CSV (12 significant digits, no index, '\\n' line ends)."""
-    return frame.to_csv(index=False, float_format="%.12g", lineterminator="\n").encode("utf-8")
+    """The frame as CSV in the suite's one format (:func:`dropkey.storage.csv_text`), UTF-8."""
+    return csv_text(frame).encode("utf-8")
 
 
 class PageTooLarge(RuntimeError):

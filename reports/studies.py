@@ -1,10 +1,11 @@
 """Run the report's studies (the simulations and the theory checks), cached per config.
 
 A study's result lives in a folder named by a hash of (study name, config, code
-version): ``results.csv``, ``summary.json``, ``config.json`` and, written last,
-``provenance.json``. A folder whose ``provenance.json`` exists is complete, so a
-crashed or interrupted build resumes by skipping every finished study. Each
-file is written atomically (:mod:`dropkey.storage`).
+version), in the layout of :func:`simulations.common.write_study_outputs` (the command
+line's too): ``results.csv``, ``summary.json``, ``config.json``, ``provenance.json`` and,
+written last, :mod:`dropkey.storage`'s completion marker. A folder with its marker is
+complete, so a crashed or interrupted build resumes by skipping every finished study.
+Each file is written atomically.
 
 The report is always built from what is read back from the cache, never from the
 in-memory result of a fresh run, so a first build and a rebuild from the cache
@@ -20,10 +21,8 @@ The studies themselves come from :mod:`simulations.registry` (each simulation's 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.util
-import io
 import json
 import logging
 import modulefinder
@@ -36,17 +35,16 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from dropkey.provenance import provenance
-from dropkey.storage import write_json_atomic, write_text_atomic
+from dropkey import storage
 from reports.theory_study import THEORY
 from simulations import registry
+from simulations.common import config_record, read_study_outputs, write_study_outputs
 from simulations.registry import Study
 
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = registry.SIZES
-COMPLETE_MARKER = "provenance.json"  # written last: its presence means the folder is complete
 #: The packages whose modules make up a study's code version.
 PROJECT_PACKAGES = ("theory", "dropkey", "simulations", "reports")
 
@@ -128,14 +126,6 @@ def code_version(spec: Study, root: Path = ROOT, packages: Sequence[str] = PROJE
     return digest.hexdigest()
 
 
-def config_record(config: Any) -> dict[str, Any]:
-    """A config dataclass (or a plain mapping) as JSON-ready data, tuples as lists."""
-    from simulations.common import to_jsonable
-
-    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-    return to_jsonable(data)
-
-
 def cache_folder(cache_root: Path, spec: Study, config: Any) -> Path:
     """The folder of this (study, config, code version)."""
     key = json.dumps(
@@ -144,37 +134,10 @@ def cache_folder(cache_root: Path, spec: Study, config: Any) -> Path:
     return Path(cache_root) / spec.name / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _csv_text(frame: pd.DataFrame) -> str:
-    buffer = io.StringIO()
-    frame.to_csv(buffer, index=False, float_format="%.12g")
-    return buffer.getvalue()
-
-
-def _write(folder: Path, spec: Study, config: Any, frame: pd.DataFrame, summary: Any, command: list[str]) -> None:
-    """Write the four files; provenance.json last, so it marks a complete folder."""
-    from simulations.common import to_jsonable
-
-    write_text_atomic(folder / "results.csv", _csv_text(frame))
-    write_json_atomic(folder / "summary.json", to_jsonable(summary))
-    write_json_atomic(folder / "config.json", {"study": spec.name, "config": config_record(config)})
-    seed = config_record(config).get("seed")
-    write_json_atomic(folder / COMPLETE_MARKER, provenance(seed, command))
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _read(folder: Path, spec: Study, from_cache: bool) -> StudyResult:
-    return StudyResult(
-        study=spec,
-        folder=folder,
-        frame=pd.read_csv(folder / "results.csv"),
-        summary=_read_json(folder / "summary.json"),
-        config=_read_json(folder / "config.json"),
-        provenance=_read_json(folder / COMPLETE_MARKER),
-        from_cache=from_cache,
-    )
+    outputs = read_study_outputs(folder, remedy="dropkey-lab report")
+    return StudyResult(study=spec, folder=outputs.folder, frame=outputs.frame, summary=outputs.summary,
+                       config=outputs.config, provenance=outputs.provenance, from_cache=from_cache)
 
 
 def run_study(
@@ -188,12 +151,13 @@ def run_study(
     """The study's result for ``config``: from the cache if complete, else computed and cached."""
     spec = study(name)
     folder = cache_folder(cache_root, spec, config)
-    if (folder / COMPLETE_MARKER).is_file():
+    if storage.is_complete(folder):
         log.info("%s: cached in %s", name, folder)
         return _read(folder, spec, from_cache=True)
     log.info("%s: running (cache folder %s)", name, folder)
     frame, summary = spec.compute(config, progress=progress)
-    _write(folder, spec, config, frame, summary, list(command if command is not None else sys.argv))
+    write_study_outputs(folder, name=spec.name, config=config, frame=frame, summary=summary,
+                        command=list(command if command is not None else sys.argv))
     return _read(folder, spec, from_cache=False)
 
 

@@ -42,10 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def simulate(args: argparse.Namespace, command: Sequence[str]) -> int:
     """Run the study ``args.name`` at its quick or full size, write its outputs and print its headline.
 
-    Writes ``results.csv``, ``summary.json`` and ``config.json`` (with provenance) into
+    Writes the study's result folder (:func:`simulations.common.write_study_outputs`) into
     ``args.out`` (default ``runs/simulations/NAME``); ``command`` is recorded in the provenance.
     """
-    from simulations.common import to_jsonable, write_study_outputs  # numpy and pandas: not for --help
+    from dropkey.storage import to_jsonable
+    from simulations.common import write_study_outputs  # numpy and pandas: not for --help
 
     study = registry.study(args.name)
     size = "full" if args.full else "quick"

@@ -15,27 +15,28 @@ many rows in one array operation (the batched sampler the studies build on).
 
 Frames and outputs. :func:`check_tidy` asserts the tidy-data contract (one row per
 observation, identified by its key columns); :func:`write_study_outputs` writes a
-study's ``results.csv``, ``summary.json`` and ``config.json`` (with provenance)
-atomically. This module is library code: it logs and never prints. The command
+study's result folder (``results.csv``, ``summary.json``, ``config.json``,
+``provenance.json`` and :mod:`dropkey.storage`'s completion marker) and
+:func:`read_study_outputs` reads it back: the command line and the report's study
+cache share this one layout. This module is library code: it logs and never prints. The command
 line (argument parsing, logging configuration, printing) is :mod:`simulations.cli`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import math
-import numbers
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from dropkey import storage
 from dropkey.provenance import provenance
-from dropkey.storage import write_json_atomic, write_text_atomic
 from theory.checks import check_choice, check_int
 from theory.conventions import renormalise_kept
 from theory.rows import softmax_gaussian_rows
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: Names of the attention-row shapes understood by :func:`attention_row`.
 ROW_SHAPES = ("flat", "peaked", "power_law", "vit_like")
+
+#: The files of a study's result folder (besides dropkey.storage's provenance and marker).
+RESULTS, SUMMARY, CONFIG = "results.csv", "summary.json", "config.json"
 
 #: Upper bound on float64 entries materialised per sampling chunk (~32 MB).
 MAX_CHUNK_ENTRIES = 4_000_000
@@ -180,53 +184,64 @@ def check_tidy(frame: pd.DataFrame, keys: Sequence[str]) -> None:
         raise ValueError(f"frame has duplicate rows for keys {list(keys)}")
 
 
-def to_jsonable(value: Any) -> Any:
-    """Convert numpy scalars/arrays, tuples and non-finite floats for JSON output."""
-    if isinstance(value, dict):
-        return {str(key): to_jsonable(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(item) for item in value]
-    if isinstance(value, np.ndarray):
-        return [to_jsonable(item) for item in value.tolist()]
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        number = float(value)
-        return number if math.isfinite(number) else None
-    return value
-
-
 # --- study outputs ---------------------------------------------------------------------------------
+
+
+def config_record(config: Any) -> dict[str, Any]:
+    """A config dataclass (or a plain mapping) as JSON data, tuples as lists (:func:`dropkey.storage.to_jsonable`)."""
+    data = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    return storage.to_jsonable(data)
 
 
 def write_study_outputs(
     out: Path,
     *,
     name: str,
-    size: str,
     config: Any,
     frame: pd.DataFrame,
     summary: dict,
     command: Sequence[str],
-) -> None:
-    """Write a study's ``results.csv``, ``summary.json`` and ``config.json`` (with provenance) atomically.
+    size: str | None = None,
+) -> Path:
+    """Write a study's result folder: ``results.csv``, ``summary.json``, ``config.json``, ``provenance.json``.
 
-    ``config`` is the study's config dataclass (its ``seed`` goes into the provenance);
-    ``size`` is "quick" or "full"; ``command`` is the command line that produced the run.
+    One layout for the command line's outputs and the report's study cache, written by
+    :func:`dropkey.storage.write_result_folder` (atomic files, its completion marker last).
+    ``config.json`` holds the study's name, its config (a dataclass or mapping; its ``seed``
+    goes into the provenance) and, when given, ``size`` ("quick" or "full"); ``command`` is the
+    command line that produced the run. Returns the folder.
     """
-    buffer = io.StringIO()
-    frame.to_csv(buffer, index=False, float_format="%.12g")
-    write_text_atomic(out / "results.csv", buffer.getvalue())
-    write_json_atomic(out / "summary.json", to_jsonable(summary))
-    write_json_atomic(
-        out / "config.json",
-        {
-            "study": name,
-            "size": size,
-            "config": to_jsonable(dataclasses.asdict(config)),
-            "provenance": provenance(config.seed, list(command)),
-        },
+    record: dict[str, Any] = {"study": name, "config": config_record(config)}
+    if size is not None:
+        record["size"] = size
+    storage.write_result_folder(
+        out,
+        tables={RESULTS: frame},
+        documents={SUMMARY: summary, CONFIG: record},
+        provenance=provenance(record["config"].get("seed"), list(command)),
     )
     log.info("%s: %d rows written to %s", name, len(frame), out)
+    return Path(out)
+
+
+@dataclass(frozen=True)
+class StudyOutputs:
+    """A study's result folder as read back (see :func:`write_study_outputs`)."""
+
+    folder: Path
+    frame: pd.DataFrame
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    provenance: dict[str, Any]
+
+
+def read_study_outputs(folder: Path, *, remedy: str) -> StudyOutputs:
+    """Read a complete study result folder (FileNotFoundError naming it and ``remedy``, the command that writes it)."""
+    result = storage.read_result_folder(folder, remedy=remedy, what="study result")
+    return StudyOutputs(
+        folder=result.folder,
+        frame=pd.read_csv(result.path(RESULTS)),
+        summary=result.read_json(SUMMARY),
+        config=result.read_json(CONFIG),
+        provenance=result.provenance,
+    )

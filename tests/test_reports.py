@@ -22,13 +22,14 @@ import pandas as pd
 import pytest
 import sympy as sp
 
+from dropkey import storage
 from dropkey.lab.experiments import EXPERIMENT_NAMES
 from reports import claims as registry
 from reports.build import build_report
 from reports.cli import build_parser, main
 from reports.evidence import Evidence, EvidenceError, Sample, load_experiment_evidence
 from reports.statistics import DIRECTIONS
-from reports.studies import COMPLETE_MARKER, STUDY_NAMES, cache_folder, code_modules, code_version, study, study_names
+from reports.studies import STUDY_NAMES, cache_folder, code_modules, code_version, study, study_names
 from simulations import registry as simulations_registry
 from simulations.coefficients import CoefficientsConfig
 from simulations.gradient_damping import GradientDampingConfig
@@ -552,22 +553,23 @@ def test_a_folder_without_its_completion_marker_is_recomputed(tmp_path, monkeypa
     cache = tmp_path / "cache"
 
     def fail_on_marker(path, payload):
-        if Path(path).name == COMPLETE_MARKER:
+        if Path(path).name == storage.MARKER:
             raise OSError("disk full")
         return original(path, payload)
 
-    import reports.studies
-
-    original = reports.studies.write_json_atomic
+    original = storage.write_json_atomic
     with monkeypatch.context() as patch:
-        patch.setattr(reports.studies, "write_json_atomic", fail_on_marker)
+        patch.setattr(storage, "write_json_atomic", fail_on_marker)
         with pytest.raises(OSError):
             build_report(tmp_path / "out", configs=configs, cache_dir=cache, results_dir=tmp_path)
     folder = cache_folder(cache, study("gradient_damping"), configs["gradient_damping"])
-    assert (folder / "results.csv").is_file() and not (folder / COMPLETE_MARKER).exists()
+    assert (folder / "results.csv").is_file() and (folder / storage.PROVENANCE).is_file()
+    assert not (folder / storage.MARKER).exists()
     report = build_report(tmp_path / "out", configs=configs, cache_dir=cache, results_dir=tmp_path)
     assert report.computed == ("gradient_damping",)
-    assert json.loads((folder / COMPLETE_MARKER).read_text())["seed"] == 0
+    assert json.loads((folder / storage.PROVENANCE).read_text())["seed"] == 0
+    assert set(json.loads((folder / storage.MARKER).read_text())["files"]) == {
+        "results.csv", "summary.json", "config.json", storage.PROVENANCE}
 
 
 def test_cache_key_changes_with_the_config(tmp_path):

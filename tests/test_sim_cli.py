@@ -9,16 +9,19 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from dropkey import storage
 from reports.cli import main as dropkey_lab
 from simulations import cli, registry
-from simulations.common import write_study_outputs
+from simulations.common import read_study_outputs, write_study_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,26 +90,38 @@ def test_dropkey_lab_simulate_writes_under_runs_by_default(tmp_path, monkeypatch
     assert dropkey_lab(["simulate", "train_test_mismatch", "--seed", "5"]) == 0
     out = tmp_path / "runs" / "simulations" / "train_test_mismatch"
     config = json.loads((out / "config.json").read_text())
-    assert config["study"] == "train_test_mismatch" and config["config"]["seed"] == 5
-    assert config["provenance"]["command"].startswith("dropkey-lab")
+    assert config["study"] == "train_test_mismatch" and config["config"]["seed"] == 5 and config["size"] == "quick"
+    assert json.loads((out / "provenance.json").read_text())["command"].startswith("dropkey-lab")
     rows = len(pd.read_csv(out / "results.csv"))
     assert rows > 0
     assert f"train_test_mismatch: {rows} rows -> runs/simulations" in capsys.readouterr().out
 
 
-def test_outputs_are_written_without_printing(tmp_path, capsys, caplog):
+def test_study_outputs_are_one_result_folder_written_without_printing(tmp_path, capsys, caplog):
+    """The command line and the report's cache write the same layout (dropkey.storage's folder and marker)."""
+
     @dataclasses.dataclass(frozen=True)
     class Config:
         seed: int = 5
+        ratios: tuple[float, ...] = (0.1, 0.5)
 
-    frame = pd.DataFrame({"a": [1, 2], "b": [0.5, 0.25]})
+    frame = pd.DataFrame({"a": [1, 2], "b": [1 / 3, 0.25]})
+    summary = {"x": np.float64(1.5), "bad": math.nan, "n": np.int64(2)}
     with caplog.at_level("INFO", logger="simulations.common"):
-        write_study_outputs(
-            tmp_path, name="demo", size="quick", config=Config(), frame=frame, summary={"x": 1.5}, command=["demo"]
-        )
+        write_study_outputs(tmp_path, name="demo", size="quick", config=Config(), frame=frame, summary=summary,
+                            command=["demo"])
     assert capsys.readouterr() == ("", "")
     assert "demo: 2 rows written" in caplog.text
-    assert pd.read_csv(tmp_path / "results.csv").equals(frame)
-    assert json.loads((tmp_path / "summary.json").read_text()) == {"x": 1.5}
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["study"] == "demo" and config["config"] == {"seed": 5} and config["provenance"]["seed"] == 5
+    assert storage.is_complete(tmp_path)
+    assert (tmp_path / "results.csv").read_text().splitlines()[1] == "1,0.333333333333"  # storage.FLOAT_FORMAT
+    outputs = read_study_outputs(tmp_path, remedy="demo")
+    pd.testing.assert_frame_equal(outputs.frame, frame, check_exact=False, rtol=1e-12)
+    assert outputs.summary == {"x": 1.5, "bad": None, "n": 2}
+    assert outputs.config == {"study": "demo", "size": "quick", "config": {"seed": 5, "ratios": [0.1, 0.5]}}
+    assert outputs.provenance["seed"] == 5 and outputs.provenance["command"] == "demo"
+
+
+def test_an_incomplete_study_folder_is_not_read(tmp_path):
+    (tmp_path / "results.csv").write_text("a\n1\n")
+    with pytest.raises(FileNotFoundError, match="run `dropkey-lab simulate demo`"):
+        read_study_outputs(tmp_path, remedy="dropkey-lab simulate demo")

@@ -153,7 +153,7 @@ def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
     assert 0.0 <= summary["coverage"] <= 1.0
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["config"]["seed"] == 3
-    assert config["provenance"]["seed"] == 3
+    assert json.loads((tmp_path / "provenance.json").read_text())["seed"] == 3
     assert "coverage" in capsys.readouterr().out
 
 

@@ -124,5 +124,5 @@ def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
     assert tuple(pd.read_csv(tmp_path / "results.csv").columns) == COLUMNS
     assert "cells" in json.loads((tmp_path / "summary.json").read_text())
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["config"]["seed"] == TINY.seed and "provenance" in config
+    assert config["config"]["seed"] == TINY.seed and (tmp_path / "provenance.json").is_file()
     assert "ratio/undamped" in capsys.readouterr().out

@@ -21,12 +21,13 @@ import torch
 
 import theory
 from dropkey.masks import block_keep_mask, cross_keep_mask, dropkey_keep_mask
+from dropkey.storage import to_jsonable
 from reports import claims as registry
 from reports.evidence import Evidence
 from reports.figures import study_figures
 from simulations import structured_masks
 from simulations.cli import main as simulate
-from simulations.common import check_tidy, to_jsonable
+from simulations.common import check_tidy
 from simulations.structured_masks import (
     COLUMNS,
     KEY_COLUMNS,
@@ -217,7 +218,7 @@ def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
     assert "block,5x5,local,r=0.5" in summary["cells"]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["study"] == "structured_masks" and config["size"] == "quick"
-    assert config["config"]["seed"] == 3 and config["provenance"]["seed"] == 3
+    assert config["config"]["seed"] == 3 and json.loads((tmp_path / "provenance.json").read_text())["seed"] == 3
     assert "relative change" in capsys.readouterr().out
 
 

@@ -182,5 +182,5 @@ def test_cli_writes_results_summary_and_config(tmp_path, monkeypatch, capsys):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "paired_comparisons" in summary
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["config"]["seed"] == 4 and config["provenance"]["git_commit"]
+    assert config["config"]["seed"] == 4 and json.loads((tmp_path / "provenance.json").read_text())["git_commit"]
     assert "peak" in capsys.readouterr().out

@@ -20,9 +20,10 @@ import torch
 from scipy.optimize import linprog
 
 import theory
+from dropkey.storage import to_jsonable
 from simulations import toy_optimisation, toy_regimes
 from simulations.cli import main as simulate
-from simulations.common import check_tidy, to_jsonable
+from simulations.common import check_tidy
 from simulations.toy_exact import (
     dropout_free_values_minimum,
     enumerated_expected_loss,
