@@ -62,6 +62,16 @@ def _command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_results_table(args: argparse.Namespace) -> int:
+    """Write docs/results.md (the real-ViT claims' verdicts and numbers) from the result folders in --results-dir."""
+    from dropkey.storage import write_text_atomic
+    from reports.results_doc import results_markdown
+
+    write_text_atomic(args.out, results_markdown(args.results_dir))
+    print(f"results table: {args.out}")
+    return 0
+
+
 def _report_study(value: str) -> str:
     """An argparse type: a study of the report (the registry is read only when --only is given)."""
     from reports.studies import study
@@ -209,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training runs of the quick experiments (default runs/experiments)")
     report.add_argument("--jobs", type=int, default=2, help="quick experiment runs trained in parallel (default 2)")
     report.set_defaults(handler=_command_report)
+
+    table = commands.add_parser("results-table", help="write docs/results.md: verdicts and numbers from results/")
+    table.add_argument("--results-dir", type=Path, default=Path("results"), help="result folders (default results/)")
+    table.add_argument("--out", type=Path, default=Path("docs") / "results.md", help="default docs/results.md")
+    table.set_defaults(handler=_command_results_table)
 
     from simulations.cli import add_arguments as simulate_arguments
 

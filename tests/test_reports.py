@@ -15,6 +15,7 @@ import io
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from reports import claims as registry
 from reports.build import build_report
 from reports.cli import build_parser, main
 from reports.evidence import Evidence, EvidenceError, Sample, load_experiment_evidence
+from reports.results_doc import results_markdown
 from reports.statistics import DIRECTIONS
 from reports.studies import STUDY_NAMES, cache_folder, code_modules, code_version, study, study_names
 from simulations import registry as simulations_registry
@@ -688,6 +690,27 @@ def test_report_command_builds_one_study(tmp_path, monkeypatch, capsys):
     assert code == 0
     assert (tmp_path / "out" / "gradient_damping.html").is_file() and (tmp_path / "out" / "index.html").is_file()
     assert "gradient-damping" in output and "not yet measured" in output
+
+
+def test_committed_results_doc_is_generated_from_the_committed_results():
+    """docs/results.md holds no hand-typed number: `dropkey-lab results-table` regenerates it from results/."""
+    assert (ROOT / "docs" / "results.md").read_text(encoding="utf-8") == results_markdown(ROOT / "results")
+
+
+def test_results_table_command_follows_the_result_folders(tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "results" / "medium" / "schedules", results / "medium" / "schedules")
+    assert main(["results-table", "--results-dir", str(results), "--out", str(tmp_path / "a.md")]) == 0
+    assert "results table:" in capsys.readouterr().out
+    before = (tmp_path / "a.md").read_text(encoding="utf-8")
+    assert "| vit-schedule | contradicted |" in before and "| vit-accuracy | not yet measured |" in before
+    per_seed = results / "medium" / "schedules" / "per_seed.csv"
+    frame = pd.read_csv(per_seed, dtype={"group": str}, keep_default_na=False)
+    frame.loc[frame["quantity"] == "top1_decreasing_minus_constant", "value"] = [2.0, 2.2, 2.4]
+    frame.to_csv(per_seed, index=False)
+    assert main(["results-table", "--results-dir", str(results), "--out", str(tmp_path / "b.md")]) == 0
+    after = (tmp_path / "b.md").read_text(encoding="utf-8")
+    assert "| vit-schedule | confirmed |" in after and "+2.2 [95% CI" in after
 
 
 def test_fmt_handles_missing_numbers():
