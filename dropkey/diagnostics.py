@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dropkey.modules import DropKeyAttention
+from theory.checks import check_choice
 
 if TYPE_CHECKING:  # pandas builds the tidy frames only: imported where a frame is made
     import pandas as pd
@@ -71,7 +72,8 @@ SIMILARITY_SOURCES = ("maps", "weights")
 
 
 def attention_entropy(weights: Tensor) -> Tensor:
-    """Entropy (nats) of each row of weights (..., N) -> (...); 0 log 0 = 0."""
+    """Entropy (nats) of each row of weights (..., N) -> (...); 0 log 0 = 0 (the torch home of the entropy;
+    numpy's is :func:`theory.conventions.entropy`)."""
     return torch.special.entr(weights).sum(dim=-1)
 
 
@@ -132,10 +134,8 @@ def cross_layer_similarity(maps: Sequence[Tensor], *, pairs: str = "adjacent", m
     pairs: ``"adjacent"`` (each block vs the next) or ``"all"`` (every p < q). measure: ``"cosine"``
     (DeepViT's definition) or ``"correlation"`` (centred; constant columns are left out of the mean).
     """
-    if pairs not in SIMILARITY_PAIRS:
-        raise ValueError(f"pairs must be one of {SIMILARITY_PAIRS}, got {pairs!r}")
-    if measure not in SIMILARITY_MEASURES:
-        raise ValueError(f"measure must be one of {tuple(SIMILARITY_MEASURES)}, got {measure!r}")
+    check_choice(pairs, "pairs", SIMILARITY_PAIRS)
+    check_choice(measure, "measure", tuple(SIMILARITY_MEASURES))
     compare = SIMILARITY_MEASURES[measure]
     indices = range(len(maps))
     chosen = zip(indices, indices[1:]) if pairs == "adjacent" else itertools.combinations(indices, 2)
@@ -306,8 +306,7 @@ class AttentionRecorder:
         """
         if not self.store_maps:
             raise ValueError("similarity_frame needs AttentionRecorder(..., store_maps=True)")
-        if source not in SIMILARITY_SOURCES:
-            raise ValueError(f"source must be one of {SIMILARITY_SOURCES}, got {source!r}")
+        check_choice(source, "source", SIMILARITY_SOURCES)
         recorded = self.maps if source == "maps" else self.weights
         layers = sorted(recorded)
         if layers != list(range(len(self.layers))):

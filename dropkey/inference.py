@@ -1,4 +1,4 @@
-"""Monte-Carlo inference: average stochastic forward passes (train/test alignment, THEORY-NOTES section 4).
+"""Monte-Carlo inference: average stochastic forward passes (train/test alignment, docs/theory.md section 4).
 
 How the model is put in "stochastic mode": the whole model is switched to
 ``eval()`` (BatchNorm uses running statistics, nothing is updated), then only the
@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import numbers
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from dropkey.masks import GeneratorLike
+from dropkey.masks import GeneratorLike, check_generator
+from theory.checks import check_choice, check_int
+from theory.seeding import child_sequences, integer_seed
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +55,10 @@ def is_stochastic_module(module: nn.Module) -> bool:
 
 
 def _seed_from(generator: GeneratorLike) -> Optional[int]:
-    if generator is None:
-        return None
-    if isinstance(generator, torch.Generator):
-        return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    if isinstance(generator, bool) or not isinstance(generator, numbers.Integral):
-        raise ValueError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
-    return int(generator)
+    checked = check_generator(generator)
+    if isinstance(checked, torch.Generator):
+        return int(torch.randint(0, 2**62, (1,), generator=checked, device=checked.device).item())
+    return checked
 
 
 def _owns_generator(module: nn.Module) -> bool:
@@ -68,9 +66,10 @@ def _owns_generator(module: nn.Module) -> bool:
 
 
 def _child_seeds(seed: int, count: int) -> list[int]:
-    """``count`` independent 63-bit seeds derived from ``seed`` (numpy SeedSequence children)."""
-    children = np.random.SeedSequence(seed % 2**64).spawn(count)
-    return [int(child.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)) for child in children]
+    """``count`` independent 63-bit seeds derived from ``seed`` (SeedSequence children, the upper 63 bits of
+    each child's first word: the streams every recorded result was drawn with)."""
+    children = child_sequences(np.random.SeedSequence(seed % 2**64), count)
+    return [integer_seed(child, 64) >> 1 for child in children]
 
 
 def monte_carlo_predict(
@@ -99,10 +98,8 @@ def monte_carlo_predict(
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if average not in AVERAGES:
-        raise ValueError(f"average must be one of {AVERAGES}, got {average!r}")
+    num_samples = check_int(num_samples, "num_samples", 1)
+    check_choice(average, "average", AVERAGES)
     seed = _seed_from(generator)
 
     modes = {module: module.training for module in model.modules()}

@@ -52,6 +52,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from theory.checks import check_choice, check_drop_ratio, check_int
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "block_keep_mask",
     "block_seed_rate",
     "calibrated_seed_rate",
+    "check_generator",
     "coverage_counts",
     "cross_keep_mask",
     "cross_seed_rate",
@@ -90,16 +93,10 @@ _ONE = torch.tensor(1.0, dtype=torch.float64)  # 1 + alpha * x in one pass: torc
 
 
 def validate_drop_ratio(drop_ratio: object, name: str = "drop_ratio") -> float:
-    """Return ``drop_ratio`` as a float in [0, 1) or raise ValueError naming ``name``."""
-    if isinstance(drop_ratio, bool) or not isinstance(drop_ratio, numbers.Real):
-        if isinstance(drop_ratio, torch.Tensor) and drop_ratio.numel() == 1 and not drop_ratio.dtype.is_complex:
-            drop_ratio = float(drop_ratio.item())
-        else:
-            raise ValueError(f"{name} must be a real number in [0, 1), got {drop_ratio!r}")
-    value = float(drop_ratio)
-    if not (0.0 <= value < 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return value
+    """``drop_ratio`` as a float in [0, 1) (a one-element real tensor too) or ValueError naming ``name``."""
+    if isinstance(drop_ratio, torch.Tensor) and drop_ratio.numel() == 1 and not drop_ratio.dtype.is_complex:
+        drop_ratio = float(drop_ratio.item())
+    return check_drop_ratio(drop_ratio, name)
 
 
 def _validate_shape(shape: object, min_dims: int = 2, name: str = "shape") -> tuple[int, ...]:
@@ -118,9 +115,7 @@ def _validate_shape(shape: object, min_dims: int = 2, name: str = "shape") -> tu
 
 
 def _validate_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
+    return check_int(value, name, 1)
 
 
 def _validate_grid(grid: object, keys: int, num_prefix_tokens: object) -> tuple[int, int, int]:
@@ -132,9 +127,7 @@ def _validate_grid(grid: object, keys: int, num_prefix_tokens: object) -> tuple[
         raise ValueError(f"grid must be a pair (H, W) of positive ints, got {grid!r}")
     height = _validate_positive_int(grid[0], "grid[0] (H)")
     width = _validate_positive_int(grid[1], "grid[1] (W)")
-    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, numbers.Integral) or num_prefix_tokens < 0:
-        raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
-    prefix = int(num_prefix_tokens)
+    prefix = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
     if keys != prefix + height * width:
         raise ValueError(
             f"shape[-1] (Nk={keys}) must equal num_prefix_tokens + H * W = {prefix} + {height} * {width}"
@@ -142,14 +135,23 @@ def _validate_grid(grid: object, keys: int, num_prefix_tokens: object) -> tuple[
     return height, width, prefix
 
 
-def resolve_generator(generator: GeneratorLike, device: torch.device | str | None = None) -> torch.Generator | None:
-    """A :class:`torch.Generator` from ``generator``: ``None`` (global RNG), a generator, or an int seed."""
+def check_generator(generator: object, name: str = "generator") -> torch.Generator | int | None:
+    """A :class:`torch.Generator`, an int seed (what ``Generator.manual_seed`` takes) or None; ValueError otherwise."""
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, bool) or not isinstance(generator, numbers.Integral):
-        raise ValueError(f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+        raise ValueError(f"{name} must be a torch.Generator, an int seed or None, got {type(generator).__name__}")
+    return check_int(generator, name, -(2**63), 2**64 - 1)
+
+
+def resolve_generator(generator: GeneratorLike, device: torch.device | str | None = None) -> torch.Generator | None:
+    """A :class:`torch.Generator` from ``generator``: ``None`` (global RNG), a generator, or an int seed
+    (a fresh generator on ``device`` seeded with it)."""
+    checked = check_generator(generator)
+    if not isinstance(checked, int):
+        return checked
     fresh = torch.Generator(device=torch.device(device) if device is not None else "cpu")
-    fresh.manual_seed(int(generator))
+    fresh.manual_seed(checked)
     return fresh
 
 
@@ -421,8 +423,7 @@ def calibrated_seed_rate(
     ``kind`` is ``"block"`` (square of side ``side``) or ``"cross"`` (plus of arm ``arm``).
     """
     r = validate_drop_ratio(drop_ratio)
-    if kind not in ("block", "cross"):
-        raise ValueError(f"kind must be 'block' or 'cross', got {kind!r}")
+    check_choice(kind, "kind", ("block", "cross"))
     size = _validate_positive_int(side, "side") if kind == "block" else _validate_positive_int(arm, "arm")
     if not isinstance(grid, Sequence) or isinstance(grid, (str, bytes)) or len(grid) != 2:
         raise ValueError(f"grid must be a pair (H, W) of positive ints, got {grid!r}")

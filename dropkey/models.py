@@ -29,9 +29,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dropkey.modules import GRID_VARIANTS, VARIANTS, DropKeyAttention
-from dropkey.reattention import REATTENTION_FORMS, REATTENTION_INITS
+from dropkey import regularisers
+from dropkey.modules import DropKeyAttention
+from dropkey.reattention import ReattentionSettings
 from dropkey.schedules import validate_schedule
+from theory.checks import check_choice, check_drop_ratio, check_int, check_real
+from theory.conventions import DEFAULT, check_all_dropped
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ class ViTConfig:
     # attention regulariser, per block: one value for all blocks or one per block
     attn_variant: str | tuple[str, ...] = "dropkey"
     drop_ratio: float | tuple[float, ...] = 0.0
-    all_dropped: str = "uniform"
+    all_dropped: str = DEFAULT
     block_side: int = 3  # dropkey_block window side
     cross_arm: int = 1  # dropkey_cross arm length
     # DeepViT Re-attention
@@ -83,44 +86,31 @@ class ViTConfig:
     def __post_init__(self) -> None:
         for name in ("attn_variant", "drop_ratio", "reattention_blocks"):
             object.__setattr__(self, name, _as_tuple(getattr(self, name)))
-        for name, minimum in (
-            ("image_size", 1), ("patch_size", 1), ("in_chans", 1), ("num_classes", 1),
-            ("dim", 1), ("depth", 1), ("num_heads", 1), ("block_side", 1), ("cross_arm", 1),
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        sizes = ("image_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "num_heads")
+        for name in (*sizes, "block_side", "cross_arm"):
+            check_int(getattr(self, name), name, 1)
         if self.image_size % self.patch_size != 0:
             raise ValueError(
                 f"image_size must be divisible by patch_size, got {self.image_size} and {self.patch_size}"
             )
         if self.dim % self.num_heads != 0:
             raise ValueError(f"dim must be divisible by num_heads, got {self.dim} and {self.num_heads}")
-        if not (isinstance(self.mlp_ratio, numbers.Real) and self.mlp_ratio > 0):
-            raise ValueError(f"mlp_ratio must be a real number > 0, got {self.mlp_ratio!r}")
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        check_real(self.mlp_ratio, "mlp_ratio", 0.0, None, low_open=True)
+        check_choice(self.pooling, "pooling", POOLINGS)
         for variant in self.layer_variants:
-            if variant not in VARIANTS:
-                raise ValueError(f"attn_variant must be one of {VARIANTS}, got {variant!r}")
-        for i, (variant, ratio) in enumerate(zip(self.layer_variants, self.layer_drop_ratios)):
-            if variant == "none" and ratio > 0.0:
-                raise ValueError(f"drop_ratio of block {i} must be 0 for attn_variant 'none', got {ratio!r}")
-        if self.reattention not in REATTENTION_FORMS:
-            raise ValueError(f"reattention must be one of {REATTENTION_FORMS}, got {self.reattention!r}")
-        if self.reattention_init not in REATTENTION_INITS:
-            raise ValueError(
-                f"reattention_init must be one of {REATTENTION_INITS}, got {self.reattention_init!r}"
-            )
+            check_choice(variant, "attn_variant", regularisers.names())
+        for i, (variant, ratio) in enumerate(zip(self.layer_variants, self.layer_drop_ratios, strict=True)):
+            if not regularisers.get(variant).has_rate and ratio > 0.0:
+                raise ValueError(f"drop_ratio of block {i} must be 0 for attn_variant {variant!r}, got {ratio!r}")
+        check_all_dropped(self.all_dropped)
+        ReattentionSettings(self.reattention, self.reattention_init)  # validates both
         blocks = self.reattention_blocks
         if not isinstance(blocks, tuple) or not all(
             isinstance(b, numbers.Integral) and not isinstance(b, bool) and 0 <= b < self.depth for b in blocks
         ):
             raise ValueError(f"reattention_blocks must be block indices in [0, {self.depth}), got {blocks!r}")
         for name in ("drop_path", "proj_drop", "mlp_drop", "pos_drop"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+            check_drop_ratio(getattr(self, name), name)
         if self.mask_seed is not None and (isinstance(self.mask_seed, bool) or not isinstance(self.mask_seed, int)):
             raise ValueError(f"mask_seed must be an int or None, got {self.mask_seed!r}")
 
@@ -137,6 +127,14 @@ class ViTConfig:
     @property
     def num_prefix_tokens(self) -> int:
         return 1 if self.pooling == "cls" else 0
+
+    def layer_regulariser(self, index: int) -> regularisers.Regulariser:
+        """Block ``index``'s regulariser, with this config's settings (convention, grid, block side, ...)."""
+        settings = {
+            "all_dropped": self.all_dropped, "grid": self.grid, "num_prefix_tokens": self.num_prefix_tokens,
+            "block_side": self.block_side, "cross_arm": self.cross_arm,
+        }
+        return regularisers.from_settings(self.layer_variants[index], settings)
 
     @property
     def layer_variants(self) -> tuple[str, ...]:
@@ -248,18 +246,14 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(c.pos_drop)
 
         drop_paths = torch.linspace(0.0, c.drop_path, c.depth).tolist()  # timm's decay rule
-        variants, ratios = c.layer_variants, c.layer_drop_ratios
+        ratios = c.layer_drop_ratios
         blocks = []
         for i in range(c.depth):
+            reattention = ReattentionSettings(c.reattention, c.reattention_init) if i in c.reattention_blocks else None
             attn = DropKeyAttention(
-                c.dim, c.num_heads, qkv_bias=c.qkv_bias, drop_ratio=ratios[i], proj_drop=c.proj_drop,
-                variant=variants[i], all_dropped=c.all_dropped, backend=c.backend,
-                reattention=c.reattention if i in c.reattention_blocks else None,
-                reattention_init=c.reattention_init,
-                grid=c.grid if variants[i] in GRID_VARIANTS else None,
-                num_prefix_tokens=c.num_prefix_tokens, block_side=c.block_side, cross_arm=c.cross_arm,
-                fused_attn=c.fused_attn,
-                generator=None if c.mask_seed is None else c.mask_seed + i,
+                c.dim, c.num_heads, variant=c.layer_regulariser(i), drop_ratio=ratios[i], reattention=reattention,
+                backend=c.backend, fused_attn=c.fused_attn, generator=None if c.mask_seed is None else c.mask_seed + i,
+                qkv_bias=c.qkv_bias, proj_drop=c.proj_drop,
             )
             blocks.append(
                 Block(c.dim, attn, c.mlp_ratio, mlp_drop=c.mlp_drop, drop_path=drop_paths[i], norm_eps=c.norm_eps)

@@ -4,31 +4,25 @@ Shape contract and parameter names are those of ``timm.models.vision_transformer
 x (B, N, C) -> (B, N, C); ``qkv`` (Linear C -> 3C), ``proj`` (Linear C -> C),
 ``proj_drop``; attributes ``num_heads``, ``head_dim``, ``scale``. A timm
 Attention state_dict (``qkv.weight``, ``qkv.bias``, ``proj.weight``,
-``proj.bias``) loads as is. The attention regulariser is picked by ``variant``:
+``proj.bias``) loads as is.
 
-- ``"none"``           plain attention;
-- ``"dropout"``        post-softmax attention dropout, w = b p / (1 - r) (timm's ``attn_drop``);
-- ``"dropattention"``  keys dropped before the softmax, one mask per (batch, head) shared by
-                       all queries, renormalised by the softmax;
-- ``"dropkey"``        keys dropped before the softmax independently per (batch, head, query)
-                       (Li et al., CVPR 2023), renormalised, no 1/(1 - r) rescale;
-- ``"dropkey_block"``  DropKey with square windows of side ``block_side`` on the patch grid;
-- ``"dropkey_cross"``  DropKey with plus-shaped regions of arm ``cross_arm`` on the patch grid.
+Constructor: ``DropKeyAttention(dim, num_heads, *, variant, drop_ratio, reattention, backend,
+fused_attn, record_weights, generator, <timm's keywords>)``. The attention regulariser is
+``variant``: a registered name (:func:`dropkey.regularisers.names`: ``none``, ``dropout``,
+``dropattention``, ``dropkey``, ``dropkey_block``, ``dropkey_cross``) or a
+:class:`~dropkey.regularisers.Regulariser` carrying its settings (all-dropped convention, grid,
+block side, ...), e.g. ``variant=regularisers.create("dropkey_block", grid=(8, 8))``. Its rate is
+``drop_ratio`` (changed by :meth:`DropKeyAttention.set_drop_ratio`). It acts in training mode
+only; eval mode is plain attention. ``reattention``: None, a form's name or
+:class:`~dropkey.reattention.ReattentionSettings`.
 
-The regulariser acts in training mode only; eval mode is plain attention.
-All-dropped rows follow ``all_dropped`` (THEORY-NOTES section 1).
-
-Two paths compute the same thing:
-
-- fast (fused): the :mod:`dropkey.functional` kernels; weights are never materialised
-  (``backend="auto"``, DropKey: on CPU float32 the C++ kernel, on CUDA with triton the
-  Triton kernel, both with their hash mask; the Block/Cross masks take ``fused``/``sdpa``);
-- reference: logits = (q * scale) @ k^T -> keep mask -> masked softmax (or post-softmax
-  dropout) -> optional Re-attention mixing -> maps @ v, with every intermediate exposed.
-
-The reference path runs when weights are needed: ``forward(x, return_weights=True)``,
-``record_weights=True``, Re-attention, or ``fused_attn=False``. Both paths draw the keep
-mask from the same generator in the same way, so with equal generator states they agree.
+Two paths compute the same thing (docs/attention.md, "DropKeyAttention: two paths"): the fast
+path (the regulariser's :meth:`~dropkey.regularisers.Regulariser.attention`, weights never
+materialised) and the reference path (logits -> keep mask -> the regulariser's
+:meth:`~dropkey.regularisers.Regulariser.weights` -> optional Re-attention -> maps @ v), which
+runs when weights are needed: ``forward(x, return_weights=True)``, ``record_weights=True``,
+Re-attention, ``fused_attn=False``, or a caller's mask with a regulariser. Both draw the keep
+mask from the same generator in the same way.
 
 Observing the reference path. Three ``nn.Identity`` probes sit on it; forward hooks
 on them (see :mod:`dropkey.diagnostics`) see the tensors without changing them:
@@ -42,8 +36,8 @@ The probes hold no parameters, so the state_dict keys stay timm's.
 
 timm compatibility (``timm.layers.Attention``, checked against timm's current source):
 
-- the constructor takes timm's keywords ``qk_norm`` (``q_norm``/``k_norm``: ``norm_layer``
-  over ``head_dim``, applied to q and k of every head; ``nn.Identity`` when off),
+- the constructor takes timm's keywords ``qkv_bias``, ``qk_norm`` (``q_norm``/``k_norm``:
+  ``norm_layer`` over ``head_dim``, applied to q and k of every head; ``nn.Identity`` when off),
   ``scale_norm`` (``norm``: ``norm_layer`` over the attention output before ``proj``),
   ``proj_bias``, ``attn_drop``, ``proj_drop``, ``norm_layer`` (default: ``nn.LayerNorm``
   when a norm is asked for), ``attn_head_dim``, ``dim_out``, ``device`` and ``dtype``, with
@@ -65,66 +59,57 @@ timm compatibility (``timm.layers.Attention``, checked against timm's current so
   caller allows it and the regulariser keeps it. ``all_dropped`` then applies to rows where
   the caller allows keys but the regulariser dropped all of them: ``zero`` -> 0,
   ``uniform`` -> 1 / n over the n keys the caller allows, ``undropped`` -> the softmax with
-  the caller's mask only. Rows the caller's mask leaves empty get weights 0 under the
-  DropKey-family variants (plain attention and ``"dropout"`` give what timm gives there:
-  SDPA's output, or NaN on the reference path).
+  the caller's mask only (docs/theory.md section 1). Rows the caller's mask leaves empty get
+  weights 0 under the renormalising regularisers (plain attention and ``"dropout"`` give what
+  timm gives there: SDPA's output, or NaN on the reference path).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import numbers
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dropkey import functional, masks
-from dropkey.reattention import REATTENTION_FORMS, REATTENTION_INITS, build_reattention
+from dropkey import functional, masks, regularisers
+from dropkey.reattention import ReattentionSettings
+from dropkey.regularisers import Context, Regulariser
+from theory.checks import check_bool, check_choice, check_int
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("none", "dropout", "dropattention", "dropkey", "dropkey_block", "dropkey_cross")
-GRID_VARIANTS = ("dropkey_block", "dropkey_cross")
+
+def __getattr__(name: str) -> Any:
+    """``VARIANTS`` and ``GRID_VARIANTS``: the registry's names now (a regulariser registered later counts)."""
+    if name == "VARIANTS":
+        return regularisers.names()
+    if name == "GRID_VARIANTS":
+        return regularisers.grid_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _check_int(value: object, *, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_option(value: object, allowed: tuple[str, ...], *, name: str) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
-
-
-def _check_bool(value: object, *, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r}")
-    return value
-
-
-def _resolve_variant(variant: object, drop_ratio: float, attn_drop: float) -> tuple[str, float]:
-    """(variant, drop_ratio) from the arguments, with timm's ``attn_drop`` mapped (see the module doc)."""
-    if variant is not None:
-        variant = _check_option(variant, VARIANTS, name="variant")
+def _resolve_variant(
+    variant: str | Regulariser | None, drop_ratio: float, attn_drop: float
+) -> tuple[Regulariser, float]:
+    """(regulariser, drop_ratio) from the arguments, with timm's ``attn_drop`` mapped (see the module doc)."""
+    name = variant.name if isinstance(variant, Regulariser) else None if variant is None else regularisers.get(variant).name
     if attn_drop == 0.0:
-        return ("dropkey" if variant is None else variant), drop_ratio
+        return regularisers.create("dropkey" if variant is None else variant), drop_ratio
     if drop_ratio > 0.0:
         raise ValueError(
             f"give the attention regulariser's rate once: drop_ratio={drop_ratio!r} (for variant) or "
             f"timm's attn_drop={attn_drop!r} (post-softmax dropout), not both"
         )
-    if variant not in (None, "dropout"):
+    if name not in (None, "dropout"):
         raise ValueError(
             f"attn_drop is timm's post-softmax dropout and needs variant None or 'dropout', got "
-            f"variant={variant!r}; give that variant's rate as drop_ratio instead"
+            f"variant={name!r}; give that variant's rate as drop_ratio instead"
         )
-    return "dropout", attn_drop
+    return regularisers.create("dropout" if variant is None else variant), attn_drop
 
 
 def _attn_bias(logits: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor | None:
@@ -136,27 +121,6 @@ def _attn_bias(logits: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Ten
     return torch.zeros_like(attn_mask, dtype=logits.dtype).masked_fill_(~attn_mask, float("-inf"))
 
 
-def _masked_softmax_within(logits: Tensor, keep: Tensor, allowed: Tensor, all_dropped: str) -> Tensor:
-    """Softmax over the keys both masks keep; ``all_dropped`` among the caller-``allowed`` keys."""
-    kept = keep & allowed
-    # finite logits outside `allowed` (excluded anyway): rows left empty get 0, not NaN, in backward too
-    logits = logits.masked_fill(~allowed, 0.0)
-    weights = functional.masked_softmax(logits, kept, all_dropped="zero")
-    if all_dropped == "zero":
-        return weights
-    source = logits if all_dropped == "undropped" else torch.zeros_like(logits)  # uniform: equal logits
-    fallback = functional.masked_softmax(source, allowed, all_dropped="zero")
-    return torch.where(kept.any(dim=-1, keepdim=True), weights, fallback)
-
-
-def _check_generator(generator: object) -> torch.Generator | int | None:
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, bool) or not isinstance(generator, numbers.Integral):
-        raise ValueError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")
-    return int(generator)
-
-
 class DropKeyAttention(nn.Module):
     """Multi-head self-attention with a pluggable attention regulariser (see the module doc)."""
 
@@ -164,76 +128,55 @@ class DropKeyAttention(nn.Module):
         self,
         dim: int,
         num_heads: int = 8,
-        qkv_bias: bool = False,
-        drop_ratio: float = 0.0,
-        proj_drop: float = 0.0,
         *,
-        variant: str | None = None,
-        all_dropped: str = "uniform",
+        # the attention regulariser and its rate
+        variant: str | Regulariser | None = None,
+        drop_ratio: float = 0.0,
+        # DeepViT Re-attention
+        reattention: str | ReattentionSettings | None = None,
+        # implementation
         backend: str = "auto",
-        reattention: str | None = None,
-        reattention_init: str = "default",
-        grid: tuple[int, int] | None = None,
-        num_prefix_tokens: int = 1,
-        block_side: int = 3,
-        cross_arm: int = 1,
-        record_weights: bool = False,
         fused_attn: bool = True,
-        proj_bias: bool = True,
+        record_weights: bool = False,
         generator: torch.Generator | int | None = None,
+        # timm's keywords
+        qkv_bias: bool = False,
         qk_norm: bool = False,
         scale_norm: bool = False,
+        proj_bias: bool = True,
         attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
         norm_layer: Callable[..., nn.Module] | None = None,
         attn_head_dim: int | None = None,
         dim_out: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        """``variant=None`` means ``"dropkey"`` (``"dropout"`` when only timm's ``attn_drop`` is given).
-
-        The keywords after ``generator`` are timm's (see the module doc).
-        """
+        """``variant=None`` means ``"dropkey"`` (``"dropout"`` when only timm's ``attn_drop`` is given)."""
         super().__init__()
-        dim = _check_int(dim, name="dim", minimum=1)
-        num_heads = _check_int(num_heads, name="num_heads", minimum=1)
+        dim = check_int(dim, "dim", 1)
+        num_heads = check_int(num_heads, "num_heads", 1)
         if attn_head_dim is None:
             if dim % num_heads != 0:
                 raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
             head_dim = dim // num_heads
         else:
-            head_dim = _check_int(attn_head_dim, name="attn_head_dim", minimum=1)
-        dim_out = dim if dim_out is None else _check_int(dim_out, name="dim_out", minimum=1)
-        qk_norm = _check_bool(qk_norm, name="qk_norm")
-        scale_norm = _check_bool(scale_norm, name="scale_norm")
+            head_dim = check_int(attn_head_dim, "attn_head_dim", 1)
+        dim_out = dim if dim_out is None else check_int(dim_out, "dim_out", 1)
+        qk_norm = check_bool(qk_norm, "qk_norm")
+        scale_norm = check_bool(scale_norm, "scale_norm")
         if norm_layer is None:
             norm_layer = nn.LayerNorm
         elif not callable(norm_layer):
             raise ValueError(
                 f"norm_layer must be a callable building a norm module (e.g. nn.LayerNorm) or None, got {norm_layer!r}"
             )
-        self.variant, self.drop_ratio = _resolve_variant(
-            variant, masks.validate_drop_ratio(drop_ratio, "drop_ratio"), masks.validate_drop_ratio(attn_drop, "attn_drop")
-        )
-        if self.variant == "none" and self.drop_ratio > 0.0:
-            raise ValueError(f"drop_ratio must be 0 for variant='none', got {self.drop_ratio!r}")
-        self.all_dropped = _check_option(
-            all_dropped, tuple(functional.ALL_DROPPED_CONVENTIONS), name="all_dropped"
-        )
-        self.backend = _check_option(backend, tuple(functional.BACKENDS), name="backend")
-        if reattention is not None:
-            _check_option(reattention, REATTENTION_FORMS, name="reattention")
-        _check_option(reattention_init, REATTENTION_INITS, name="reattention_init")
-        self.num_prefix_tokens = _check_int(num_prefix_tokens, name="num_prefix_tokens", minimum=0)
-        self.block_side = _check_int(block_side, name="block_side", minimum=1)
-        self.cross_arm = _check_int(cross_arm, name="cross_arm", minimum=1)
-        if grid is not None:
-            if not isinstance(grid, (tuple, list)) or len(grid) != 2:
-                raise ValueError(f"grid must be a pair (rows, cols) of integers >= 1, got {grid!r}")
-            grid = (_check_int(grid[0], name="grid[0]", minimum=1), _check_int(grid[1], name="grid[1]", minimum=1))
-        if self.variant in GRID_VARIANTS and grid is None:
-            raise ValueError(f"variant={self.variant!r} needs grid=(rows, cols) of the patch tokens")
-        self.grid = grid
+        ratio = masks.validate_drop_ratio(drop_ratio, "drop_ratio")
+        timm_ratio = masks.validate_drop_ratio(attn_drop, "attn_drop")
+        self.regulariser, self.drop_ratio = _resolve_variant(variant, ratio, timm_ratio)
+        self._check_rate(self.drop_ratio)
+        self.backend = check_choice(backend, "backend", functional.BACKENDS)
+        settings = ReattentionSettings.of(reattention)
 
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -252,9 +195,7 @@ class DropKeyAttention(nn.Module):
         self.k_norm = norm_layer(head_dim, **norm_factory) if qk_norm else nn.Identity()
         self.logits_probe = nn.Identity()  # (B, H, N, N) logits, reference path only
         self.weights_probe = nn.Identity()  # (B, H, N, N) post-softmax weights after the drop
-        self.reattention = (
-            None if reattention is None else build_reattention(reattention, num_heads, init=reattention_init)
-        )
+        self.reattention = None if settings is None else settings.build(num_heads)
         if self.reattention is not None and norm_factory:
             self.reattention.to(**norm_factory)
         self.maps_probe = nn.Identity()  # (B, H, N, N) maps that multiply V
@@ -264,11 +205,24 @@ class DropKeyAttention(nn.Module):
 
     # --- configuration --------------------------------------------------------------
 
+    @property
+    def variant(self) -> str:
+        """The regulariser's registered name."""
+        return self.regulariser.name
+
+    @property
+    def all_dropped(self) -> str:
+        """The regulariser's all-dropped convention."""
+        return self.regulariser.all_dropped
+
+    def _check_rate(self, ratio: float) -> None:
+        if not self.regulariser.has_rate and ratio > 0.0:
+            raise ValueError(f"drop_ratio must be 0 for variant={self.variant!r}, got {ratio!r}")
+
     def set_drop_ratio(self, drop_ratio: float) -> None:
         """Change the drop ratio (e.g. 0 to fine-tune the last epochs without the regulariser)."""
         ratio = masks.validate_drop_ratio(drop_ratio, "drop_ratio")
-        if self.variant == "none" and ratio > 0.0:
-            raise ValueError(f"drop_ratio must be 0 for variant='none', got {ratio!r}")
+        self._check_rate(ratio)
         self.drop_ratio = ratio
 
     def set_generator(self, generator: torch.Generator | int | None) -> None:
@@ -278,7 +232,7 @@ class DropKeyAttention(nn.Module):
         seeded with it is created on the device of the first input (and re-created,
         reseeded, if the module later sees inputs on another device).
         """
-        generator = _check_generator(generator)
+        generator = masks.check_generator(generator)
         self._seed = generator if isinstance(generator, int) else None
         self.generator = generator if isinstance(generator, torch.Generator) else None
 
@@ -312,7 +266,7 @@ class DropKeyAttention(nn.Module):
     @property
     def regularising(self) -> bool:
         """True when the next forward applies the regulariser (training mode, r > 0)."""
-        return self.training and self.drop_ratio > 0.0 and self.variant != "none"
+        return self.training and self.drop_ratio > 0.0 and self.regulariser.has_rate
 
     @property
     def uses_reference_path(self) -> bool:
@@ -320,18 +274,20 @@ class DropKeyAttention(nn.Module):
         return not self.fused_attn or self.record_weights or self.reattention is not None
 
     def extra_repr(self) -> str:
-        text = f"num_heads={self.num_heads}, head_dim={self.head_dim}, variant={self.variant!r}, "
-        text += f"drop_ratio={self.drop_ratio}, all_dropped={self.all_dropped!r}"
-        if self.variant in GRID_VARIANTS:
-            text += f", grid={self.grid}, num_prefix_tokens={self.num_prefix_tokens}"
-        return text
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, {self.regulariser.describe()}, " \
+            f"drop_ratio={self.drop_ratio}"
 
     # --- masks ----------------------------------------------------------------------
+
+    def _context(self, device: torch.device, dtype: torch.dtype | None = None) -> Context:
+        return Context(
+            generator=self._generator_for(device), device=device, dtype=dtype, backend=self.backend, scale=self.scale
+        )
 
     def keep_mask(
         self, shape: tuple[int, ...], device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> Tensor:
-        """Draw this variant's keep mask (bool, True = kept) for logits of ``shape`` (..., N, N).
+        """Draw this regulariser's keep mask (bool, True = kept) for logits of ``shape`` (..., N, N).
 
         Independent (dropkey, dropout): (..., N, N); dropattention: (..., 1, N);
         block/cross: as :mod:`dropkey.masks` returns them (broadcastable to ``shape``).
@@ -340,38 +296,12 @@ class DropKeyAttention(nn.Module):
         ``cpp`` backend (:func:`dropkey.functional.resolve_backend`), else Bernoulli.
         """
         device = torch.device("cpu") if device is None else torch.device(device)
-        r, gen = self.drop_ratio, self._generator_for(device)
-        if self.variant == "dropkey" and functional.resolve_backend(self.backend, device, dtype)[1] == "hash":
-            from dropkey.kernels import hash_drop_mask, hash_seed_tensor
-
-            return hash_drop_mask(hash_seed_tensor(gen), shape, r, device=device).logical_not_()
-        if self.variant in ("dropkey", "dropout"):
-            return masks.dropkey_keep_mask(shape, r, generator=gen, device=device)
-        if self.variant == "dropattention":
-            return masks.dropattention_keep_mask(shape, r, generator=gen, device=device)
-        if self.variant in GRID_VARIANTS:
-            expected = self.num_prefix_tokens + self.grid[0] * self.grid[1]
-            if shape[-1] != expected:
-                raise ValueError(
-                    f"{self.variant} expects {expected} tokens ({self.num_prefix_tokens} prefix + "
-                    f"grid {self.grid}), got {shape[-1]}"
-                )
-            if self.variant == "dropkey_block":
-                return masks.block_keep_mask(
-                    shape, r, grid=self.grid, num_prefix_tokens=self.num_prefix_tokens,
-                    side=self.block_side, generator=gen, device=device,
-                )
-            return masks.cross_keep_mask(
-                shape, r, grid=self.grid, num_prefix_tokens=self.num_prefix_tokens,
-                arm=self.cross_arm, generator=gen, device=device,
-            )
-        raise ValueError(f"variant {self.variant!r} has no keep mask")
+        return self.regulariser.keep_mask(shape, self.drop_ratio, self._context(device, dtype))
 
     # --- attention on per-head tensors ----------------------------------------------
 
     def _check_attn_mask(self, attn_mask: object, is_causal: object, q: Tensor, k: Tensor) -> None:
-        if not isinstance(is_causal, bool):
-            raise ValueError(f"is_causal must be a bool, got {is_causal!r}")
+        check_bool(is_causal, "is_causal")
         if attn_mask is None:
             return
         if not isinstance(attn_mask, Tensor):
@@ -430,21 +360,7 @@ class DropKeyAttention(nn.Module):
                 # timm's fused call verbatim (default scale == self.scale): matches timm bit for bit
                 return F.scaled_dot_product_attention(q, k, v)
             return functional.plain_attention(q, k, v, scale=self.scale, backend=self.backend)
-        if self.variant == "dropkey":
-            return functional.dropkey_attention(
-                q, k, v, self.drop_ratio, training=True, all_dropped=self.all_dropped,
-                generator=self._generator_for(q.device), backend=self.backend, scale=self.scale,
-            )
-        if self.variant == "dropout":
-            return functional.post_softmax_dropout_attention(
-                q, k, v, self.drop_ratio, training=True, generator=self._generator_for(q.device), scale=self.scale
-            )
-        keep = self.keep_mask(tuple(q.shape[:-1]) + (k.shape[-2],), device=q.device)
-        # the triton and cpp kernels only hash their own mask: a given mask takes auto's path
-        backend = "auto" if self.backend in functional.HASH_BACKENDS else self.backend
-        return functional.attention_from_keep_mask(
-            q, k, v, keep, all_dropped=self.all_dropped, scale=self.scale, backend=backend
-        )
+        return self.regulariser.attention(q, k, v, self.drop_ratio, self._context(q.device))
 
     def _reference_attention(
         self, q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False
@@ -456,15 +372,10 @@ class DropKeyAttention(nn.Module):
             logits = logits + bias  # timm's maybe_add_mask
         if not self.regularising:
             weights = logits.softmax(dim=-1)
-        elif self.variant == "dropout":  # timm's attn_drop, same mask as the fused path
-            drop = self.keep_mask(tuple(logits.shape), device=logits.device).logical_not_()
-            weights = (logits.softmax(dim=-1) / (1.0 - self.drop_ratio)).masked_fill(drop, 0.0)
         else:
             keep = self.keep_mask(tuple(logits.shape), device=logits.device, dtype=logits.dtype)
-            if bias is None:
-                weights = functional.masked_softmax(logits, keep, all_dropped=self.all_dropped)
-            else:
-                weights = _masked_softmax_within(logits, keep, ~torch.isneginf(bias), self.all_dropped)
+            allowed = None if bias is None else ~torch.isneginf(bias)
+            weights = self.regulariser.weights(logits, keep, self.drop_ratio, allowed)
         weights = self.weights_probe(weights)
         maps = weights if self.reattention is None else self.reattention(weights)
         maps = self.maps_probe(maps)

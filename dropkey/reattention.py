@@ -31,23 +31,45 @@ DropKey, the keep mask acts before the softmax and this mixing after it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
+
+from theory.checks import check_choice, check_int
 
 REATTENTION_FORMS = ("conv_bn", "layernorm")
 REATTENTION_INITS = ("default", "identity")
 
 
 def _check_heads(num_heads: object) -> int:
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be an integer >= 1, got {num_heads!r}")
-    return num_heads
+    return check_int(num_heads, "num_heads", 1)
 
 
 def _check_init(init: object) -> str:
-    if init not in REATTENTION_INITS:
-        raise ValueError(f"init must be one of {REATTENTION_INITS}, got {init!r}")
-    return str(init)
+    return check_choice(init, "init", REATTENTION_INITS)
+
+
+@dataclass(frozen=True)
+class ReattentionSettings:
+    """The settings of one block's Re-attention: its ``form`` and the ``init`` of its mixing matrix."""
+
+    form: str = "conv_bn"
+    init: str = "default"
+
+    def __post_init__(self) -> None:
+        check_choice(self.form, "reattention", REATTENTION_FORMS)
+        check_choice(self.init, "reattention_init", REATTENTION_INITS)
+
+    @classmethod
+    def of(cls, reattention: str | ReattentionSettings | None) -> ReattentionSettings | None:
+        """None, a form's name (default init) or the settings themselves, as settings (ValueError otherwise)."""
+        if reattention is None or isinstance(reattention, ReattentionSettings):
+            return reattention
+        return cls(form=check_choice(reattention, "reattention", REATTENTION_FORMS))
+
+    def build(self, num_heads: int) -> ConvBatchNormReAttention | LayerNormReAttention:
+        return build_reattention(self.form, num_heads, init=self.init)
 
 
 class ConvBatchNormReAttention(nn.Module):

@@ -1,7 +1,7 @@
 """Drop-ratio schedules over depth: one drop ratio per transformer block.
 
 The DropKey paper lowers the drop ratio with depth but does not publish the
-exact form (THEORY-NOTES section 4). We offer the usual shapes, compared at the
+exact form (docs/theory.md section 4). We offer the usual shapes, compared at the
 same *mean* ratio so that a schedule comparison is not a comparison of how much
 is dropped in total:
 
@@ -18,25 +18,19 @@ This module does not import torch.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
+
+from theory.checks import check_choice, check_drop_ratio, check_int, check_real
 
 SCHEDULE_KINDS = ("constant", "linear_decreasing", "linear_increasing")
 
 
 def _check_depth(depth: object) -> int:
-    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or depth < 1:
-        raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
-    return int(depth)
+    return check_int(depth, "depth", 1)
 
 
 def _check_ratio(value: object, *, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a real number in [0, 1), got {value!r}")
-    ratio = float(value)
-    if not 0.0 <= ratio < 1.0:  # also rejects NaN
-        raise ValueError(f"{name} must be in [0, 1), got {ratio!r}")
-    return ratio
+    return check_drop_ratio(value, name)
 
 
 def validate_schedule(ratios: Sequence[float], depth: int | None = None) -> tuple[float, ...]:
@@ -119,13 +113,10 @@ def schedule(kind: str, depth: int, *, mean: float, spread: float = 0.0) -> tupl
     mean + spread/2 to mean - spread/2 (decreasing) or the reverse (increasing),
     so their mean is ``mean`` up to float rounding.
     """
-    if kind not in SCHEDULE_KINDS:
-        raise ValueError(f"kind must be one of {SCHEDULE_KINDS}, got {kind!r}")
+    check_choice(kind, "kind", SCHEDULE_KINDS)
     depth = _check_depth(depth)
     mean = _check_ratio(mean, name="mean")
-    if isinstance(spread, bool) or not isinstance(spread, numbers.Real) or not spread >= 0.0:
-        raise ValueError(f"spread must be a real number >= 0, got {spread!r}")
-    spread = float(spread)
+    spread = check_real(spread, "spread", 0.0, None)
     if kind == "constant":
         if spread != 0.0:
             raise ValueError(f"spread must be 0 for kind='constant', got {spread!r}")

@@ -56,6 +56,7 @@ import torch
 from tqdm import tqdm
 
 import theory
+from dropkey import regularisers
 from simulations.common import check_tidy, concat_frames, frame_from_columns
 from simulations.registry import Study
 from theory.checks import check_choice, check_drop_ratio, check_int, check_real, check_seed, check_tuple
@@ -217,22 +218,9 @@ def _initial_problem(config: ToyOptimisationConfig) -> tuple[torch.Tensor, torch
 def training_weights(
     regulariser: str, logits: torch.Tensor, keep: torch.Tensor | None, drop_ratio: float
 ) -> torch.Tensor:
-    """The weights w used in the training loss for a regulariser (differentiable in logits)."""
-    if regulariser == "none":
-        return torch.softmax(logits, dim=-1)
-    assert keep is not None
-    n = logits.shape[-1]
-    all_dropped = ~keep.any(dim=-1, keepdim=True)
-    if regulariser == "dropkey":
-        masked = logits.masked_fill(~keep, float("-inf"))
-        masked = torch.where(all_dropped, torch.zeros_like(logits), masked)
-        return torch.softmax(masked, dim=-1)
-    p = torch.softmax(logits, dim=-1)
-    if regulariser == "dropout":
-        return p * keep / (1.0 - drop_ratio)
-    kept = p * keep  # dropattention: drop after the softmax, renormalise
-    norm = kept.sum(dim=-1, keepdim=True)
-    return torch.where(all_dropped, torch.full_like(p, 1.0 / n), kept / torch.where(all_dropped, 1.0, norm))
+    """The weights w used in the training loss for a regulariser (differentiable in logits): the library's
+    registered regulariser of that name (:mod:`dropkey.regularisers`, default all-dropped convention)."""
+    return regularisers.create(regulariser).weights(logits, keep, drop_ratio)
 
 
 def training_gradients(

@@ -71,7 +71,7 @@ def test_per_layer_schedule_and_variants_reach_the_modules():
     model = create_model("vit_tiny_8", drop_ratio=ratios, attn_variant=["dropkey", "dropkey_block", "dropout"])
     assert [a.drop_ratio for a in model.attention_modules] == list(ratios)
     assert [a.variant for a in model.attention_modules] == ["dropkey", "dropkey_block", "dropout"]
-    assert model.attention_modules[1].grid == (4, 4)
+    assert model.attention_modules[1].regulariser.grid == (4, 4)
     model.set_drop_ratios(0.0)
     assert all(not a.regularising for a in model.train().attention_modules)
 
@@ -79,7 +79,7 @@ def test_per_layer_schedule_and_variants_reach_the_modules():
 def test_mean_pooling_has_no_class_token_and_structured_masks_still_fit():
     model = create_model("vit_tiny_8", pooling="mean", attn_variant="dropkey_cross", drop_ratio=0.3)
     assert model.cls_token is None and model.config.num_prefix_tokens == 0
-    assert model.attention_modules[0].num_prefix_tokens == 0
+    assert model.attention_modules[0].regulariser.num_prefix_tokens == 0
     assert model.train()(_images(model.config)).shape == (4, 10)
 
 
@@ -116,16 +116,16 @@ def test_config_is_frozen_and_hashable():
     [
         (dict(image_size=9), "divisible by patch_size"),
         (dict(dim=30), "dim must be divisible by num_heads"),
-        (dict(depth=0), "depth must be an integer >= 1"),
+        (dict(depth=0), r"depth must be an integer in \[1, inf\)"),
         (dict(pooling="max"), "pooling must be one of"),
         (dict(attn_variant="dropblock"), "attn_variant must be one of"),
         (dict(attn_variant=("dropkey",) * 2), "one name per block"),
-        (dict(drop_ratio=1.0), r"must be in \[0, 1\)"),
+        (dict(drop_ratio=1.0), r"must be a real number in \[0, 1\)"),
         (dict(drop_ratio=(0.1, 0.2)), "length must equal depth"),
         (dict(attn_variant="none", drop_ratio=0.1), "must be 0 for attn_variant 'none'"),
         (dict(reattention="talking_heads"), "reattention must be one of"),
         (dict(reattention_blocks=(3,)), r"reattention_blocks must be block indices in \[0, 3\)"),
-        (dict(drop_path=1.0), r"drop_path must be in \[0, 1\)"),
+        (dict(drop_path=1.0), r"drop_path must be a real number in \[0, 1\)"),
         (dict(mlp_ratio=0), "mlp_ratio must be"),
         (dict(mask_seed="1"), "mask_seed must be an int"),
     ],

@@ -102,7 +102,7 @@ def test_state_dict_names_follow_the_reference_codes():
     ("kwargs", "message"),
     [
         (dict(form="talking_heads", num_heads=4), "reattention must be one of"),
-        (dict(form="conv_bn", num_heads=0), "num_heads must be an integer >= 1"),
+        (dict(form="conv_bn", num_heads=0), r"num_heads must be an integer in \[1, inf\)"),
         (dict(form="layernorm", num_heads=4, init="zeros"), "init must be one of"),
     ],
 )

@@ -39,11 +39,12 @@ one-element int64 tensors (:func:`seed_tensor`, :func:`seed_word`); under
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
+
 import torch
 
 from dropkey.masks import GeneratorLike, _validate_shape, resolve_generator, validate_drop_ratio
+from theory.checks import check_int
 
 __all__ = [
     "HASH_BITS",
@@ -98,14 +99,12 @@ def hash_seed_tensor(generator: GeneratorLike = None) -> torch.Tensor:
 
 
 def _check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= int(seed) < (1 << 64):
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    return int(seed)
+    """A hash seed: a 64-bit word, an integer in [0, 2**64 - 1]."""
+    return check_int(seed, "seed", 0, (1 << 64) - 1)
 
 
 def _check_count(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    check_int(value, name, 0)
 
 
 def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:

@@ -77,11 +77,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dropkey import regularisers
 from dropkey.lab import augment as aug
 from dropkey.lab import data as datasets
 from dropkey.diagnostics import AttentionRecorder
 from dropkey.models import MODEL_CONFIGS, VisionTransformer, ViTConfig
-from dropkey.modules import VARIANTS, DropKeyAttention
+from dropkey.modules import DropKeyAttention
 from dropkey.provenance import provenance
 from dropkey.storage import write_bytes_atomic
 
@@ -163,8 +164,8 @@ class TrainConfig:
             raise ValueError(f"model must be one of {sorted(MODEL_CONFIGS)}, got {self.model!r}")
         variants = (self.attn_variant,) if isinstance(self.attn_variant, str) else self.attn_variant
         for variant in variants:
-            if variant not in VARIANTS:
-                raise ValueError(f"attn_variant must be one of {VARIANTS}, got {variant!r}")
+            if variant not in regularisers.names():
+                raise ValueError(f"attn_variant must be one of {regularisers.names()}, got {variant!r}")
         ratios = (self.drop_ratio,) if not isinstance(self.drop_ratio, tuple) else self.drop_ratio
         for i, ratio in enumerate(ratios):
             label = "drop_ratio" if not isinstance(self.drop_ratio, tuple) else f"drop_ratio[{i}]"
