@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger("dropkey")
+DATA_DIR_HELP = "data folder (default $DROPKEY_DATA, else $XDG_DATA_HOME/dropkey-lab, else ~/.local/share/dropkey-lab)"
 
 
 def _command_theory(args: argparse.Namespace) -> int:
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     # choices are checked by TrainConfig (importing torch here would slow every subcommand)
     tr = commands.add_parser("train", help="train a small ViT (DropKey or a rival) and write metrics")
     tr.add_argument("--dataset", default="digits", help="digits, fashion_mnist or cifar10 (default digits)")
-    tr.add_argument("--data-dir", default=None, help="data folder (default $DROPKEY_DATA, else ../shared/data)")
+    tr.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     tr.add_argument("--train-subset", type=int, default=None, help="class-balanced subset of N training images")
     tr.add_argument("--model", default="vit_tiny_8", help="a named model of dropkey.models (default vit_tiny_8)")
     tr.add_argument("--variant", default="dropkey", help="attention regulariser: none, dropout, dropattention, dropkey, dropkey_block, dropkey_cross (default dropkey)")
@@ -266,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--runs-dir", type=Path, default=Path("runs") / "experiments",
                     help="training runs, shared between experiments (default runs/experiments)")
     ex.add_argument("--results-dir", type=Path, default=Path("results"), help="result folders (default results/)")
-    ex.add_argument("--data-dir", default=None, help="data folder (default $DROPKEY_DATA, else ../shared/data)")
+    ex.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     ex.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ex.add_argument("--seeds", default=None, help="comma-separated seeds (default: the scale's)")
     ex.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (default 1)")
