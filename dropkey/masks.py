@@ -104,11 +104,7 @@ def _validate_shape(shape: object, min_dims: int = 2, name: str = "shape") -> tu
         shape = tuple(shape)
     if not isinstance(shape, Sequence) or isinstance(shape, (str, bytes)):
         raise ValueError(f"{name} must be a sequence of non-negative ints, got {shape!r}")
-    out = []
-    for size in shape:
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or int(size) < 0:
-            raise ValueError(f"{name} must be a sequence of non-negative ints, got {shape!r}")
-        out.append(int(size))
+    out = [check_int(size, f"{name}[{i}]", 0) for i, size in enumerate(shape)]
     if len(out) < min_dims:
         raise ValueError(f"{name} must have at least {min_dims} dimensions (..., Nq, Nk), got {tuple(out)}")
     return tuple(out)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Optional
 
 from dropkey.kernels.cpu_kernel import CppKernelUnavailableError, cpp_attention, cpp_available
 from dropkey.kernels.hash_mask import HASH_BITS, hash_drop_mask, hash_seed, hash_seed_tensor, hash_threshold
+from theory.conventions import DEFAULT
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +63,7 @@ def triton_attention(
     drop_ratio: float,
     *,
     seed: int,
-    all_dropped: str = "uniform",
+    all_dropped: str = DEFAULT,
     scale: Optional[float] = None,
 ) -> "torch.Tensor":
     """DropKey attention by the fused Triton kernels with the hash mask of ``seed`` (an int in [0, 2**64)).

@@ -56,7 +56,7 @@ from dropkey.kernels import hash_mask
 from dropkey.kernels.fused import as_4d
 from dropkey.kernels.hash_mask import hash_drop_mask, hash_threshold
 from dropkey.reference import KERNEL_CONVENTION_CODES, reference_masked_attention
-from theory.conventions import check_all_dropped
+from theory.conventions import DEFAULT, check_all_dropped
 
 logger = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ def cpp_attention(
     drop_ratio: float,
     *,
     seed: "int | torch.Tensor",
-    all_dropped: str = "uniform",
+    all_dropped: str = DEFAULT,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
     """DropKey attention by the C++ CPU kernel with the hash mask of ``seed``: (..., Nq, dv).

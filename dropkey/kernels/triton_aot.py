@@ -45,7 +45,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from theory.conventions import ALL_DROPPED_CONVENTIONS
+from theory.conventions import ALL_DROPPED_CONVENTIONS, DEFAULT, check_all_dropped
 
 __all__ = [
     "ARCHITECTURES",
@@ -107,7 +107,7 @@ class KernelBuild:
     kernel: str
     dtype: str = "float16"
     head_dim: int = 64
-    all_dropped: str = "uniform"
+    all_dropped: str = DEFAULT
     drop: bool = True
     block_m: int = 64
     block_n: int = 64
@@ -121,8 +121,7 @@ class KernelBuild:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if not 1 <= self.head_dim <= 256:
             raise ValueError(f"head_dim must be in [1, 256], got {self.head_dim}")
-        if self.all_dropped not in ALL_DROPPED:
-            raise ValueError(f"all_dropped must be one of {ALL_DROPPED}, got {self.all_dropped!r}")
+        check_all_dropped(self.all_dropped)
         for name in ("block_m", "block_n", "num_warps"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):

@@ -59,7 +59,7 @@ except ImportError as error:  # pragma: no cover - exercised only without triton
 
 from dropkey.kernels.hash_mask import hash_threshold
 from dropkey.reference import KERNEL_CONVENTION_CODES
-from theory.conventions import check_all_dropped
+from theory.conventions import DEFAULT, check_all_dropped
 
 __all__ = ["CONVENTION_CODES", "INTERPRETED", "SUPPORTED_DTYPES", "triton_dropkey_attention", "triton_hash_drop_mask"]
 
@@ -577,7 +577,7 @@ def triton_dropkey_attention(
     drop_ratio: float,
     *,
     seed: int,
-    all_dropped: str = "uniform",
+    all_dropped: str = DEFAULT,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
     """DropKey attention by the fused Triton kernels with the hash mask of ``seed``: (..., Nq, dv).
