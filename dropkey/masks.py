@@ -1,5 +1,8 @@
 """Keep masks for DropKey and its structured variants (True = the logit takes part).
 
+Size (about 540 lines): the Bernoulli sampler, its bit packing and the structured masks drawn
+with it; the fused backend and every regulariser share them.
+
 All masks are ``torch.bool`` tensors (one byte per logit). The fused attention
 backend does not even hold that: it draws the same flags piece by piece from a
 :class:`BernoulliStream` and keeps them bit-packed (:func:`pack_bits`, 1 bit per logit).

@@ -1,5 +1,8 @@
 """The Triton DropKey kernels compiled for a named GPU architecture on a machine without a GPU.
 
+Size (about 540 lines): a developer tool (the compile check and its command line) around one
+list of kernel builds; its parts only make sense together.
+
 Triton's compiler (Python -> MLIR -> LLVM -> PTX) and NVIDIA's assembler ``ptxas``
 (shipped inside the triton wheel) need no GPU and no driver. This module compiles each
 kernel of :mod:`dropkey.kernels.triton_dropkey` as a launch on that architecture would:

@@ -1,5 +1,9 @@
 """Fused DropKey attention in Triton: FlashAttention-2 forward and backward with the hash mask.
 
+Size (about 600 lines): the Triton kernels and the autograd function that launches them share
+private tile helpers and launch constants; they are kept in one module so that a change to the
+mask or the tiling is one diff, tested as one unit (tests/test_triton_kernel.py, triton_aot).
+
 Importing this module needs ``triton`` (``pip install "dropkey-lab[triton]"``);
 :mod:`dropkey.functional` imports it only when the ``triton`` backend runs.
 
