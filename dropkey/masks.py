@@ -67,6 +67,7 @@ __all__ = [
     "block_seed_rate",
     "calibrated_seed_rate",
     "check_generator",
+    "check_grid",
     "coverage_counts",
     "cross_keep_mask",
     "cross_seed_rate",
@@ -117,15 +118,15 @@ def _validate_positive_int(value: object, name: str) -> int:
     return check_int(value, name, 1)
 
 
+def check_grid(grid: object, name: str = "grid") -> tuple[int, int]:
+    """A patch grid (rows, cols) of integers >= 1, as a tuple; ValueError naming ``name`` otherwise."""
+    if not isinstance(grid, Sequence) or isinstance(grid, (str, bytes)) or len(grid) != 2:
+        raise ValueError(f"{name} must be a pair (rows, cols) of integers >= 1, got {grid!r}")
+    return check_int(grid[0], f"{name}[0]", 1), check_int(grid[1], f"{name}[1]", 1)
+
+
 def _validate_grid(grid: object, keys: int, num_prefix_tokens: object) -> tuple[int, int, int]:
-    if (
-        not isinstance(grid, Sequence)
-        or isinstance(grid, (str, bytes))
-        or len(grid) != 2
-    ):
-        raise ValueError(f"grid must be a pair (H, W) of positive ints, got {grid!r}")
-    height = _validate_positive_int(grid[0], "grid[0] (H)")
-    width = _validate_positive_int(grid[1], "grid[1] (W)")
+    height, width = check_grid(grid)
     prefix = check_int(num_prefix_tokens, "num_prefix_tokens", 0)
     if keys != prefix + height * width:
         raise ValueError(
@@ -424,9 +425,7 @@ def calibrated_seed_rate(
     r = validate_drop_ratio(drop_ratio)
     check_choice(kind, "kind", ("block", "cross"))
     size = _validate_positive_int(side, "side") if kind == "block" else _validate_positive_int(arm, "arm")
-    if not isinstance(grid, Sequence) or isinstance(grid, (str, bytes)) or len(grid) != 2:
-        raise ValueError(f"grid must be a pair (H, W) of positive ints, got {grid!r}")
-    g = (_validate_positive_int(grid[0], "grid[0] (H)"), _validate_positive_int(grid[1], "grid[1] (W)"))
+    g = check_grid(grid)
     return _solve_seed_rate(r, g, kind, size)
 
 

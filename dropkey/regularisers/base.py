@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from dropkey import functional
-from dropkey.masks import GeneratorLike
+from dropkey.masks import GeneratorLike, check_grid
 from dropkey.reference import masked_softmax
 from theory.checks import check_int
 from theory.conventions import DEFAULT, check_all_dropped
@@ -167,10 +167,7 @@ class GridRegulariser(Regulariser):
         super().__post_init__()
         if self.grid is None:
             raise ValueError(f"variant={self.name!r} needs grid=(rows, cols) of the patch tokens")
-        if not isinstance(self.grid, (tuple, list)) or len(self.grid) != 2:
-            raise ValueError(f"grid must be a pair (rows, cols) of integers >= 1, got {self.grid!r}")
-        grid = (check_int(self.grid[0], "grid[0]", 1), check_int(self.grid[1], "grid[1]", 1))
-        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "grid", check_grid(self.grid))
         object.__setattr__(self, "num_prefix_tokens", check_int(self.num_prefix_tokens, "num_prefix_tokens", 0))
 
     def check_tokens(self, n_keys: int) -> None:
