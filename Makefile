@@ -10,6 +10,13 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
+# Datasets: --data-dir, else $DROPKEY_DATA, else ~/.local/share/dropkey-lab (see dropkey/lab/data.py).
+# The project's own machines keep a shared copy next to the checkout: use it unless DROPKEY_DATA is set.
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)),)
+export DROPKEY_DATA ?= $(SHARED_DATA)
+endif
+
 .PHONY: install browser run test test-all test-slow test-gpu bench clean
 
 $(STAMP): pyproject.toml Makefile

@@ -1,4 +1,5 @@
-"""Shared pytest configuration: hypothesis profiles, the gpu marker's skip rule, the Triton interpreter.
+"""Shared pytest configuration: hypothesis profiles, the gpu marker's skip rule, the Triton interpreter,
+the project's data directory.
 
 Profiles (select with HYPOTHESIS_PROFILE):
 - ``ci`` (the README's test command): derandomised, so every run tests the same
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -60,3 +62,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+def _project_data() -> None:
+    """Point ``$DROPKEY_DATA`` at the project machines' shared data copy, when there is one.
+
+    On the project's own machines the datasets live in ``shared/data`` next to the checkout
+    (the Makefile exports the same for its targets). An explicit ``$DROPKEY_DATA`` wins;
+    elsewhere nothing is set and the tests that need the real files skip.
+    """
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not os.environ.get("DROPKEY_DATA") and shared.is_dir():
+        os.environ["DROPKEY_DATA"] = str(shared)
+
+
+_project_data()

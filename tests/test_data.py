@@ -1,4 +1,4 @@
-"""Dataset loaders: real files (skipped without ../shared/data), synthetic layouts, checksums, download."""
+"""Dataset loaders: real files (skipped unless $DROPKEY_DATA holds them), synthetic layouts, checksums, download."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch
 
 from dropkey.lab import data
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the real datasets, where this machine has them (tests/conftest.py points $DROPKEY_DATA at the project's copy)
+SHARED = Path(os.environ.get(data.DATA_ENV) or "no-data-directory").expanduser()
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,7 @@ def _isolated(tmp_path_factory, monkeypatch):
 
 def needs(folder: str):
     return pytest.mark.skipif(
-        not (SHARED / folder).is_dir(), reason=f"real data absent: {SHARED / folder} (see the data README)"
+        not (SHARED / folder).is_dir(), reason=f"real data absent: no {folder} in ${data.DATA_ENV} ({SHARED})"
     )
 
 
@@ -95,8 +96,9 @@ def test_decompressed_official_idx_files_are_recognised(tmp_path):
 
 
 @needs("cifar-10-batches-bin")
-def test_cifar10_real_files_and_default_location():
-    test = data.load_cifar10("test")  # found through ../shared/data
+def test_cifar10_real_files_found_through_the_environment(monkeypatch):
+    monkeypatch.setenv(data.DATA_ENV, str(SHARED))
+    test = data.load_cifar10("test")  # found through $DROPKEY_DATA
     assert test.images.shape == (10000, 3, 32, 32) and test.images.dtype == torch.uint8
     assert test.class_counts() == [1000] * 10
     assert test.info.classes == data.CIFAR10_CLASSES
@@ -131,10 +133,22 @@ def test_digits_split_is_fixed_stratified_and_scaled():
 
 
 def test_data_dir_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    assert data.resolve_data_dir() == tmp_path / "home" / ".local" / "share" / "dropkey-lab"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert data.resolve_data_dir() == data.default_data_dir() == tmp_path / "xdg" / "dropkey-lab"
     assert data.resolve_data_dir(tmp_path) == tmp_path
     monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "env"))
     assert data.resolve_data_dir() == tmp_path / "env"
     assert data.resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
+
+
+def test_without_a_data_directory_the_error_names_the_default_folder_and_the_ways_to_set_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    expected = str(tmp_path / "xdg" / "dropkey-lab" / "fashion-mnist")
+    with pytest.raises(data.DataError, match=rf"{expected}.*does not exist.*--data-dir, set \$DROPKEY_DATA"):
+        data.load_fashion_mnist("test")
 
 
 def test_missing_file_names_the_expected_path(tmp_path):

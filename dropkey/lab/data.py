@@ -20,9 +20,11 @@ Layouts read (the official ones, so a user's own download works):
   needed), scaled to [0, 255] as ``round(v * 255 / 16)``, with a fixed class-stratified
   split (seed 0): round(20%) of each class for test (359 images), the rest (1438) for training.
 
-Where the data is: the ``data_dir`` argument, else the environment variable
-``DROPKEY_DATA``, else ``../shared/data`` relative to the repository root if it exists
-(see :func:`resolve_data_dir`). Each dataset lives in its own sub-folder of it.
+Where the data is: the ``data_dir`` argument (``--data-dir``), else the environment variable
+``DROPKEY_DATA``, else the per-user default ``$XDG_DATA_HOME/dropkey-lab`` (without
+``XDG_DATA_HOME``: ``~/.local/share/dropkey-lab``); see :func:`resolve_data_dir`. Each dataset
+lives in its own sub-folder of it (``cifar-10-batches-bin/``, ``fashion-mnist/``, ...). The
+project's own machines keep a shared copy and point ``DROPKEY_DATA`` at it.
 
 Checksums (see :func:`verify_file`). Each file has a list of known digests in
 :data:`DATASETS`, each with its source:
@@ -32,8 +34,8 @@ Checksums (see :func:`verify_file`). Each file has a list of known digests in
   of the decompressed IDX files (computed here: the data README states the local copy
   decompresses to the official bytes), and the MD5s of the CIFAR-10 *python* batches (as
   torchvision publishes them);
-- this project's local copy (``../shared/data``, its ``SHA256SUMS``): the CIFAR-10 there is
-  a JPEG-rebuilt variant whose bytes differ from the official release, and its
+- the project machines' shared copy (its ``SHA256SUMS``): the CIFAR-10 there is a
+  JPEG-rebuilt variant whose bytes differ from the official release, and its
   Fashion-MNIST ``.gz`` files are recompressed (different bytes, same content).
  A file passes if it matches any known digest; otherwise, if a ``SHA256SUMS`` file
 next to it lists it, it must match that (a mismatch is corruption), and passes with a log
@@ -79,8 +81,9 @@ from dropkey.storage import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_ENV = "DROPKEY_DATA"
+#: the per-user data folder's name under $XDG_DATA_HOME (else ~/.local/share)
+DATA_FOLDER = "dropkey-lab"
 CACHE_ENV = "DROPKEY_CACHE"
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
@@ -140,7 +143,7 @@ class DatasetInfo:
         raise KeyError(f"{self.name} has no file {name!r}")
 
 
-_LOCAL = "project shared data (/work/shared/data, SHA256SUMS)"
+_LOCAL = "the project machines' shared data copy (its SHA256SUMS)"
 _LOCAL_CIFAR = "project shared data, JPEG-rebuilt CIFAR-10 (differs from the official bytes)"
 _OFFICIAL_CIFAR_PY = "official cifar-10-python.tar.gz member (MD5 as published by torchvision)"
 _OFFICIAL_FASHION = "official Zalando release .gz (SHA-256 as recorded by public loaders)"
@@ -277,15 +280,20 @@ class ImageData:
 # --- locations ---------------------------------------------------------------------------
 
 
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
-    """The data directory: ``data_dir``, else ``$DROPKEY_DATA``, else ``<repo>/../shared/data`` if it exists."""
+def default_data_dir() -> Path:
+    """The per-user data folder: ``$XDG_DATA_HOME/dropkey-lab``, else ``~/.local/share/dropkey-lab``."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share") / DATA_FOLDER
+
+
+def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The data directory: ``data_dir``, else ``$DROPKEY_DATA``, else :func:`default_data_dir`."""
     if data_dir is not None:
         return Path(data_dir).expanduser()
     env = os.environ.get(DATA_ENV)
     if env:
         return Path(env).expanduser()
-    default = REPO_ROOT.parent / "shared" / "data"
-    return default if default.is_dir() else None
+    return default_data_dir()
 
 
 def cache_dir() -> Path:
@@ -563,11 +571,6 @@ def _check_split(split: str) -> str:
 
 def _dataset_root(info: DatasetInfo, data_dir: str | os.PathLike[str] | None) -> Path:
     base = resolve_data_dir(data_dir)
-    if base is None:
-        raise DataError(
-            f"no data directory for {info.name}: pass data_dir= (--data-dir), set ${DATA_ENV}, "
-            f"or place the data at {REPO_ROOT.parent / 'shared' / 'data'}"
-        )
     return base / info.folder if info.folder else base
 
 
