@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dropkey.masks import block_keep_mask, calibrated_seed_rate, coverage_counts, cross_keep_mask, dropkey_keep_mask
+from dropkey.masks import (
+    block_keep_mask,
+    calibrated_seed_rate,
+    check_grid,
+    coverage_counts,
+    cross_keep_mask,
+    dropkey_keep_mask,
+)
 from simulations.common import chunk_sizes
 from theory.checks import check_choice, check_drop_ratio, check_int, check_real, check_seed, check_tuple
 from theory.conventions import all_dropped_weights, check_all_dropped
@@ -26,10 +33,13 @@ VARIANTS = ("dropkey",) + STRUCTURED
 
 
 def _grid_check(value: object, name: str) -> tuple[int, int]:
-    if not isinstance(value, tuple) or len(value) != 2:
-        raise ValueError(f"{name} must be a pair (H, W) of integers in [1, 64], got {value!r}")
-    height = check_int(value[0], f"{name}[0]", 1, 64)
-    width = check_int(value[1], f"{name}[1]", 1, 64)
+    """A grid of the study: a tuple (a config field) that :func:`dropkey.masks.check_grid` accepts, at most
+    64 x 64 and at least 2 patches."""
+    if not isinstance(value, tuple):
+        raise ValueError(f"{name} must be a tuple (H, W) of integers in [1, 64], got {value!r}")
+    height, width = check_grid(value, name)
+    check_int(height, f"{name}[0]", 1, 64)
+    check_int(width, f"{name}[1]", 1, 64)
     if height * width < 2:
         raise ValueError(f"{name} must have at least 2 patches, got {value!r}")
     return height, width
