@@ -4,14 +4,25 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from dropkey.lab import train as training
+from dropkey.lab.train import (
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    lr_factor,
+    stream_seeds,
+    train,
+)
+from dropkey.storage import csv_text
 from reports.cli import main
-from dropkey.lab.train import TrainConfig, Trainer, TrainingDiverged, lr_factor, train
+from theory.seeding import named_streams
 
 
 @pytest.fixture(autouse=True)
@@ -46,9 +57,9 @@ def test_digits_learns_and_writes_tidy_files(tmp_path):
     assert m["step"].iloc[-1] == 6 * (1438 // 32)
 
     out = tmp_path / "run"
-    assert {p.name for p in out.iterdir()} == {"config.json", "provenance.json", "metrics.csv", "diagnostics.csv", "checkpoint.pt"}
-    on_disk = pd.read_csv(out / "metrics.csv")
-    pd.testing.assert_frame_equal(on_disk, m, check_exact=False, rtol=1e-12)
+    files = {"config.json", "provenance.json", "metrics.csv", "diagnostics.csv", "checkpoint.pt"}
+    assert {p.name for p in out.iterdir()} == files
+    assert (out / "metrics.csv").read_text() == csv_text(m)  # the suite's one CSV format
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["epochs"] == 6 and saved["resolved"]["precision"] == "fp32"
     assert json.loads((out / "provenance.json").read_text())["seed"] == 0
@@ -101,6 +112,47 @@ def test_resume_is_bit_exact(tmp_path):
     pd.testing.assert_frame_equal(again.metrics[exact], full.metrics[exact], check_exact=True)
 
 
+def _global_states():
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def _same_states(a, b) -> bool:
+    return torch.equal(a[0], b[0]) and a[1][0] == b[1][0] and np.array_equal(a[1][1], b[1][1]) \
+        and a[1][2:] == b[1][2:] and a[2] == b[2]
+
+
+def test_training_leaves_the_callers_global_rngs_alone_and_does_not_depend_on_them(tmp_path):
+    # dropout and drop path draw from the global torch RNG: the run's own stream, never the caller's
+    extra = dict(epochs=2, diagnostics_every=0, model_overrides={"drop_path": 0.1, "proj_drop": 0.1})
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    before = _global_states()
+    first = train(tiny(tmp_path, "a", **extra), stop_after_epoch=1)
+    assert _same_states(before, _global_states())
+    torch.manual_seed(7), np.random.seed(7), random.seed(7)  # other caller states: the same run
+    torch.rand(5), np.random.rand(3), random.random()
+    second = train(tiny(tmp_path, "b", **extra), stop_after_epoch=1)
+    losses = ["train_loss", "test_loss"]
+    pd.testing.assert_frame_equal(first.metrics[losses], second.metrics[losses], check_exact=True)
+
+    def interrupt(epoch, row):
+        raise KeyboardInterrupt("simulated interruption")
+
+    before = _global_states()
+    with pytest.raises(KeyboardInterrupt):  # an interrupted run hands the caller's states back too
+        train(tiny(tmp_path, "a", **extra), resume=True, callbacks=[interrupt])
+    assert _same_states(before, _global_states())
+
+
+def test_stream_seeds_are_named_children_of_the_seed_and_ranks_differ_where_they_must():
+    children = named_streams(11, training.SEED_STREAMS)
+    expected = {name: int(child.generate_state(1, np.uint32)[0]) for name, child in children.items()}
+    assert stream_seeds(11) == expected
+    rank1 = stream_seeds(11, 1)
+    assert {name for name in expected if rank1[name] != expected[name]} == set(training.RANK_STREAMS)
+    assert stream_seeds(11, 2) != rank1
+    assert all(0 <= value < 2**32 for value in rank1.values())
+
+
 def test_resume_refuses_a_different_config_and_fresh_runs_refuse_to_overwrite(tmp_path):
     config = tiny(tmp_path, epochs=1, diagnostics_every=0)
     train(config)
@@ -125,7 +177,7 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
 def test_lr_schedule_warmup_then_cosine():
     f = [lr_factor(s, total_steps=10, warmup_steps=4, min_ratio=0.1) for s in range(10)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0]
-    assert all(a >= b for a, b in zip(f[3:], f[4:]))
+    assert all(a >= b for a, b in zip(f[3:], f[4:], strict=False))
     assert lr_factor(10, total_steps=10, warmup_steps=4, min_ratio=0.1) == pytest.approx(0.1)
     assert lr_factor(0, total_steps=10, warmup_steps=0, min_ratio=0.0) == 1.0
 
@@ -133,22 +185,28 @@ def test_lr_schedule_warmup_then_cosine():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("epochs", 0, "epochs must be an integer >= 1"),
+        ("epochs", 0, r"epochs must be an integer in \[1, inf\), got 0"),
         ("batch_size", 2.5, "batch_size must be an integer"),
-        ("lr", 0.0, r"lr must be a finite number in \(0.0"),
+        ("lr", 0.0, r"lr must be a real number in \(0, inf\), got 0.0"),
         ("lr", float("nan"), "lr must be"),
-        ("label_smoothing", 1.0, r"label_smoothing must be a finite number in \[0.0, 1.0\)"),
-        ("warmup_epochs", 5.0, r"warmup_epochs must be a finite number in \[0.0, 3.0\]"),
+        ("label_smoothing", 1.0, r"label_smoothing must be a real number in \[0, 1\)"),
+        ("warmup_epochs", 5.0, r"warmup_epochs must be a real number in \[0, 3\]"),
         ("grad_clip", -1.0, "grad_clip"),
         ("precision", "fp8", "precision must be one of"),
         ("dataset", "imagenet", "dataset must be one of"),
         ("model", "vit_huge", "model must be one of"),
         ("attn_variant", "dropall", "attn_variant must be one of"),
-        ("drop_ratio", 1.0, r"drop_ratio must be a finite number in \[0.0, 1.0\)"),
+        ("drop_ratio", 1.0, r"drop_ratio must be a real number in \[0, 1\)"),
         ("drop_ratio", (0.1, -0.1, 0.0), r"drop_ratio\[1\] must be"),
         ("device", "tpu", "device must be one of"),
         ("model_overrides", {"depthh": 2}, "unknown ViTConfig fields"),
-        ("diagnostics_every", -1, "diagnostics_every must be an integer >= 0"),
+        ("diagnostics_every", -1, r"diagnostics_every must be an integer in \[0, inf\)"),
+        ("seed", -1, r"seed must be an integer in \[0, 9223372036854775807\]"),
+        ("seed", True, "seed must be an integer"),
+        ("flip", "yes", "flip must be True or False"),
+        ("progress", 1, "progress must be True or False"),
+        ("device", None, "device must be one of"),
+        ("min_lr", 0.1, r"min_lr must be a real number in \[0, 0.003\]"),
     ],
 )
 def test_config_validation_names_the_field(tmp_path, field, value, message):
@@ -218,7 +276,7 @@ def test_final_epochs_without_drop_switch_the_regulariser_off(tmp_path):
         final.metrics.drop(columns=["images_per_s", "epoch_time_s", "wall_time_s"]),
         pd.read_csv(tmp_path / "run" / "metrics.csv").drop(columns=["images_per_s", "epoch_time_s", "wall_time_s"]),
     )
-    with pytest.raises(ValueError, match=r"final_epochs_without_drop must be in \[0, epochs - 1\]"):
+    with pytest.raises(ValueError, match=r"final_epochs_without_drop must be an integer in \[0, 2\], got 3"):
         tiny(tmp_path, final_epochs_without_drop=3)
 
 
@@ -236,5 +294,5 @@ def test_eval_every_skips_test_evaluations_but_never_the_last(tmp_path, monkeypa
     assert len(calls) == 3  # epochs 2, 4 and the last, 5
     assert m["test_acc"].isna().tolist() == [True, False, True, False, False]
     assert m["test_loss"].isna().tolist() == [True, False, True, False, False]
-    with pytest.raises(ValueError, match="eval_every must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"eval_every must be an integer in \[1, inf\)"):
         tiny(tmp_path, eval_every=0)

@@ -15,12 +15,13 @@ so CPU and CUDA runs draw the same numbers.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from theory.checks import check_choice, check_int, check_real
 
 
 def _check_batch(x: Tensor) -> Tensor:
@@ -38,21 +39,18 @@ class RandomCrop:
     """Pad each side by ``padding`` and crop a random ``size`` x ``size`` window per image."""
 
     def __init__(self, size: int, padding: int = 0, *, padding_mode: str = "constant") -> None:
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
-            raise ValueError(f"size must be an integer >= 1, got {size!r}")
-        if isinstance(padding, bool) or not isinstance(padding, numbers.Integral) or padding < 0:
-            raise ValueError(f"padding must be an integer >= 0, got {padding!r}")
-        if padding_mode not in ("constant", "reflect"):
-            raise ValueError(f"padding_mode must be 'constant' or 'reflect', got {padding_mode!r}")
-        self.size, self.padding, self.padding_mode = int(size), int(padding), padding_mode
+        self.size, self.padding = check_int(size, "size", 1), check_int(padding, "padding", 0)
+        self.padding_mode = check_choice(padding_mode, "padding_mode", ("constant", "reflect"))
 
-    def offsets(self, n: int, height: int, width: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def offsets(self, n: int, height: int, width: int,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Top-left corners (rows, cols) in the padded image, each (n,) int64 on the generator's device."""
         device = generator.device if generator is not None else torch.device("cpu")
         max_top = height + 2 * self.padding - self.size
         max_left = width + 2 * self.padding - self.size
         if max_top < 0 or max_left < 0:
-            raise ValueError(f"crop size {self.size} exceeds the padded image {height + 2 * self.padding}x{width + 2 * self.padding}")
+            padded = f"{height + 2 * self.padding}x{width + 2 * self.padding}"
+            raise ValueError(f"crop size {self.size} exceeds the padded image {padded}")
         top = torch.randint(0, max_top + 1, (n,), generator=generator, device=device)
         left = torch.randint(0, max_left + 1, (n,), generator=generator, device=device)
         return top, left
@@ -86,9 +84,7 @@ class RandomHorizontalFlip:
     """Mirror each image left-right (last axis) with probability ``p``."""
 
     def __init__(self, p: float = 0.5) -> None:
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
-            raise ValueError(f"p must be in [0, 1], got {p!r}")
-        self.p = float(p)
+        self.p = check_real(p, "p", 0.0, 1.0)
 
     def draw(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Which images flip: bool (n,) on the generator's device."""

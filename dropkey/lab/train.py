@@ -31,15 +31,16 @@ softmax weights before any Re-attention mixing, ``"similarity_centred"`` the cen
 similarity of the maps that multiply V; epoch 0 rows describe the network at initialisation),
 ``checkpoint.pt``.
 
-Randomness: every stream is derived from ``seed`` with ``numpy.random.SeedSequence`` (model
-init, data order, augmentation, subset, DropKey masks, the global torch RNG used by
-dropout / drop path); the checkpoint stores all of them (torch CPU and CUDA, numpy,
+Randomness: every stream is a named child of ``seed`` (:mod:`theory.seeding`,
+:data:`SEED_STREAMS`: model init, subset, data order, augmentation, DropKey masks, and the
+global torch RNG that dropout / drop path draw from; ranks > 0 take their own augmentation,
+mask and torch streams). The checkpoint stores all of them (torch CPU and CUDA, numpy,
 python ``random``, the data-order and augmentation generators, every attention module's
-mask generator), for every rank, so ``resume=True`` continues bit-exactly. A run seeds the
-process's global RNGs (torch, numpy, ``random``): callers that need theirs untouched can wrap
-the call in ``torch.random.fork_rng()``. The LR
-schedule depends on the total ``epochs``, so a resumed run must have the same config
-(only ``progress`` may differ); anything else is a ValueError.
+mask generator), for every rank, so ``resume=True`` continues bit-exactly. The global RNGs
+are the run's own only while it runs: the caller's states (torch, numpy, ``random``) are
+restored when :func:`train` returns or raises. The LR schedule depends on the total
+``epochs``, so a resumed run must have the same config (only ``progress`` may differ);
+anything else is a ValueError.
 
 Distributed: launched with ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) or inside
 an initialised process group, the model is wrapped in DDP; each epoch's permutation (same on
@@ -53,19 +54,18 @@ Library code logs (``logging``) and never prints; the CLI configures logging.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
-import json
 import logging
 import math
-import numbers
 import os
 import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,13 +78,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dropkey import regularisers
+from dropkey.diagnostics import AttentionRecorder
 from dropkey.lab import augment as aug
 from dropkey.lab import data as datasets
-from dropkey.diagnostics import AttentionRecorder
 from dropkey.models import MODEL_CONFIGS, VisionTransformer, ViTConfig
 from dropkey.modules import DropKeyAttention
 from dropkey.provenance import provenance
-from dropkey.storage import write_bytes_atomic
+from dropkey.storage import csv_text, json_text, write_bytes_atomic
+from theory.checks import (
+    check_bool,
+    check_choice,
+    check_drop_ratio,
+    check_int,
+    check_real,
+    check_seed,
+)
+from theory.seeding import address_sequence, integer_seed, named_streams
 
 log = logging.getLogger(__name__)
 
@@ -158,48 +167,38 @@ class TrainConfig:
         object.__setattr__(self, "out_dir", str(self.out_dir))
         if self.data_dir is not None:
             object.__setattr__(self, "data_dir", str(self.data_dir))
-        if self.dataset not in datasets.DATASET_NAMES:
-            raise ValueError(f"dataset must be one of {datasets.DATASET_NAMES}, got {self.dataset!r}")
-        if self.model not in MODEL_CONFIGS:
-            raise ValueError(f"model must be one of {sorted(MODEL_CONFIGS)}, got {self.model!r}")
+        check_choice(self.dataset, "dataset", datasets.DATASET_NAMES)
+        check_choice(self.model, "model", sorted(MODEL_CONFIGS))
         variants = (self.attn_variant,) if isinstance(self.attn_variant, str) else self.attn_variant
         for variant in variants:
-            if variant not in regularisers.names():
-                raise ValueError(f"attn_variant must be one of {regularisers.names()}, got {variant!r}")
+            check_choice(variant, "attn_variant", regularisers.names())
         ratios = (self.drop_ratio,) if not isinstance(self.drop_ratio, tuple) else self.drop_ratio
         for i, ratio in enumerate(ratios):
-            label = "drop_ratio" if not isinstance(self.drop_ratio, tuple) else f"drop_ratio[{i}]"
-            _check_real(ratio, label, 0.0, 1.0, high_open=True)
+            check_drop_ratio(ratio, "drop_ratio" if not isinstance(self.drop_ratio, tuple) else f"drop_ratio[{i}]")
         for name, minimum in (("epochs", 1), ("batch_size", 1), ("diagnostics_batch", 1), ("eval_batch_size", 1),
                               ("diagnostics_every", 0), ("final_epochs_without_drop", 0),
                               ("eval_every", 1)):
-            _check_int(getattr(self, name), name, minimum)
-        if self.final_epochs_without_drop >= self.epochs:
-            raise ValueError(
-                f"final_epochs_without_drop must be in [0, epochs - 1] = [0, {self.epochs - 1}], "
-                f"got {self.final_epochs_without_drop}"
-            )
-        _check_int(self.seed, "seed", 0)
+            check_int(getattr(self, name), name, minimum)
+        check_int(self.final_epochs_without_drop, "final_epochs_without_drop", 0, self.epochs - 1)
+        check_seed(self.seed)
         if self.train_subset is not None:
-            _check_int(self.train_subset, "train_subset", 1)
+            check_int(self.train_subset, "train_subset", 1)
         if self.crop_padding is not None:
-            _check_int(self.crop_padding, "crop_padding", 0)
-        if self.flip is not None and not isinstance(self.flip, bool):
-            raise ValueError(f"flip must be a bool or None, got {self.flip!r}")
-        _check_real(self.lr, "lr", 0.0, math.inf, low_open=True)
-        _check_real(self.min_lr, "min_lr", 0.0, self.lr)
-        _check_real(self.weight_decay, "weight_decay", 0.0, math.inf)
-        _check_real(self.warmup_epochs, "warmup_epochs", 0.0, float(self.epochs))
-        _check_real(self.label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
+            check_int(self.crop_padding, "crop_padding", 0)
+        if self.flip is not None:
+            check_bool(self.flip, "flip")
+        check_real(self.lr, "lr", 0.0, None, low_open=True)
+        check_real(self.min_lr, "min_lr", 0.0, self.lr)
+        check_real(self.weight_decay, "weight_decay", 0.0, None)
+        check_real(self.warmup_epochs, "warmup_epochs", 0.0, float(self.epochs))
+        check_real(self.label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
         if self.grad_clip is not None:
-            _check_real(self.grad_clip, "grad_clip", 0.0, math.inf, low_open=True)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not (self.device in DEVICES or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be one of {DEVICES} or 'cuda:N', got {self.device!r}")
+            check_real(self.grad_clip, "grad_clip", 0.0, None, low_open=True)
+        check_choice(self.precision, "precision", PRECISIONS)
+        if not (isinstance(self.device, str) and self.device.startswith("cuda:")):
+            check_choice(self.device, "device", (*DEVICES, "cuda:N"))
         for name in ("compile", "progress", "verify_data"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            check_bool(getattr(self, name), name)
         self.model_config()  # model overrides validated by ViTConfig
 
     def model_config(self) -> ViTConfig:
@@ -213,7 +212,8 @@ class TrainConfig:
         overrides.setdefault("drop_ratio", self.drop_ratio)
         info = datasets.DATASETS[self.dataset]
         config = dataclasses.replace(MODEL_CONFIGS[self.model], **overrides)
-        if (config.in_chans, config.image_size, config.image_size) != info.shape or config.num_classes != info.num_classes:
+        shape = (config.in_chans, config.image_size, config.image_size)
+        if shape != info.shape or config.num_classes != info.num_classes:
             raise ValueError(
                 f"model {self.model!r} takes {config.in_chans}x{config.image_size}x{config.image_size} images and "
                 f"{config.num_classes} classes; dataset {self.dataset!r} has {info.shape} and {info.num_classes}"
@@ -229,21 +229,6 @@ class TrainConfig:
     def from_dict(cls, payload: Mapping[str, Any]) -> TrainConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in payload.items() if k in fields})
-
-
-def _check_int(value: object, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_real(value: object, name: str, low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
-    if ok:
-        v = float(value)
-        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -266,18 +251,21 @@ def _write_file(path: Path, payload: bytes) -> None:
 
 
 def _frame_bytes(frame: pd.DataFrame) -> bytes:
-    return frame.to_csv(index=False, lineterminator="\n").encode("utf-8")
+    return csv_text(frame).encode("utf-8")
 
 
-def _child_seeds(seed: int, rank: int) -> dict[str, int]:
-    names = ("init", "subset", "order", "augment", "masks", "torch")
-    shared = np.random.SeedSequence(seed).spawn(len(names))
-    seeds = {name: int(s.generate_state(1, np.uint32)[0]) for name, s in zip(names, shared)}
-    if rank:  # per-rank streams for what must differ between ranks
-        per_rank = np.random.SeedSequence([seed, rank]).spawn(3)
-        for name, s in zip(("augment", "masks", "torch"), per_rank):
-            seeds[name] = int(s.generate_state(1, np.uint32)[0])
-    return seeds
+#: the run's random streams, named children of its seed (theory.seeding)
+SEED_STREAMS = ("init", "subset", "order", "augment", "masks", "torch")
+#: the streams that differ between ranks: children of the rank's address (seed, rank)
+RANK_STREAMS = ("augment", "masks", "torch")
+
+
+def stream_seeds(seed: int, rank: int = 0) -> dict[str, int]:
+    """The 32-bit seed of each of the run's streams (:data:`SEED_STREAMS`) on ``rank``."""
+    streams = named_streams(seed, SEED_STREAMS)
+    if rank:
+        streams.update(named_streams(address_sequence(seed, rank), RANK_STREAMS))
+    return {name: integer_seed(sequence, 32) for name, sequence in streams.items()}
 
 
 def resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
@@ -343,13 +331,46 @@ def _mask_modules(model: nn.Module) -> list[DropKeyAttention]:
     return [m for m in model.modules() if isinstance(m, DropKeyAttention)]
 
 
-def _rng_state(order_gen: torch.Generator, augment_gen: torch.Generator, model: nn.Module) -> dict[str, Any]:
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _global_rng_state() -> dict[str, Any]:
+    """The process's global RNG states: torch (CPU and every CUDA device), numpy, python ``random``."""
     np_state = np.random.get_state()
     return {
         "torch_cpu": torch.get_rng_state(),
         "torch_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
         "python": random.getstate(),
+    }
+
+
+def _set_global_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if state["torch_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch_cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+@contextlib.contextmanager
+def _caller_rngs_kept() -> Iterator[None]:
+    """Whatever the block does to the global RNGs (torch, numpy, ``random``), the caller's states come back."""
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices()):
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def _rng_state(order_gen: torch.Generator, augment_gen: torch.Generator, model: nn.Module) -> dict[str, Any]:
+    return {
+        **_global_rng_state(),
         "order": order_gen.get_state(),
         "augment": augment_gen.get_state(),
         "masks": [None if m.generator is None else m.generator.get_state() for m in _mask_modules(model)],
@@ -358,19 +379,13 @@ def _rng_state(order_gen: torch.Generator, augment_gen: torch.Generator, model: 
 
 def _set_rng_state(state: Mapping[str, Any], order_gen: torch.Generator, augment_gen: torch.Generator,
                    model: nn.Module, device: torch.device) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    if state["torch_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["torch_cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    _set_global_rng_state(state)
     order_gen.set_state(state["order"])
     augment_gen.set_state(state["augment"])
     modules = _mask_modules(model)
     if len(modules) != len(state["masks"]):
         raise ValueError(f"checkpoint has {len(state['masks'])} mask generators, the model {len(modules)}")
-    for module, gen_state in zip(modules, state["masks"]):
+    for module, gen_state in zip(modules, state["masks"], strict=True):
         if gen_state is not None:
             module._generator_for(device).set_state(gen_state)
 
@@ -396,7 +411,7 @@ class Trainer:
         self.resume = bool(resume)
         self.callbacks = list(callbacks)
         if stop_after_epoch is not None:
-            _check_int(stop_after_epoch, "stop_after_epoch", 1)
+            check_int(stop_after_epoch, "stop_after_epoch", 1)
         self.stop_after_epoch = stop_after_epoch
         self.command = list(command) if command is not None else list(sys.argv)
         self.out_dir = Path(config.out_dir)
@@ -409,7 +424,7 @@ class Trainer:
                 f"batch_size must be divisible by the world size {self.world_size}, got {config.batch_size}"
             )
         self.local_batch = config.batch_size // self.world_size
-        self.seeds = _child_seeds(config.seed, self.rank)
+        self.seeds = stream_seeds(config.seed, self.rank)
         self._setup()
 
     # setup
@@ -431,7 +446,8 @@ class Trainer:
         self.steps_per_epoch = len(train_set) // self.world_size // self.local_batch
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"batch_size {c.batch_size} exceeds the {len(train_set)} training images (at least one full step needed)"
+                f"batch_size {c.batch_size} exceeds the {len(train_set)} training images "
+                "(at least one full step needed)"
             )
         self.total_steps = self.steps_per_epoch * c.epochs
         self.warmup_steps = int(round(c.warmup_epochs * self.steps_per_epoch))
@@ -444,13 +460,16 @@ class Trainer:
 
         self.model_config = dataclasses.replace(c.model_config(), mask_seed=self.seeds["masks"]) \
             if dict(c.model_overrides).get("mask_seed") is None else c.model_config()
-        torch.manual_seed(self.seeds["init"])
-        self.model = VisionTransformer(self.model_config).to(self.device)
-        # diagnostics twin: reference path, weights copied in before each use
-        self.diag_model = VisionTransformer(dataclasses.replace(self.model_config, fused_attn=False)).to(self.device)
-        torch.manual_seed(self.seeds["torch"])
-        np.random.seed(self.seeds["torch"])
-        random.seed(self.seeds["torch"])
+        with _caller_rngs_kept():
+            torch.manual_seed(self.seeds["init"])
+            self.model = VisionTransformer(self.model_config).to(self.device)
+            # diagnostics twin: reference path, weights copied in before each use
+            twin = dataclasses.replace(self.model_config, fused_attn=False)
+            self.diag_model = VisionTransformer(twin).to(self.device)
+        # the global RNGs dropout and drop path draw from: seeded from seeds["torch"] when first entered,
+        # then carried here between the run's blocks (see _run_rngs), never left in the caller's process
+        self._global_rng: dict[str, Any] | None = None
+        self._inside_run_rngs = False
         self.order_gen = torch.Generator().manual_seed(self.seeds["order"])
         self.augment_gen = torch.Generator().manual_seed(self.seeds["augment"])
 
@@ -458,7 +477,8 @@ class Trainer:
         min_ratio = c.min_lr / c.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: lr_factor(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, min_ratio=min_ratio),
+            lambda step: lr_factor(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                                   min_ratio=min_ratio),
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.net: nn.Module = self.model
@@ -477,6 +497,27 @@ class Trainer:
         images = self.test_set.images[: c.diagnostics_batch]
         self.diag_images = self.normalize(images).to(self.device)
         self.diag_labels = self.test_set.labels[: c.diagnostics_batch].to(self.device)
+
+    @contextlib.contextmanager
+    def _run_rngs(self) -> Iterator[None]:
+        """Inside: the process's global RNGs are the run's own; outside, the caller's are untouched."""
+        if self._inside_run_rngs:
+            yield
+            return
+        with _caller_rngs_kept():
+            self._inside_run_rngs = True
+            try:
+                if self._global_rng is None:
+                    seed = self.seeds["torch"]
+                    torch.manual_seed(seed)
+                    np.random.seed(seed)
+                    random.seed(seed)
+                else:
+                    _set_global_rng_state(self._global_rng)
+                yield
+            finally:
+                self._global_rng = _global_rng_state()
+                self._inside_run_rngs = False
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -498,7 +539,8 @@ class Trainer:
         return gathered
 
     def save_checkpoint(self, epochs_done: int) -> None:
-        rng = self._gather(_rng_state(self.order_gen, self.augment_gen, self.model))
+        with self._run_rngs():
+            rng = self._gather(_rng_state(self.order_gen, self.augment_gen, self.model))
         if not self.is_main:
             return
         state = {
@@ -536,13 +578,15 @@ class Trainer:
             )
         if state["world_size"] != self.world_size:
             raise ValueError(
-                f"cannot resume {self.checkpoint_path}: saved with world size {state['world_size']}, now {self.world_size}"
+                f"cannot resume {self.checkpoint_path}: saved with world size {state['world_size']}, "
+                f"now {self.world_size}"
             )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"][self.rank], self.order_gen, self.augment_gen, self.model, self.device)
+        with self._run_rngs():
+            _set_rng_state(state["rng"][self.rank], self.order_gen, self.augment_gen, self.model, self.device)
         self.start_epoch = int(state["epochs_done"])
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
@@ -698,10 +742,10 @@ class Trainer:
                 "augmentation": repr(self.augmentation), "seeds": self.seeds,
             },
         }
-        _write_file(self.out_dir / "config.json", (json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n").encode())
+        _write_file(self.out_dir / "config.json", json_text(payload).encode())
         record = provenance(self.config.seed, self.command)
         record["resumed_from_epoch"] = self.start_epoch  # 0: a fresh run
-        _write_file(self.out_dir / "provenance.json", (json.dumps(record, indent=2, sort_keys=True, default=str) + "\n").encode())
+        _write_file(self.out_dir / "provenance.json", json_text(record).encode())
 
     def _write_tables(self) -> None:
         if self.is_main:
@@ -711,6 +755,11 @@ class Trainer:
     # the loop
 
     def run(self) -> TrainResult:
+        """Train (resuming if asked) to ``config.epochs`` or ``stop_after_epoch``; the caller's global RNGs are kept."""
+        with self._run_rngs():
+            return self._run()
+
+    def _run(self) -> TrainResult:
         c = self.config
         if self.resume:
             if not self.load_checkpoint():
@@ -735,7 +784,8 @@ class Trainer:
                     self.diagnostics.extend(self.collect_diagnostics(epoch + 1))
             epoch_time = time.perf_counter() - started
             self.elapsed += epoch_time
-            row.update(step=self.step, lr=self.scheduler.get_last_lr()[0], epoch_time_s=epoch_time, wall_time_s=self.elapsed)
+            row.update(step=self.step, lr=self.scheduler.get_last_lr()[0], epoch_time_s=epoch_time,
+                       wall_time_s=self.elapsed)
             row.pop("train_time_s")
             self.history.append({k: row[k] for k in METRIC_COLUMNS})
             self.save_checkpoint(epoch + 1)
@@ -825,7 +875,7 @@ def launch_local(config: TrainConfig, world_size: int = 2, *, backend: str = "gl
     """
     import torch.multiprocessing as mp
 
-    _check_int(world_size, "world_size", 1)
+    check_int(world_size, "world_size", 1)
     mp.spawn(
         _local_worker, args=(world_size, _free_port(), backend, copy.deepcopy(config), resume,
                              None if report_dir is None else str(report_dir), stop_after_epoch),

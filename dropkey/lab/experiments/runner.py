@@ -6,8 +6,9 @@ experiments is trained once. A run folder is the trainer's (``config.json``,
 ``provenance.json``, ``metrics.csv``, ``diagnostics.csv``, ``checkpoint.pt``) plus
 ``expected_attention.csv`` (the final model's expected attention under its regulariser, see
 :func:`expected_attention_rows`), for Monte-Carlo arms ``monte_carlo.csv``, and finally
-``complete.json`` (written last,
-atomically): a folder with it is done and is never recomputed. An interrupted run resumes
+:mod:`dropkey.storage`'s completion marker ``complete.json`` (written last, atomically, listing
+every file with its size and SHA-256, and the run's final metrics): a folder with it is done and
+is never retrained. An interrupted run resumes
 from its last epoch checkpoint, bit-exactly (:func:`dropkey.lab.train.train` with
 ``resume=True``), so a crashed experiment loses at most one epoch per run.
 
@@ -29,24 +30,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 import theory
+from dropkey import storage
+from dropkey.diagnostics import AttentionRecorder, attention_entropy, peak_weight
+from dropkey.inference import monte_carlo_predict
 from dropkey.lab import data as datasets
 from dropkey.lab.augment import Normalize
-from dropkey.diagnostics import AttentionRecorder, attention_entropy, peak_weight
 from dropkey.lab.experiments.definitions import Arm, Scale
-from dropkey.inference import monte_carlo_predict
-from dropkey.models import VisionTransformer
-from dropkey.storage import write_json_atomic, write_text_atomic
 from dropkey.lab.train import CHECKPOINT, TrainConfig, resolve_device, train
+from dropkey.models import VisionTransformer
+from theory.checks import check_int
+from theory.seeding import address_sequence, integer_seeds
 
 log = logging.getLogger(__name__)
 
-COMPLETE_MARKER = "complete.json"
+COMPLETE_MARKER = storage.MARKER
+#: the Monte-Carlo passes' streams: address (seed, MONTE_CARLO_ADDRESS, batch) of theory.seeding
+MONTE_CARLO_ADDRESS = 2
 MONTE_CARLO_FILE = "monte_carlo.csv"
 EXPECTED_ATTENTION_FILE = "expected_attention.csv"
 EXPECTED_ATTENTION_IMAGES = 8  # diagnostics images whose rows get the exact expectation
@@ -102,7 +106,7 @@ def train_config(
 
 
 def is_complete(folder: Path) -> bool:
-    return (Path(folder) / COMPLETE_MARKER).is_file()
+    return storage.is_complete(folder)
 
 
 def _load_trained_model(
@@ -144,9 +148,9 @@ def monte_carlo_accuracy(folder: Path, config: TrainConfig, ks: Sequence[int], d
         with torch.no_grad():
             correct[0] += int((model(images).argmax(-1) == labels).sum())
         total = None
-        seeds = np.random.SeedSequence([config.seed, 2, batch]).generate_state(ks[-1], np.uint32)
+        seeds = integer_seeds(address_sequence(config.seed, MONTE_CARLO_ADDRESS, batch), ks[-1])
         for k in range(1, ks[-1] + 1):
-            sample = monte_carlo_predict(model, images, 1, generator=int(seeds[k - 1]))
+            sample = monte_carlo_predict(model, images, 1, generator=seeds[k - 1])
             total = sample if total is None else total + sample
             if k in correct:
                 correct[k] += int((total.argmax(-1) == labels).sum())
@@ -170,13 +174,15 @@ def expected_attention_rows(folder: Path, config: TrainConfig, device: torch.dev
 
     model, normalize = _load_trained_model(folder, config, device, fused_attn=False)
     test = _test_split(config)
-    batch = normalize(test.images[: min(images, config.diagnostics_batch)]).to(device)  # the diagnostics batch's first images
+    # the diagnostics batch's first images
+    batch = normalize(test.images[: min(images, config.diagnostics_batch)]).to(device)
     model.eval()
     with AttentionRecorder(model, store_maps=True) as recorder, torch.no_grad():
         model(batch)
     model_config = model.config
     rows = []
-    for layer, (variant, ratio) in enumerate(zip(model_config.layer_variants, model_config.layer_drop_ratios)):
+    layers = zip(model_config.layer_variants, model_config.layer_drop_ratios, strict=True)
+    for layer, (variant, ratio) in enumerate(layers):
         p = recorder.weights[layer][0].double().cpu()  # (B, H, N, N) softmax weights
         if variant == "dropkey" and ratio > 0.0:
             flat = p.reshape(-1, p.shape[-1]).numpy()
@@ -214,20 +220,22 @@ def execute(spec: RunSpec, command: Sequence[str] | None = None) -> dict[str, An
     """Train ``spec`` (resuming its checkpoint if any) and evaluate it; a no-op if already done."""
 
     folder = spec.folder
-    with torch.random.fork_rng():  # the trainer seeds the global RNGs; leave the caller's alone
-        if not is_complete(folder):
-            train(spec.config, resume=True, command=list(command or ["dropkey-lab", "experiment"]))
-        device = resolve_device(spec.config, 0)
-        if not (folder / EXPECTED_ATTENTION_FILE).is_file():
-            frame = expected_attention_rows(folder, spec.config, device)
-            write_text_atomic(folder / EXPECTED_ATTENTION_FILE, frame.to_csv(index=False, lineterminator="\n"))
-        if spec.monte_carlo and not _has_monte_carlo(folder, spec.monte_carlo):
-            frame = monte_carlo_accuracy(folder, spec.config, spec.monte_carlo, device)
-            write_text_atomic(folder / MONTE_CARLO_FILE, frame.to_csv(index=False, lineterminator="\n"))
+    written = False
     if not is_complete(folder):
+        train(spec.config, resume=True, command=list(command or ["dropkey-lab", "experiment"]))
+    device = resolve_device(spec.config, 0)
+    if not (folder / EXPECTED_ATTENTION_FILE).is_file():
+        storage.write_csv_atomic(folder / EXPECTED_ATTENTION_FILE, expected_attention_rows(folder, spec.config, device))
+        written = True
+    if spec.monte_carlo and not _has_monte_carlo(folder, spec.monte_carlo):
+        storage.write_csv_atomic(folder / MONTE_CARLO_FILE,
+                                 monte_carlo_accuracy(folder, spec.config, spec.monte_carlo, device))
+        written = True
+    if written or not is_complete(folder):  # the marker lists every file of the folder, so it follows them
         record = {"run_key": folder.name, "arm": spec.arm.name, "seed": spec.seed, "final": _final_row(folder)}
-        write_json_atomic(folder / COMPLETE_MARKER, record)
-    return json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        storage.mark_complete(folder, record=record)
+    marker = json.loads((folder / storage.MARKER).read_text(encoding="utf-8"))
+    return marker.get("record", marker)  # run folders of earlier versions: the marker was the record
 
 
 def _worker_init(threads: int) -> None:
@@ -239,13 +247,13 @@ def execute_all(
 ) -> list[dict[str, Any]]:
     """Run every spec not yet complete (in ``jobs`` processes); return their completion records in order."""
 
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be an integer >= 1, got {jobs!r}")
+    check_int(jobs, "jobs", 1)
     unique: dict[Path, RunSpec] = {}
     for spec in specs:
         if spec.folder in unique and unique[spec.folder].monte_carlo != spec.monte_carlo:
             # the same run asked with and without Monte-Carlo evaluation: evaluate it
-            spec = dataclasses.replace(spec, monte_carlo=tuple(sorted(set(spec.monte_carlo) | set(unique[spec.folder].monte_carlo))))
+            both = set(spec.monte_carlo) | set(unique[spec.folder].monte_carlo)
+            spec = dataclasses.replace(spec, monte_carlo=tuple(sorted(both)))
         unique[spec.folder] = spec
     pending = [spec for spec in unique.values() if needs_work(spec)]
     log.info("%d runs, %d already complete, %d to train", len(unique), len(unique) - len(pending), len(pending))
