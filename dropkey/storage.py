@@ -139,15 +139,18 @@ def _file_name(name: object, argument: str, suffix: str) -> str:
     return name
 
 
-def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A file's size in bytes and SHA-256 (hex)."""
-    digest = hashlib.sha256()
-    size = 0
+def file_hash(path: str | os.PathLike[str], algorithm: str = "sha256") -> str:
+    """The hex digest of a file (any :func:`hashlib.new` algorithm), read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
-            size += len(block)
-    return {"bytes": size, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def file_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A file's size in bytes and SHA-256 (hex)."""
+    return {"bytes": os.stat(path).st_size, "sha256": file_hash(path)}
 
 
 def mark_complete(

@@ -210,3 +210,12 @@ def test_storage_imports_only_the_standard_library():
             "print(sorted(m for m in ('numpy', 'pandas', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_file_hash_and_record(tmp_path):
+    path = tmp_path / "x.bin"
+    path.write_bytes(b"a" * (3 << 20) + b"tail")  # more than one 1 MiB block
+    data = path.read_bytes()
+    assert storage.file_hash(path) == hashlib.sha256(data).hexdigest()
+    assert storage.file_hash(path, "md5") == hashlib.md5(data).hexdigest()
+    assert storage.file_record(path) == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
