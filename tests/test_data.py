@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from dropkey.lab import data
+from dropkey.lab import data, datafiles
 
 # the real datasets, where this machine has them (tests/conftest.py points $DROPKEY_DATA at the project's copy)
 SHARED = Path(os.environ.get(data.DATA_ENV) or "no-data-directory").expanduser()
@@ -115,7 +115,7 @@ def test_digest_cache_is_used_on_the_second_verification(monkeypatch):
     path = SHARED / "cifar-10-batches-bin" / "test_batch.bin"
     first = data.file_digest(path)
     calls = []
-    monkeypatch.setattr(data, "_hash_file", lambda *a: calls.append(a) or "x")
+    monkeypatch.setattr(datafiles, "_hash_file", lambda *a: calls.append(a) or "x")
     assert data.file_digest(path) == first and calls == []
 
 

@@ -63,12 +63,12 @@ def test_torchrun_launch_of_the_cli(tmp_path):
     import subprocess
     import sys
 
-    from dropkey.lab.train import _free_port
+    from dropkey.lab.distributed import free_port
 
     out = tmp_path / "torchrun"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "reports.cli", "train", "--dataset", "digits",
+        "--master_port", str(free_port()), "-m", "reports.cli", "train", "--dataset", "digits",
         "--epochs", "1", "--train-subset", "128", "--batch-size", "32", "--no-progress", "--out", str(out),
     ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}

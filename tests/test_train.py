@@ -214,6 +214,11 @@ def test_config_validation_names_the_field(tmp_path, field, value, message):
         tiny(tmp_path, **{field: value})
 
 
+def test_the_trainer_takes_a_train_config_only():
+    with pytest.raises(TypeError, match="config must be a TrainConfig, got dict"):
+        Trainer({"epochs": 1})
+
+
 def test_model_must_fit_the_dataset(tmp_path):
     with pytest.raises(ValueError, match="vit_tiny_32.*digits"):
         tiny(tmp_path, model="vit_tiny_32")
@@ -261,7 +266,7 @@ def test_final_epochs_without_drop_switch_the_regulariser_off(tmp_path):
 
     def spy(epoch):
         original(epoch)
-        seen.append([m.drop_ratio for m in training._mask_modules(trainer.model)])
+        seen.append([m.drop_ratio for m in training.mask_modules(trainer.model)])
 
     trainer._set_drop_phase = spy
     trainer.run()

@@ -26,49 +26,15 @@ Where the data is: the ``data_dir`` argument (``--data-dir``), else the environm
 lives in its own sub-folder of it (``cifar-10-batches-bin/``, ``fashion-mnist/``, ...). The
 project's own machines keep a shared copy and point ``DROPKEY_DATA`` at it.
 
-Checksums (see :func:`verify_file`). Each file has a list of known digests in
-:data:`DATASETS`, each with its source:
-
-- official releases: Fashion-MNIST ``.gz`` MD5s (Zalando's README) and SHA-256s (as recorded
-  by other public loaders; not re-checked here, this machine has no internet), the SHA-256s
-  of the decompressed IDX files (computed here: the data README states the local copy
-  decompresses to the official bytes), and the MD5s of the CIFAR-10 *python* batches (as
-  torchvision publishes them);
-- the project machines' shared copy (its ``SHA256SUMS``): the CIFAR-10 there is a
-  JPEG-rebuilt variant whose bytes differ from the official release, and its
-  Fashion-MNIST ``.gz`` files are recompressed (different bytes, same content).
- A file passes if it matches any known digest; otherwise, if a ``SHA256SUMS`` file
-next to it lists it, it must match that (a mismatch is corruption), and passes with a log
-message saying it is not a registered release. Anything else is a :class:`ChecksumError`
-naming the file, the digest found and the digests expected. For the official CIFAR-10
-*binary* files no per-file digests are published; verify them by writing a ``SHA256SUMS``
-next to them (``sha256sum *.bin > SHA256SUMS``) or pass ``verify=False``.
-
-Hashing 180 MB of CIFAR-10 takes about a second, so digests are cached in a small JSON
-file keyed by (absolute path, size, mtime in ns): ``$DROPKEY_CACHE/file-digests.json``,
-default ``~/.cache/dropkey-lab`` (``$XDG_CACHE_HOME`` respected). A changed file gets a
-new size or mtime and is hashed again (the cache guards against corruption and stale
-copies, not against someone who edits a file and restores its mtime; ``hash_cache=False``
-always hashes). ``verify=False`` skips the checksums altogether (the restricted unpickler
-stays in force).
-
-Download (``download=True``): missing files are fetched from ``base_url`` (default the
-official per-file mirror where one exists; configurable, e.g. a local mirror) as
-``{base_url}/{file name}``, verified against the known digests (or ``expected`` digests
-given by the caller) and written atomically. Nothing is downloaded unless asked.
+Checksums, the digest cache, downloads and the readers of the official formats are
+:mod:`dropkey.lab.datafiles` (re-exported here). Nothing is downloaded unless asked
+(``download=True``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import hashlib
-import json
-import logging
 import os
-import pickle
-import struct
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,36 +43,32 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dropkey.storage import write_bytes_atomic, write_json_atomic
-
-log = logging.getLogger(__name__)
+from dropkey.lab.datafiles import (
+    CACHE_ENV,
+    ChecksumError,
+    DataError,
+    KnownDigest,
+    _read_cifar_pickle_meta,
+    cache_dir,
+    download_file,
+    file_digest,
+    read_cifar_bin,
+    read_cifar_pickle,
+    read_idx,
+    read_sha256sums,
+    verify_file,
+)
+from theory.checks import check_choice, check_int
+from theory.seeding import generator, root_sequence
 
 DATA_ENV = "DROPKEY_DATA"
 #: the per-user data folder's name under $XDG_DATA_HOME (else ~/.local/share)
 DATA_FOLDER = "dropkey-lab"
-CACHE_ENV = "DROPKEY_CACHE"
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
 
-class DataError(RuntimeError):
-    """A dataset file is missing or malformed (the message names the file and what was found)."""
-
-
-class ChecksumError(DataError):
-    """A file's digest matches none of the known ones."""
-
-
 # --- dataset descriptions --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KnownDigest:
-    """One accepted digest of a file: algorithm ("sha256" or "md5"), hex value, where it comes from."""
-
-    algorithm: str
-    hexdigest: str
-    source: str
 
 
 @dataclass(frozen=True)
@@ -261,7 +223,8 @@ class ImageData:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
-            raise ValueError(f"labels must be int64 ({self.images.shape[0]},), got {self.labels.dtype} {tuple(self.labels.shape)}")
+            raise ValueError(f"labels must be int64 ({self.images.shape[0]},), "
+                             f"got {self.labels.dtype} {tuple(self.labels.shape)}")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -294,131 +257,6 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     if env:
         return Path(env).expanduser()
     return default_data_dir()
-
-
-def cache_dir() -> Path:
-    """Where digests are cached: ``$DROPKEY_CACHE``, else ``$XDG_CACHE_HOME/dropkey-lab``, else ``~/.cache/dropkey-lab``."""
-    env = os.environ.get(CACHE_ENV)
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "dropkey-lab"
-
-
-# --- checksums ---------------------------------------------------------------------------
-
-
-def _hash_file(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256", *, hash_cache: bool = True) -> str:
-    """Hex digest of a file; cached by (absolute path, size, mtime_ns) unless ``hash_cache=False``."""
-    path = Path(path).resolve()
-    if algorithm not in ("sha256", "md5"):
-        raise ValueError(f"algorithm must be 'sha256' or 'md5', got {algorithm!r}")
-    if not hash_cache:
-        return _hash_file(path, algorithm)
-    stat = path.stat()
-    key = f"{algorithm}:{path}:{stat.st_size}:{stat.st_mtime_ns}"
-    cache_file = cache_dir() / "file-digests.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-        if not isinstance(cache, dict):
-            cache = {}
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return str(cache[key])
-    value = _hash_file(path, algorithm)
-    cache = {k: v for k, v in cache.items() if not k.startswith(f"{algorithm}:{path}:")}
-    cache[key] = value
-    try:
-        write_json_atomic(cache_file, cache)
-    except OSError as error:  # a read-only home must not stop training
-        log.warning("could not write the digest cache %s: %s", cache_file, error)
-    return value
-
-
-def read_sha256sums(path: Path) -> dict[str, str]:
-    """Parse a ``sha256sum`` output file: {file name: hex digest}."""
-    sums = {}
-    for line in path.read_text().splitlines():
-        parts = line.strip().split(maxsplit=1)
-        if len(parts) == 2:
-            sums[parts[1].lstrip("*").strip()] = parts[0].lower()
-    return sums
-
-
-def verify_file(
-    path: str | os.PathLike[str],
-    known: Sequence[KnownDigest] = (),
-    *,
-    hash_cache: bool = True,
-) -> str:
-    """Check ``path`` against its known digests, else its folder's SHA256SUMS; return how it passed.
-
-    Raises :class:`ChecksumError` (naming the file, what was found and what was expected).
-    """
-    path = Path(path)
-    found: dict[str, str] = {}
-
-    def digest(algorithm: str) -> str:
-        if algorithm not in found:
-            found[algorithm] = file_digest(path, algorithm, hash_cache=hash_cache)
-        return found[algorithm]
-
-    for entry in sorted(known, key=lambda k: k.algorithm != "sha256"):  # sha256 first
-        if digest(entry.algorithm) == entry.hexdigest.lower():
-            log.debug("%s: %s matches %s", path, entry.algorithm, entry.source)
-            return entry.source
-    manifest = path.parent / "SHA256SUMS"
-    if manifest.is_file():
-        listed = read_sha256sums(manifest).get(path.name)
-        if listed is not None:
-            if digest("sha256") == listed:
-                log.info("%s: not a registered release; accepted by %s", path, manifest)
-                return str(manifest)
-            raise ChecksumError(
-                f"checksum mismatch for {path}: SHA-256 {digest('sha256')} but {manifest} lists {listed} "
-                "(the file is corrupt or was modified; delete it and fetch it again)"
-            )
-    expected = ", ".join(f"{k.algorithm} {k.hexdigest} ({k.source})" for k in known) or "none registered"
-    raise ChecksumError(
-        f"checksum mismatch for {path}: SHA-256 {digest('sha256')} matches no known digest "
-        f"(expected one of: {expected}) and no SHA256SUMS next to it lists it. If this is a "
-        "legitimate copy, write a SHA256SUMS next to it (sha256sum FILE >> SHA256SUMS) or pass verify=False."
-    )
-
-
-# --- download ----------------------------------------------------------------------------
-
-
-def download_file(
-    url: str,
-    destination: str | os.PathLike[str],
-    known: Sequence[KnownDigest],
-    *,
-    timeout: float = 60.0,
-) -> Path:
-    """Fetch ``url``, check its digest against ``known`` and only then write it atomically."""
-    if not known:
-        raise ValueError(f"refusing to download {url} without a digest to verify it against")
-    log.info("downloading %s -> %s", url, destination)
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (scheme from the caller)
-        payload = response.read()
-    hashes = {alg: hashlib.new(alg, payload).hexdigest() for alg in {k.algorithm for k in known}}
-    if not any(hashes[k.algorithm] == k.hexdigest.lower() for k in known):
-        expected = ", ".join(f"{k.algorithm} {k.hexdigest}" for k in known)
-        raise ChecksumError(
-            f"checksum mismatch for download {url}: SHA-256 {hashlib.sha256(payload).hexdigest()}, "
-            f"expected one of: {expected}; nothing was written to {destination}"
-        )
-    return write_bytes_atomic(destination, payload)
 
 
 def _ensure_files(
@@ -457,116 +295,16 @@ def _ensure_files(
     return paths
 
 
-# --- format readers ------------------------------------------------------------------------
-
-_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an IDX file (gzipped if it starts with the gzip magic): header checked, array returned."""
-    path = Path(path)
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as error:
-            raise DataError(f"{path}: corrupt gzip stream ({error})") from error
-    if len(raw) < 4:
-        raise DataError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
-    zero, type_code, ndim = raw[0:2], raw[2], raw[3]
-    if zero != b"\x00\x00" or type_code not in _IDX_TYPES or ndim < 1:
-        raise DataError(
-            f"{path}: not an IDX file (magic {raw[:4].hex()}; expected 0000 + type code in "
-            f"{sorted(hex(t) for t in _IDX_TYPES)} + ndim >= 1)"
-        )
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, need {header})")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_TYPES[type_code])
-    expected = int(np.prod(dims)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataError(
-            f"{path}: IDX header says dims {dims} ({expected} data bytes) but the file has {len(raw) - header}"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims).copy()
-
-
-def read_cifar_bin(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 binary batch -> (images uint8 (N, 3, 32, 32), labels int64 (N,))."""
-    path = Path(path)
-    raw = np.fromfile(path, dtype=np.uint8)
-    record = 1 + 3 * 32 * 32
-    if raw.size == 0 or raw.size % record:
-        raise DataError(f"{path}: {raw.size} bytes is not a whole number of {record}-byte CIFAR-10 records")
-    table = raw.reshape(-1, record)
-    labels = table[:, 0].astype(np.int64)
-    if labels.max() > 9:
-        raise DataError(f"{path}: label byte {int(labels.max())} out of range 0..9 (not CIFAR-10?)")
-    return table[:, 1:].reshape(-1, 3, 32, 32).copy(), labels
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what numpy arrays need (the official CIFAR-10 pickles hold dicts, lists, bytes, arrays)."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"): ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"): ("numpy", "ndarray"),
-        ("numpy", "dtype"): ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"): ("numpy._core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"): ("numpy._core.multiarray", "scalar"),
-        ("_codecs", "encode"): ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
-    }
-
-    def find_class(self, module: str, name: str) -> object:
-        target = self._ALLOWED.get((module, name))
-        if target is None:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset pickle")
-        import importlib
-
-        try:
-            return getattr(importlib.import_module(target[0]), target[1])
-        except ImportError:  # numpy < 2
-            return getattr(importlib.import_module(target[0].replace("numpy._core", "numpy.core")), target[1])
-
-
-def read_cifar_pickle(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR-10 python-version batch (a pickle; restricted unpickler) -> (images, labels)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as stream:
-            batch = _RestrictedUnpickler(stream, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({error})") from error
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise DataError(f"{path}: expected a dict with b'data' and b'labels', found {keys}")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
-        raise DataError(f"{path}: data {data.shape} / labels {labels.shape}, expected (N, 3072) / (N,)")
-    return data.reshape(-1, 3, 32, 32).copy(), labels
-
-
-def _read_cifar_pickle_meta(path: Path) -> tuple[str, ...]:
-    with open(path, "rb") as stream:
-        meta = _RestrictedUnpickler(stream, encoding="bytes").load()
-    names = meta.get(b"label_names", []) if isinstance(meta, dict) else []
-    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
-
-
 # --- loaders -------------------------------------------------------------------------------
 
 
 def _to_data(images: np.ndarray, labels: np.ndarray, info: DatasetInfo, split: str) -> ImageData:
-    return ImageData(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)), info, split)
+    return ImageData(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)), info,
+                     split)
 
 
 def _check_split(split: str) -> str:
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    return split
+    return check_choice(split, "split", ("train", "test"))
 
 
 def _dataset_root(info: DatasetInfo, data_dir: str | os.PathLike[str] | None) -> Path:
@@ -587,8 +325,7 @@ def load_cifar10(
 ) -> ImageData:
     """CIFAR-10 from the binary layout (or, with layout "auto" and no binary folder, the python layout)."""
     _check_split(split)
-    if layout not in ("auto", "bin", "pickle"):
-        raise ValueError(f"layout must be 'auto', 'bin' or 'pickle', got {layout!r}")
+    check_choice(layout, "layout", ("auto", "bin", "pickle"))
     bin_root = _dataset_root(CIFAR10_BIN, data_dir)
     py_root = bin_root.parent / CIFAR10_PY.folder
     use_pickle = layout == "pickle" or (layout == "auto" and not bin_root.is_dir() and py_root.is_dir())
@@ -667,7 +404,7 @@ def load_digits(split: str = "train", *, seed: int = DIGITS_SPLIT_SEED) -> Image
     bunch = _sk_load_digits()
     values = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
     targets = bunch.target.astype(np.int64)
-    rng = np.random.default_rng(seed)
+    rng = generator(root_sequence(seed))
     test = []
     for label in range(10):
         members = np.flatnonzero(targets == label)
@@ -687,13 +424,12 @@ def load_dataset(
     **options: object,
 ) -> ImageData:
     """Load ``name`` (one of :data:`DATASET_NAMES`) and ``split``; options go to its loader."""
+    check_choice(name, "dataset", DATASET_NAMES)
     if name == "digits":
         return load_digits(split)
     if name == "cifar10":
         return load_cifar10(split, data_dir, **options)
-    if name == "fashion_mnist":
-        return load_fashion_mnist(split, data_dir, **options)
-    raise ValueError(f"dataset must be one of {DATASET_NAMES}, got {name!r}")
+    return load_fashion_mnist(split, data_dir, **options)
 
 
 # --- subsets and statistics -------------------------------------------------------------------
@@ -707,9 +443,8 @@ def balanced_subset_indices(labels: Tensor, size: int, *, seed: int, num_classes
     """
     labels = torch.as_tensor(labels, dtype=torch.int64)
     classes = int(num_classes if num_classes is not None else int(labels.max()) + 1)
-    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= labels.numel():
-        raise ValueError(f"size must be an integer in [1, {labels.numel()}], got {size!r}")
-    rng = np.random.default_rng(seed)
+    check_int(size, "size", 1, labels.numel())
+    rng = generator(root_sequence(seed))
     extra = set(rng.permutation(classes)[: size % classes].tolist())
     chosen = []
     for label in range(classes):
@@ -731,7 +466,8 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
 
 __all__ = [
     "ChecksumError", "DataError", "DataFile", "DatasetInfo", "ImageData", "KnownDigest", "DATASETS",
-    "DATASET_NAMES", "CIFAR10_BIN", "CIFAR10_PY", "FASHION_MNIST", "DIGITS", "resolve_data_dir",
+    "DATASET_NAMES", "CIFAR10_BIN", "CIFAR10_PY", "FASHION_MNIST", "DIGITS", "DATA_ENV", "DATA_FOLDER",
+    "CACHE_ENV", "cache_dir", "default_data_dir", "resolve_data_dir",
     "file_digest", "verify_file", "read_sha256sums", "download_file", "read_idx", "read_cifar_bin",
     "read_cifar_pickle", "load_cifar10", "load_fashion_mnist", "load_digits", "load_dataset",
     "balanced_subset_indices", "channel_stats",
