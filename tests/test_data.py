@@ -40,10 +40,12 @@ def needs(folder: str):
 
 def idx_bytes(array: np.ndarray) -> bytes:
     codes = {np.dtype(np.uint8): 0x08}
-    return b"\x00\x00" + bytes([codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    header = b"\x00\x00" + bytes([codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.tobytes()
 
 
-def write_fashion(folder: Path, *, n_train: int = 20, n_test: int = 10, gz: bool = True, seed: int = 0) -> dict[str, str]:
+def write_fashion(folder: Path, *, n_train: int = 20, n_test: int = 10, gz: bool = True,
+                  seed: int = 0) -> dict[str, str]:
     """Synthetic Fashion-MNIST IDX files; returns {file name: sha256}."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -162,7 +164,8 @@ def test_missing_file_names_the_expected_path(tmp_path):
 
 def test_unknown_file_without_manifest_is_a_checksum_error(tmp_path):
     write_fashion(tmp_path / "fashion-mnist")
-    with pytest.raises(data.ChecksumError, match=r"train-images-idx3-ubyte\.gz.*matches no known digest.*expected one of"):
+    message = r"train-images-idx3-ubyte\.gz.*matches no known digest.*expected one of"
+    with pytest.raises(data.ChecksumError, match=message):
         data.load_fashion_mnist("train", tmp_path)
 
 
@@ -174,7 +177,8 @@ def test_manifest_accepts_a_listed_copy_and_rejects_a_modified_one(tmp_path):
     raw = bytearray(gzip.decompress(target.read_bytes()))
     raw[-1] ^= 0xFF
     target.write_bytes(gzip.compress(bytes(raw), mtime=0))
-    with pytest.raises(data.ChecksumError, match=r"checksum mismatch for .*t10k-images-idx3-ubyte\.gz.*SHA256SUMS lists"):
+    message = r"checksum mismatch for .*t10k-images-idx3-ubyte\.gz.*SHA256SUMS lists"
+    with pytest.raises(data.ChecksumError, match=message):
         data.load_fashion_mnist("test", tmp_path)
 
 
@@ -240,7 +244,8 @@ def test_cifar_pickle_layout_synthetic(tmp_path):
     sums = {}
     for name, seed in [(f"data_batch_{i}", i) for i in range(1, 6)] + [("test_batch", 9)]:
         images, labels = cifar_records(4, seed)
-        payload = pickle.dumps({b"batch_label": b"x", b"labels": labels.tolist(), b"data": images.reshape(4, -1)}, protocol=2)
+        batch = {b"batch_label": b"x", b"labels": labels.tolist(), b"data": images.reshape(4, -1)}
+        payload = pickle.dumps(batch, protocol=2)
         (folder / name).write_bytes(payload)
         sums[name] = hashlib.sha256(payload).hexdigest()
     meta = pickle.dumps({b"label_names": [c.encode() for c in data.CIFAR10_CLASSES]}, protocol=2)
@@ -311,7 +316,8 @@ def test_download_verifies_and_writes_atomically(served, tmp_path):
     target = tmp_path / "data"
     test = data.load_fashion_mnist("test", target, download=True, base_url=url, expected=sums)
     assert len(test) == 10
-    assert (target / "fashion-mnist" / "t10k-images-idx3-ubyte.gz").read_bytes() == (root / "t10k-images-idx3-ubyte.gz").read_bytes()
+    name = "t10k-images-idx3-ubyte.gz"
+    assert (target / "fashion-mnist" / name).read_bytes() == (root / name).read_bytes()
     assert not list((target / "fashion-mnist").glob(".*.tmp"))
 
 

@@ -16,13 +16,23 @@ import pandas as pd
 import pytest
 
 from dropkey import schedules
-from reports.cli import build_parser, main
-from dropkey.lab.experiments import EXPERIMENT_NAMES, EXPERIMENTS, SCALE_NAMES, SCALES, experiment, run_experiment, scale
-from dropkey.lab.experiments import analysis, definitions, runner
+from dropkey.lab.experiments import (
+    EXPERIMENT_NAMES,
+    EXPERIMENTS,
+    SCALE_NAMES,
+    SCALES,
+    analysis,
+    definitions,
+    experiment,
+    run_experiment,
+    runner,
+    scale,
+)
 from dropkey.lab.experiments.results import load_result, run_specs
 from dropkey.lab.train import train
 from reports import claims as registry
 from reports.build import build_report
+from reports.cli import build_parser, main
 from reports.evidence import Evidence, load_experiment_evidence
 
 VIT_CLAIMS = [claim for claim in registry.CLAIMS if any(m.startswith(registry.VIT_PREFIX) for m in claim.measured_by)]
@@ -59,14 +69,15 @@ def test_schedule_arms_share_the_mean_ratio():
             ratios = arm.drop_ratio if isinstance(arm.drop_ratio, tuple) else (arm.drop_ratio,)
             assert schedules.mean_ratio(ratios) == pytest.approx(s.drop_ratio, abs=1e-12)
         decreasing, increasing = arms["decreasing"].drop_ratio, arms["increasing"].drop_ratio
-        assert all(a > b for a, b in zip(decreasing, decreasing[1:]))
+        assert all(a > b for a, b in zip(decreasing, decreasing[1:], strict=False))
         assert increasing == pytest.approx(tuple(reversed(decreasing)), abs=1e-12)
 
 
 def test_shared_arms_are_one_run(tmp_path):
     """DropKey at the matched ratio is one training run, whichever experiment asks for it."""
     keys = {
-        name: {spec.seed: spec.folder for spec in run_specs(name, "quick", runs_dir=tmp_path) if spec.arm.name in ("dropkey", "constant")}
+        name: {spec.seed: spec.folder for spec in run_specs(name, "quick", runs_dir=tmp_path)
+               if spec.arm.name in ("dropkey", "constant")}
         for name in ("accuracy", "attention_dynamics", "schedules", "alignment", "structured")
     }
     assert len({tuple(sorted(v.items())) for v in keys.values()}) == 1
@@ -180,7 +191,7 @@ def test_cli_experiment_command(tmp_path, tiny_scale, capsys):
 
 def test_quick_experiments_measure_every_claim(quick_results):
     base, results = quick_results
-    for name, result in results.items():
+    for result in results.values():
         assert {p.name for p in result.folder.iterdir()} >= {
             "runs.csv", "attention.csv", "finals.csv", "per_seed.csv", "comparisons.csv", "summary.json",
             "config.json", "provenance.json", "complete.json"}
@@ -243,7 +254,8 @@ def test_quick_collapse_sweeps_depth_and_alignment_sweeps_k(quick_results):
     assert (collapse["top_similarity_centred"] != collapse["top_similarity_centred_init"]).all()  # training moved them
     trend = results["collapse"].per_seed.query("quantity == 'collapse_trend_plain'")
     assert sorted(trend["seed"]) == list(SCALES["quick"].seeds)
-    adjusted = results["collapse"].per_seed.query("quantity == 'centred_similarity_dropkey_minus_plain' and group == ''")
+    per_seed = results["collapse"].per_seed
+    adjusted = per_seed.query("quantity == 'centred_similarity_dropkey_minus_plain' and group == ''")
     assert np.isfinite(adjusted["covariate"]).all()  # the entropy difference of the same two runs
     mc = results["alignment"].monte_carlo
     assert sorted(set(mc["k"])) == [0, *SCALES["quick"].mc_samples]

@@ -93,13 +93,15 @@ def run_tables(specs: Sequence[RunSpec]) -> tuple[pd.DataFrame, pd.DataFrame, pd
     order = lambda frame: frame[columns + [c for c in frame.columns if c not in columns]]  # noqa: E731
     metrics_frame = order(pd.concat(metrics, ignore_index=True))
     attention_frame = order(pd.concat(attention, ignore_index=True))
-    mc_frame = order(pd.concat(monte_carlo, ignore_index=True)) if monte_carlo else pd.DataFrame(columns=columns + ["k", "test_acc"])
+    mc_frame = (order(pd.concat(monte_carlo, ignore_index=True)) if monte_carlo
+                else pd.DataFrame(columns=columns + ["k", "test_acc"]))
     return metrics_frame, attention_frame, mc_frame
 
 
 def _top_similarity(block_rows: pd.DataFrame, depth: int, metric: str = "similarity") -> float:
     top = set(top_blocks(depth))
-    pairs = block_rows[(block_rows["metric"] == metric) & block_rows["layer"].isin(top) & block_rows["other_layer"].isin(top)]
+    inside = block_rows["layer"].isin(top) & block_rows["other_layer"].isin(top)
+    pairs = block_rows[(block_rows["metric"] == metric) & inside]
     return float(pairs["value"].mean()) if len(pairs) else math.nan
 
 
@@ -112,7 +114,8 @@ def final_quantities(specs: Sequence[RunSpec], metrics: pd.DataFrame, attention:
         run_attention = attention[attention["run_key"] == key]
         last = run_attention[run_attention["epoch"] == run_attention["epoch"].max()]
         initial = run_attention[run_attention["epoch"] == 0]
-        per_block = last[last["other_layer"] < 0].pivot_table(index="layer", columns="metric", values="value", dropna=False)
+        per_block = last[last["other_layer"] < 0].pivot_table(index="layer", columns="metric", values="value",
+                                                              dropna=False)
         depth = spec.config.model_config().depth
         top = list(top_blocks(depth))
         later = run_metrics[run_metrics["epoch"] >= 2]["images_per_s"]
@@ -195,7 +198,8 @@ def _paired(values: pd.DataFrame, column: str, pairs: Sequence[tuple[str, str, s
     for name, a, b in pairs:
         difference = per_seed_difference(values, column, a, b)
         extra = per_seed_difference(values, covariate, a, b) if covariate else None
-        description = f"{column}({a}) - {column}({b}){unit}" + (f", covariate {covariate}({a}) - ({b})" if covariate else "")
+        description = f"{column}({a}) - {column}({b}){unit}"
+        description += f", covariate {covariate}({a}) - ({b})" if covariate else ""
         rows += _rows(name, difference, description, group=group, covariate=extra)
     return rows
 
@@ -235,7 +239,8 @@ def _attention_dynamics(finals, attention, mc) -> list[dict[str, Any]]:
     rows += _means(finals, "expected_peak") + _means(finals, "expected_entropy")
     rows += _paired(finals, "expected_peak", [("expected_peak_dropkey_minus_none", "dropkey", "none")])
     rows += _paired(finals, "expected_entropy", [("expected_entropy_dropkey_minus_none", "dropkey", "none")], " (nats)")
-    dropkey = finals[finals["arm"] == "dropkey"].set_index("seed")  # the masks' own smoothing of the DropKey model's rows
+    # the masks' own smoothing of the DropKey model's rows
+    dropkey = finals[finals["arm"] == "dropkey"].set_index("seed")
     rows += _rows("expected_minus_learned_peak_dropkey", dropkey["expected_peak"] - dropkey["learned_peak"],
                   "peak(E[w]) - peak(p) of the DropKey model on the same rows: the smoothing its masks apply")
     for arm in ("dropkey", "dropout"):
@@ -319,7 +324,8 @@ def _collapse(finals, attention, mc) -> list[dict[str, Any]]:
                             covariate="top_entropy" if headline[name] else None)
     if len(depths) >= 2:
         plain = finals[finals["arm"] == "plain"]
-        deep, shallow = (plain[plain["depth"] == d].set_index("seed")["similarity_rise"] for d in (depths[-1], depths[0]))
+        deep, shallow = (plain[plain["depth"] == d].set_index("seed")["similarity_rise"]
+                         for d in (depths[-1], depths[0]))
         seeds = sorted(set(deep.index) & set(shallow.index))
         trend = pd.Series([deep[s] - shallow[s] for s in seeds], index=seeds, dtype=float)
         rows += _rows("collapse_trend_plain", trend,
