@@ -301,3 +301,20 @@ def test_eval_every_skips_test_evaluations_but_never_the_last(tmp_path, monkeypa
     assert m["test_loss"].isna().tolist() == [True, False, True, False, False]
     with pytest.raises(ValueError, match=r"eval_every must be an integer in \[1, inf\)"):
         tiny(tmp_path, eval_every=0)
+
+
+@pytest.mark.gpu
+def test_cuda_runs_keep_the_callers_cuda_rng_and_resume_bit_exactly(tmp_path):
+    extra = dict(device="cuda", precision="fp32", epochs=2, diagnostics_every=0,
+                 model_overrides={"drop_path": 0.1, "proj_drop": 0.1})
+    torch.cuda.manual_seed_all(99)
+    before = torch.cuda.get_rng_state_all()
+    full = train(tiny(tmp_path, "full", **extra))
+    assert all(torch.equal(a, b) for a, b in zip(before, torch.cuda.get_rng_state_all(), strict=True))
+    train(tiny(tmp_path, "split", **extra), stop_after_epoch=1)
+    torch.cuda.manual_seed_all(5)  # another caller state between the two calls: the same run
+    resumed = train(tiny(tmp_path, "split", **extra), resume=True)
+    exact = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc"]
+    pd.testing.assert_frame_equal(resumed.metrics[exact], full.metrics[exact], check_exact=True)
+    full_state, resumed_state = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
