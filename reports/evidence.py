@@ -103,15 +103,25 @@ class Evidence:
 
 
 def experiment_complete(folder: Path) -> bool:
-    """Whether ``folder`` holds a complete experiment result: :mod:`dropkey.storage`'s marker, or, for a folder
-    written before the marker existed, its ``provenance.json`` (then written last)."""
-    return storage.is_complete(folder) or (Path(folder) / storage.PROVENANCE).is_file()
+    """Whether ``folder`` holds a complete experiment result (:mod:`dropkey.storage`'s marker).
+
+    A folder with a ``provenance.json`` but no marker was written by an earlier version (or its
+    writing was interrupted): EvidenceError naming the remedy, never a silent "not run".
+    """
+    if storage.is_complete(folder):
+        return True
+    if (Path(folder) / storage.PROVENANCE).is_file():
+        experiment, scale = Path(folder).name, Path(folder).parent.name
+        raise EvidenceError(
+            f"{folder} has a provenance.json but no completion marker (written by an earlier version, or "
+            f"interrupted): re-analyse it with `dropkey-lab experiment {experiment} --scale {scale} --reanalyse`, "
+            "or run the experiment again")
+    return False
 
 
 def experiment_evidence(folder: Path, experiment: str, scale: str) -> ExperimentEvidence:
     result = storage.read_result_folder(folder, what=f"{experiment} result at {scale} scale",
-                                        remedy=f"dropkey-lab experiment {experiment} --scale {scale}",
-                                        legacy_marker=storage.PROVENANCE)
+                                        remedy=f"dropkey-lab experiment {experiment} --scale {scale}")
     if not result.has(VIT_PER_SEED):
         raise EvidenceError(
             f"{folder} is a complete experiment result without {VIT_PER_SEED} (an older format): re-analyse it "

@@ -252,6 +252,7 @@ def _write_per_seed(root: Path, scale: str, experiment: str, rows: list[tuple[st
         folder / "per_seed.csv", index=False)
     if complete:
         (folder / "provenance.json").write_text("{}")
+        storage.mark_complete(folder)
 
 
 @pytest.mark.parametrize(
@@ -304,6 +305,10 @@ def test_real_vit_claims_are_judged_at_the_largest_complete_scale(tmp_path):
                     complete=False)  # incomplete folders are ignored
     found = load_experiment_evidence(tmp_path)
     assert found["schedules"].scale == "medium"
+    (tmp_path / "full" / "schedules" / "provenance.json").write_text("{}")  # interrupted before its marker
+    with pytest.raises(EvidenceError, match="no completion marker"):
+        load_experiment_evidence(tmp_path)
+    (tmp_path / "full" / "schedules" / "provenance.json").unlink()
     assert registry.assess(registry.claim("vit-schedule"), Evidence(experiments=found)).status == "confirmed"
 
 
@@ -339,7 +344,10 @@ def test_an_older_result_folder_must_be_reanalysed(tmp_path):
     folder.mkdir(parents=True)
     (folder / "measurements.csv").write_text("claim_id,quantity,value,standard_error,n,scale,experiment\n")
     (folder / "provenance.json").write_text("{}")
-    with pytest.raises(EvidenceError, match="--reanalyse"):
+    with pytest.raises(EvidenceError, match="--reanalyse"):  # no completion marker: an earlier version wrote it
+        load_experiment_evidence(tmp_path)
+    storage.mark_complete(folder)
+    with pytest.raises(EvidenceError, match="--reanalyse"):  # complete, but without the per-seed table
         load_experiment_evidence(tmp_path)
 
 

@@ -144,7 +144,7 @@ def reanalyse(results_dir: str | os.PathLike[str], scale_name: str, name: str,
     analysed with this version of :mod:`dropkey.lab.experiments.analysis` (for folders written by an
     earlier version). The provenance keeps the training's record and adds this analysis's commit.
     """
-    result = load_result(results_dir, scale_name, name)
+    result = load_result(results_dir, scale_name, name, legacy=True)
     tables = {"runs.csv": result.runs, "attention.csv": result.attention, "finals.csv": result.finals,
               "monte_carlo.csv": result.monte_carlo}
     record = dict(result.provenance)
@@ -162,11 +162,16 @@ def _read_csv(folder: storage.ResultFolder, name: str) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"group": str}, keep_default_na=False, na_values=missing)
 
 
-def load_result(results_dir: str | os.PathLike[str], scale_name: str, name: str) -> ExperimentResult:
-    """Read a complete result folder (FileNotFoundError naming it if incomplete or absent)."""
+def load_result(results_dir: str | os.PathLike[str], scale_name: str, name: str, *,
+                legacy: bool = False) -> ExperimentResult:
+    """Read a complete result folder (FileNotFoundError naming it if incomplete or absent).
+
+    ``legacy``: also accept a folder of an earlier version, complete when its provenance.json was
+    written last (only :func:`reanalyse` asks for it, to bring such a folder up to date).
+    """
     folder = storage.read_result_folder(
         result_folder(results_dir, scale_name, name), what=f"{name} result at {scale_name} scale",
-        remedy=f"dropkey-lab experiment {name} --scale {scale_name}", legacy_marker=LEGACY_MARKER,
+        remedy=f"dropkey-lab experiment {name} --scale {scale_name}", legacy_marker=LEGACY_MARKER if legacy else None,
     )
     table = functools.partial(_read_csv, folder)
     return ExperimentResult(
