@@ -119,7 +119,9 @@ def column_correlation(maps_a: Tensor, maps_b: Tensor) -> Tensor:
     a_centred = a - a.mean(dim=-2, keepdim=True)
     b_centred = b - b.mean(dim=-2, keepdim=True)
     norm_a, norm_b = a_centred.norm(dim=-2), b_centred.norm(dim=-2)
-    constant = (norm_a <= CONSTANT_COLUMN_TOLERANCE * a.norm(dim=-2)) | (norm_b <= CONSTANT_COLUMN_TOLERANCE * b.norm(dim=-2))
+    constant = (norm_a <= CONSTANT_COLUMN_TOLERANCE * a.norm(dim=-2)) | (
+        norm_b <= CONSTANT_COLUMN_TOLERANCE * b.norm(dim=-2)
+    )
     value = (a_centred * b_centred).sum(dim=-2) / (norm_a * norm_b).clamp_min(torch.finfo(torch.float64).tiny)
     return torch.where(constant, torch.full_like(value, float("nan")), value)
 
@@ -138,7 +140,7 @@ def cross_layer_similarity(maps: Sequence[Tensor], *, pairs: str = "adjacent", m
     check_choice(measure, "measure", tuple(SIMILARITY_MEASURES))
     compare = SIMILARITY_MEASURES[measure]
     indices = range(len(maps))
-    chosen = zip(indices, indices[1:]) if pairs == "adjacent" else itertools.combinations(indices, 2)
+    chosen = zip(indices, indices[1:], strict=False) if pairs == "adjacent" else itertools.combinations(indices, 2)
     rows = []
     for a, b in chosen:
         per_head = compare(maps[a], maps[b]).nanmean(dim=(0, 2))  # (H,)
@@ -297,7 +299,9 @@ class AttentionRecorder:
 
         return pd.DataFrame(rows, columns=["layer", "module", "head", "metric", "value", "count"])
 
-    def similarity_frame(self, *, pairs: str = "adjacent", source: str = "maps", measure: str = "cosine") -> pd.DataFrame:
+    def similarity_frame(
+        self, *, pairs: str = "adjacent", source: str = "maps", measure: str = "cosine"
+    ) -> pd.DataFrame:
         """DeepViT cross-layer similarity of the stored maps or softmax weights (needs ``store_maps=True``).
 
         source: ``"maps"`` (what multiplies V, after Re-attention: DeepViT's definition) or

@@ -160,7 +160,9 @@ def _device_for(generator: torch.Generator | None, device: torch.device | str | 
         return generator.device if generator is not None else torch.device("cpu")
     dev = torch.device(device)
     if generator is not None and generator.device.type != dev.type:
-        raise ValueError(f"generator is on {generator.device} but the mask is drawn on {dev}: pass a generator of that device")
+        raise ValueError(
+            f"generator is on {generator.device} but the mask is drawn on {dev}: pass a generator of that device"
+        )
     return dev
 
 
@@ -304,7 +306,8 @@ _SELECT = 0x8040201008040201 - (1 << 64)  # bit i of byte i (as a signed int64)
 
 
 def pack_bits(flags: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Pack a contiguous 1-D bool tensor whose length is a multiple of 8 into uint8 (bit i of byte j = flags[8 j + i])."""
+    """Pack a contiguous 1-D bool tensor whose length is a multiple of 8 into uint8
+    (bit i of byte j = flags[8 j + i])."""
     if flags.dtype != torch.bool or flags.dim() != 1 or flags.numel() % 8:
         raise ValueError("flags must be a 1-D bool tensor whose length is a multiple of 8")
     if out is None:

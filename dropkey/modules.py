@@ -96,7 +96,11 @@ def _resolve_variant(
     variant: str | Regulariser | None, drop_ratio: float, attn_drop: float
 ) -> tuple[Regulariser, float]:
     """(regulariser, drop_ratio) from the arguments, with timm's ``attn_drop`` mapped (see the module doc)."""
-    name = variant.name if isinstance(variant, Regulariser) else None if variant is None else regularisers.get(variant).name
+    name = (
+        variant.name
+        if isinstance(variant, Regulariser)
+        else None if variant is None else regularisers.get(variant).name
+    )
     if attn_drop == 0.0:
         return regularisers.create("dropkey" if variant is None else variant), drop_ratio
     if drop_ratio > 0.0:

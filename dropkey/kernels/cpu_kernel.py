@@ -10,8 +10,8 @@ no N x N state: only the log-sum-exp, one float per query row.
 
 Build. The source is compiled at first use with the system C++ compiler
 (``$CXX``, else ``c++``/``g++``/``clang++``) as ``-O3 -march=native -fopenmp``
-(``-mcpu=native`` off x86; 512-bit vectors where the x86 CPU has them) and cached under ``$DROPKEY_LAB_KERNEL_CACHE`` (default
-``~/.cache/dropkey-lab/kernels``), keyed by the source, the flags, the compiler,
+(``-mcpu=native`` off x86; 512-bit vectors where the x86 CPU has them) and cached under ``$DROPKEY_LAB_KERNEL_CACHE``
+(default ``~/.cache/dropkey-lab/kernels``), keyed by the source, the flags, the compiler,
 torch and the CPU's feature flags (``-march=native`` code must not run on another
 CPU). The library is written to a temporary file and renamed into place, so
 concurrent builds (e.g. DDP ranks) are safe; a cached library that fails to load is
@@ -227,7 +227,9 @@ def cpp_unavailable_reason() -> str:
 
 
 def _unavailable() -> CppKernelUnavailableError:
-    return CppKernelUnavailableError(f"backend='cpp' needs the C++ CPU kernel, which is unavailable: {cpp_unavailable_reason()}")
+    return CppKernelUnavailableError(
+        f"backend='cpp' needs the C++ CPU kernel, which is unavailable: {cpp_unavailable_reason()}"
+    )
 
 
 def _library() -> ctypes.CDLL:
@@ -309,7 +311,8 @@ def _backward(
         q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), out.data_ptr(), _strides(out),
         lse.data_ptr(), grad.data_ptr(), _strides(grad), grad_q.data_ptr(), _strides(grad_q),
         grad_k.data_ptr(), _strides(grad_k), grad_v.data_ptr(), _strides(grad_v),
-        _Shape(batch, heads, nq, nk, d, dv), scale, hash_mask.seed_word(seed), threshold, convention, torch.get_num_threads(),
+        _Shape(batch, heads, nq, nk, d, dv), scale, hash_mask.seed_word(seed), threshold, convention,
+        torch.get_num_threads(),
     )
     if status != 0:
         raise RuntimeError(f"dropkey_cpu_backward rejected its arguments (shape {tuple(q.shape)}, {tuple(k.shape)})")

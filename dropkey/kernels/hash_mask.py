@@ -112,7 +112,9 @@ def seed_tensor(seed: int | torch.Tensor) -> torch.Tensor:
     2**63, on the CPU), or a one-element int64 tensor such as :func:`hash_seed_tensor` draws (as is)."""
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise ValueError(f"seed must be an int or a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+            raise ValueError(
+                f"seed must be an int or a one-element int64 tensor, got {seed.dtype} of shape {tuple(seed.shape)}"
+            )
         return seed.reshape(1)
     value = _check_seed(seed)
     return torch.tensor([value - (1 << 64) if value >= 1 << 63 else value], dtype=torch.int64)
@@ -145,8 +147,11 @@ def _slice_keys(seed: int, slices: torch.Tensor) -> torch.Tensor:
     return _fmix32(_fmix32((_mul32(slices, _SLICE) + high) & _MASK32) ^ low)
 
 
-def hash_row_keys(seed: int, slices: int, nq: int, *, first_slice: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
-    """The row keys (int64 words in [0, 2**32)) of slices ``first_slice .. first_slice + slices - 1``: shape (slices, nq).
+def hash_row_keys(
+    seed: int, slices: int, nq: int, *, first_slice: int = 0, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The row keys (int64 words in [0, 2**32)) of slices ``first_slice .. first_slice + slices - 1``:
+    shape (slices, nq).
 
     ``row_keys[s, i] = fmix32(slice_key(seed, first_slice + s) ^ (i * 0x85EBCA77))`` (see the
     module doc): the per-row half of the hash, O(slices * nq). A kernel (or a FlexAttention

@@ -185,7 +185,8 @@ class KernelResources:
 
 
 def _tuning(kernel: str, dtype: str) -> tuple[tuple[int, int, int, int], ...]:
-    """The autotuner's (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for a kernel and dtype, or its fixed launch."""
+    """The autotuner's (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for a kernel and dtype, or its fixed
+    launch."""
     from dropkey.kernels import triton_dropkey as tk
 
     if kernel in TILED_KERNELS:
@@ -217,7 +218,9 @@ def builds(scope: str = "smoke", *, head_dims: Sequence[int] = (64,)) -> list[Ke
                     out.append(KernelBuild(kernel, dtype, head_dim, "uniform", True, m, n, w, s))
             if scope == "smoke":
                 m, n, w, s = _tuning("backward_delta", dtype)[0]
-                out.append(KernelBuild("backward_delta", dtype, head_dim, block_m=m, block_n=n, num_warps=w, num_stages=s))
+                out.append(
+                    KernelBuild("backward_delta", dtype, head_dim, block_m=m, block_n=n, num_warps=w, num_stages=s)
+                )
         if scope == "smoke":
             for kernel in TILED_KERNELS:
                 m, n, w, s = _tuning(kernel, "float16")[0]
@@ -234,7 +237,7 @@ def builds(scope: str = "smoke", *, head_dims: Sequence[int] = (64,)) -> list[Ke
 
 # Pointer arguments by name -> element type ("X" = the build's dtype).
 _POINTERS = {
-    "Q": "X", "K": "X", "V": "X", "O": "X", "DO": "X", "DQ": "X", "DK": "X", "DV": "X",
+    "Q": "X", "K": "X", "V": "X", "ATTN_OUT": "X", "DO": "X", "DQ": "X", "DK": "X", "DV": "X",
     "LSE": "fp32", "DELTA": "fp32", "DEAD": "i8", "OUT": "i8",
 }
 _FLOATS = ("qk_scale", "scale")
@@ -328,7 +331,11 @@ def _sass_instructions(cubin: bytes) -> Optional[int]:
             handle.write(cubin)
         try:
             sass = subprocess.run(
-                [triton.knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True, check=True, timeout=120
+                [triton.knobs.nvidia.cuobjdump.path, "-sass", path],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=120,
             ).stdout
         except (OSError, subprocess.SubprocessError) as error:
             logger.warning("cuobjdump could not disassemble a kernel: %s", error)
@@ -466,7 +473,8 @@ def unlaunchable(results: Sequence[KernelResources]) -> list[tuple[str, str, str
 def render_table(results: Sequence[KernelResources]) -> str:
     """A Markdown table: one row per compilation."""
     lines = [
-        "| arch | kernel | dtype | d | mode | BLOCK_M x BLOCK_N | warps | stages | registers | spill st/ld (B) | shared (KiB) | tensor cores | SASS instructions | fits |",
+        "| arch | kernel | dtype | d | mode | BLOCK_M x BLOCK_N | warps | stages | registers | spill st/ld (B) "
+        "| shared (KiB) | tensor cores | SASS instructions | fits |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results:
@@ -481,7 +489,10 @@ def render_table(results: Sequence[KernelResources]) -> str:
         else:
             first_line = row.error.splitlines()[0][:80].replace("|", "\\|")
             cells = ("-", "-", "-", "-", "-", f"**compile error**: {first_line}")
-        lines.append(f"| {row.arch} | {b.kernel} | {b.dtype} | {b.head_dim} | {b.mode} | {tiles} | {b.num_warps} | {b.num_stages} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {row.arch} | {b.kernel} | {b.dtype} | {b.head_dim} | {b.mode} | {tiles} | {b.num_warps} "
+            f"| {b.num_stages} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -492,7 +503,9 @@ def _head_dims(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--head-dims must be comma-separated integers in [1, 256], got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--head-dims must be comma-separated integers in [1, 256], got {text!r}"
+        ) from None
     if not dims or any(not 1 <= d <= 256 for d in dims):
         raise argparse.ArgumentTypeError(f"--head-dims must be comma-separated integers in [1, 256], got {text!r}")
     return dims
@@ -508,12 +521,21 @@ def _positive(text: str) -> int:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dropkey.kernels.triton_aot",
-        description="Compile the Triton DropKey kernels for GPU architectures without a GPU; print registers, spills, shared memory.",
+        description=(
+            "Compile the Triton DropKey kernels for GPU architectures without a GPU; "
+            "print registers, spills, shared memory."
+        ),
     )
-    parser.add_argument("--arch", action="append", choices=tuple(ARCHITECTURES), help="target (repeatable; default sm_90)")
-    parser.add_argument("--scope", choices=SCOPES, default="smoke", help="smoke: every code path once; tuning: every autotune candidate")
+    parser.add_argument(
+        "--arch", action="append", choices=tuple(ARCHITECTURES), help="target (repeatable; default sm_90)"
+    )
+    parser.add_argument(
+        "--scope", choices=SCOPES, default="smoke", help="smoke: every code path once; tuning: every autotune candidate"
+    )
     parser.add_argument("--head-dims", type=_head_dims, default=(64,), help="comma-separated head dims (default 64)")
-    parser.add_argument("--jobs", type=_positive, default=max(1, min(4, os.cpu_count() or 1)), help="compiler processes")
+    parser.add_argument(
+        "--jobs", type=_positive, default=max(1, min(4, os.cpu_count() or 1)), help="compiler processes"
+    )
     parser.add_argument("--json", help="also write every result to this JSON file (atomically)")
     return parser.parse_args(argv)
 
@@ -523,11 +545,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     archs = args.arch or ["sm_90"]
-    results = compile_builds(builds(args.scope, head_dims=args.head_dims), archs, jobs=args.jobs, progress=sys.stderr.isatty())
+    results = compile_builds(
+        builds(args.scope, head_dims=args.head_dims), archs, jobs=args.jobs, progress=sys.stderr.isatty()
+    )
     print(render_table(results), end="")
     failed = [row for row in results if not row.compiled]
     stranded = unlaunchable(results)
-    print(f"\n{len(results)} compilations, {len(failed)} failed, {sum(r.spills for r in results)} spill; groups without a launchable candidate: {stranded or 'none'}")
+    print(
+        f"\n{len(results)} compilations, {len(failed)} failed, {sum(r.spills for r in results)} spill; "
+        f"groups without a launchable candidate: {stranded or 'none'}"
+    )
     if args.json:
         from dropkey.storage import write_json_atomic
 

@@ -233,7 +233,7 @@ def _online_softmax(
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "hash_limit"])
 def _fwd_kernel(
-    Q, K, V, O, LSE, DEAD,
+    Q, K, V, ATTN_OUT, LSE, DEAD,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     H, NQ, NK, qk_scale, seed_lo, seed_hi, hash_limit,
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -267,7 +267,7 @@ def _fwd_kernel(
             )
             out = tl.where(dead[:, None], acc2 / l2[:, None], out)
             lse = tl.where(dead, m2 + tl.log2(l2), lse)
-    _store_tile(_slice_ptr(O, bh, H, sob, soh), offs_m, som, NQ, offs_dv, HEAD_DV, out)
+    _store_tile(_slice_ptr(ATTN_OUT, bh, H, sob, soh), offs_m, som, NQ, offs_dv, HEAD_DV, out)
     tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, lse, mask=offs_m < NQ)
     tl.store(DEAD + bh.to(tl.int64) * NQ + offs_m, dead.to(tl.int8), mask=offs_m < NQ)
 
@@ -277,14 +277,14 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_delta_kernel(
-    O, DO, DELTA, sob, soh, som, sdb, sdh, sdm, H, NQ,
+    ATTN_OUT, DO, DELTA, sob, soh, som, sdb, sdh, sdm, H, NQ,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta_i = rowsum(dO_i * O_i) in float32."""
     bh = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    o = _load_tile(_slice_ptr(O, bh, H, sob, soh), offs_m, som, NQ, offs_dv, HEAD_DV)
+    o = _load_tile(_slice_ptr(ATTN_OUT, bh, H, sob, soh), offs_m, som, NQ, offs_dv, HEAD_DV)
     do = _load_tile(_slice_ptr(DO, bh, H, sdb, sdh), offs_m, sdm, NQ, offs_dv, HEAD_DV)
     tl.store(DELTA + bh.to(tl.int64) * NQ + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < NQ)
 
@@ -320,7 +320,10 @@ def _bwd_dkdv_kernel(
         delta = _row_stats(DELTA, bh, NQ, offs_m, 0.0)
         dead = _row_stats(DEAD, bh, NQ, offs_m, 0) != 0
         inside = (offs_n < NK)[:, None]  # rows past NQ need no mask: their lse loads as +inf, so P = 0
-        keep_t = _kept(_row_keys(slice_key, offs_m)[None, :], cols[:, None], inside, hash_limit, dead[None, :], DROP, CONVENTION == 2)
+        keep_t = _kept(
+            _row_keys(slice_key, offs_m)[None, :], cols[:, None], inside, hash_limit, dead[None, :], DROP,
+            CONVENTION == 2,
+        )
         s_t = tl.where(keep_t, _score(k, tl.trans(q), DOT) * qk_scale, float("-inf"))
         p_t = tl.exp2(s_t - lse[None, :])  # 0 where dropped, and on zero/uniform dead rows (lse = +inf)
         dv += _score(p_t.to(do.dtype), do, DOT)
@@ -362,7 +365,9 @@ def _bwd_dq_kernel(
         k = _load_tile(k_base, offs_n, skn, NK, offs_d, HEAD_D)
         v = _load_tile(v_base, offs_n, svn, NK, offs_dv, HEAD_DV)
         inside = (offs_n < NK)[None, :]  # rows past NQ need no mask: their lse loads as +inf, so P = 0
-        keep = _kept(rows[:, None], _col_terms(offs_n)[None, :], inside, hash_limit, dead[:, None], DROP, CONVENTION == 2)
+        keep = _kept(
+            rows[:, None], _col_terms(offs_n)[None, :], inside, hash_limit, dead[:, None], DROP, CONVENTION == 2
+        )
         s = tl.where(keep, _score(q, tl.trans(k), DOT) * qk_scale, float("-inf"))
         p = tl.exp2(s - lse[:, None])
         ds = p * (_score(do, tl.trans(v), DOT) - delta[:, None])
@@ -421,7 +426,9 @@ if not INTERPRETED:
 
     _LAUNCHES = {
         (kernel, exact): _autotuned(kernel, fn, exact)
-        for kernel, fn in (("forward", _fwd_kernel), ("backward_dkdv", _bwd_dkdv_kernel), ("backward_dq", _bwd_dq_kernel))
+        for kernel, fn in (
+            ("forward", _fwd_kernel), ("backward_dkdv", _bwd_dkdv_kernel), ("backward_dq", _bwd_dq_kernel)
+        )
         for exact in (False, True)
     }
 
@@ -568,8 +575,12 @@ class _TritonDropKey(torch.autograd.Function):
                 CONVENTION=convention, DROP=threshold > 0, DOT=_dot_mode(q4.dtype),
                 **_blocks(INTERPRET_BWD_BLOCKS), **COMPILE_OPTIONS,
             )
-            _launch("backward_dkdv", q4.dtype)[_grid("BLOCK_N", nk, slices)](q4, k4, v4, do, lse, delta, dead, grad_k, grad_v, *strides, *common, **meta)
-            _launch("backward_dq", q4.dtype)[_grid("BLOCK_M", nq, slices)](q4, k4, v4, do, lse, delta, dead, grad_q, *strides, *common, **meta)
+            _launch("backward_dkdv", q4.dtype)[_grid("BLOCK_N", nk, slices)](
+                q4, k4, v4, do, lse, delta, dead, grad_k, grad_v, *strides, *common, **meta
+            )
+            _launch("backward_dq", q4.dtype)[_grid("BLOCK_M", nq, slices)](
+                q4, k4, v4, do, lse, delta, dead, grad_q, *strides, *common, **meta
+            )
         return grad_q.view(q_shape), grad_k.view(k_shape), grad_v.view(v_shape), None, None, None, None
 
 
@@ -596,14 +607,18 @@ def triton_dropkey_attention(
     if q.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"the triton backend supports dtypes {SUPPORTED_DTYPES}, got {q.dtype}")
     if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        raise ValueError(f"the triton backend supports head dims up to {MAX_HEAD_DIM}, got d={q.shape[-1]}, dv={v.shape[-1]}")
+        raise ValueError(
+            f"the triton backend supports head dims up to {MAX_HEAD_DIM}, got d={q.shape[-1]}, dv={v.shape[-1]}"
+        )
     _check_device(q)
     threshold = hash_threshold(drop_ratio)
     scale_value = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _TritonDropKey.apply(q, k, v, _check_seed(seed), threshold, scale_value, CONVENTION_CODES[convention])
 
 
-def triton_hash_drop_mask(seed: int, shape: tuple[int, ...], drop_ratio: float, *, device: torch.device | str) -> torch.Tensor:
+def triton_hash_drop_mask(
+    seed: int, shape: tuple[int, ...], drop_ratio: float, *, device: torch.device | str
+) -> torch.Tensor:
     """The drop flags (bool, True = dropped) exactly as the attention kernels compute them: for tests."""
     from dropkey.kernels.hash_mask import _check_seed
 
