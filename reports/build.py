@@ -102,7 +102,9 @@ def _evidence(results: Mapping[str, StudyResult], results_dir: Path) -> Evidence
     )
 
 
-def _claim_rows(evidence: Evidence, results: Mapping[str, StudyResult], experiments: Mapping[str, list]) -> list[dict[str, Any]]:
+def _claim_rows(
+    evidence: Evidence, results: Mapping[str, StudyResult], experiments: Mapping[str, list]
+) -> list[dict[str, Any]]:
     rows = []
     for claim in registry.CLAIMS:
         links = []
@@ -186,7 +188,9 @@ def _experiment_section(result, downloads: Downloads) -> dict[str, Any]:
         "figures": figures,
         "comparisons": table_html(result.comparisons[shown], max_rows=200),
         "finals": table_html(result.finals, max_rows=200),
-        "downloads": [downloads.add(frame, f"{prefix}-{filename}", title) for filename, (frame, title) in tables.items()],
+        "downloads": [
+            downloads.add(frame, f"{prefix}-{filename}", title) for filename, (frame, title) in tables.items()
+        ],
         "config": result.config,
         "provenance": result.provenance,
         "folder": result.folder.as_posix(),

@@ -85,7 +85,8 @@ def _with_first_order_caveat(verdict: Verdict, errors: Mapping[str, float] | Non
     key = f"{verdict.key_number}; first-order ratio error ≤ {100 * errors[worst]:.1f}% (worst {worst})"
     if verdict.status == "confirmed" and errors[worst] > FIRST_ORDER_TOLERANCE:
         reason = (f"{verdict.reason}; the first-order form c_s p_s/(c_t p_t) misses the exact ratio by "
-                  f"{100 * errors[worst]:.1f}% > {100 * FIRST_ORDER_TOLERANCE:.0f}% at {worst} (exact to leading order only)")
+                  f"{100 * errors[worst]:.1f}% > {100 * FIRST_ORDER_TOLERANCE:.0f}% at {worst} "
+                  "(exact to leading order only)")
         return Verdict("partly", key, reason, verdict.findings)
     return Verdict(verdict.status, key, verdict.reason, verdict.findings)
 
@@ -357,7 +358,8 @@ CLAIMS: tuple[Claim, ...] = (
         "DropKey improves ViT top-1 accuracy over no attention dropout and over post-softmax dropout.",
         "Sec. 4 (experiments; small-data regime, Fig. 4)", "accuracy",
         (_top1("top1_dropkey_minus_none", "test top-1 of a DropKey run minus the same seed's run without regulariser"),
-         _top1("top1_dropkey_minus_dropout", "test top-1 of DropKey minus post-softmax dropout at the same ratio, same seed")),
+         _top1("top1_dropkey_minus_dropout",
+               "test top-1 of DropKey minus post-softmax dropout at the same ratio, same seed")),
         "Paired by seed.",
         ("tests/test_models.py::test_every_named_config_runs_and_trains",
          "tests/test_experiments.py::test_quick_experiments_measure_every_claim"),
@@ -448,7 +450,10 @@ def _mc_rate(evidence: Evidence) -> tuple[str, str]:
         return "not run", "—"
     slope, se = numbers["pooled_slope"], numbers["pooled_slope_se"]
     closed = numbers["cells"] - len(numbers["cells_not_closed"])
-    key = f"RMS slope {slope:.3f} ± {se:.3f} (−0.5 expected); MC inference closer than plain in {closed}/{numbers['cells']} cells"
+    key = (
+        f"RMS slope {slope:.3f} ± {se:.3f} (−0.5 expected); "
+        f"MC inference closer than plain in {closed}/{numbers['cells']} cells"
+    )
     return ("passed" if abs(slope + 0.5) <= max(3 * se, 0.02) else "failed"), key
 
 

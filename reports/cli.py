@@ -98,7 +98,11 @@ def _command_train(args: argparse.Namespace) -> int:
     try:
         ratios = [float(r) for r in str(args.drop_ratio).split(",")]
     except ValueError:
-        print(f"dropkey-lab train: error: --drop-ratio must be a number or comma-separated numbers, got {args.drop_ratio!r}", file=sys.stderr)
+        print(
+            "dropkey-lab train: error: --drop-ratio must be a number or comma-separated numbers, "
+            f"got {args.drop_ratio!r}",
+            file=sys.stderr,
+        )
         return 2
     try:
         config = _train_config(TrainConfig, args, ratios)
@@ -168,7 +172,10 @@ def _command_experiment(args: argparse.Namespace) -> int:
         try:
             seeds = [int(seed) for seed in args.seeds.split(",")]
         except ValueError:
-            print(f"dropkey-lab experiment: error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
+            print(
+                f"dropkey-lab experiment: error: --seeds must be comma-separated integers, got {args.seeds!r}",
+                file=sys.stderr,
+            )
             return 2
     command = ["dropkey-lab"] + list(sys.argv[1:])
     for name in names:
@@ -204,8 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="build the self-contained HTML report of every claim")
     report.add_argument("--out", type=Path, default=Path("report"), help="output folder (default report/)")
     sizes = report.add_mutually_exclusive_group()
-    sizes.add_argument("--quick", dest="size", action="store_const", const="quick", help="quick studies and the quick real-ViT experiments (default)")
-    sizes.add_argument("--full", dest="size", action="store_const", const="full", help="full-size studies (real-ViT results are read from --results-dir, never trained here)")
+    sizes.add_argument("--quick", dest="size", action="store_const", const="quick",
+                       help="quick studies and the quick real-ViT experiments (default)")
+    sizes.add_argument("--full", dest="size", action="store_const", const="full",
+                       help="full-size studies (real-ViT results are read from --results-dir, never trained here)")
     report.set_defaults(size="quick")
     report.add_argument("--seed", type=int, default=0, help="root seed of every study (default 0)")
     report.add_argument("--only", type=_report_study, default=None, help="build only this study's page")
@@ -238,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     tr.add_argument("--train-subset", type=int, default=None, help="class-balanced subset of N training images")
     tr.add_argument("--model", default="vit_tiny_8", help="a named model of dropkey.models (default vit_tiny_8)")
-    tr.add_argument("--variant", default="dropkey", help="attention regulariser: none, dropout, dropattention, dropkey, dropkey_block, dropkey_cross (default dropkey)")
+    tr.add_argument("--variant", default="dropkey",
+                    help="attention regulariser: none, dropout, dropattention, dropkey, dropkey_block, dropkey_cross "
+                         "(default dropkey)")
     tr.add_argument("--drop-ratio", default="0.1", help="drop ratio, or one per block comma-separated (default 0.1)")
     tr.add_argument("--epochs", type=int, default=10)
     tr.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
@@ -263,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = commands.add_parser("experiment", help="run a real-ViT experiment (all its arms and seeds) at a scale")
     ex.add_argument("name", choices=EXPERIMENT_NAMES + ("all",), help="the experiment, or all of them")
-    ex.add_argument("--scale", choices=SCALE_NAMES, default="quick", help="quick (CPU minutes), medium (CPU ~1 h), full (GPU)")
+    ex.add_argument("--scale", choices=SCALE_NAMES, default="quick",
+                    help="quick (CPU minutes), medium (CPU ~1 h), full (GPU)")
     ex.add_argument("--runs-dir", type=Path, default=Path("runs") / "experiments",
                     help="training runs, shared between experiments (default runs/experiments)")
     ex.add_argument("--results-dir", type=Path, default=Path("results"), help="result folders (default results/)")

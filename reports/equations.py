@@ -21,7 +21,8 @@ def _paired_difference():
     mean = sp.Sum(d[s], (s, 1, n)) / n
     return [
         ("paired difference over seeds", sp.Eq(sp.Symbol("Delta"), mean)),
-        ("its standard error", sp.Eq(sp.Symbol("SE"), sp.sqrt(sp.Sum((d[s] - sp.Symbol("Delta")) ** 2, (s, 1, n)) / (n - 1)) / sp.sqrt(n))),
+        ("its standard error",
+         sp.Eq(sp.Symbol("SE"), sp.sqrt(sp.Sum((d[s] - sp.Symbol("Delta")) ** 2, (s, 1, n)) / (n - 1)) / sp.sqrt(n))),
         ("the 95% interval the verdict reads (Student t, n - 1 degrees of freedom)",
          sp.Eq(sp.Symbol("CI"), sp.Symbol("Delta") + sp.Symbol("pm") * sp.Symbol("t_{0.975,n-1}") * sp.Symbol("SE"))),
     ]

@@ -131,7 +131,9 @@ def check_page_size(name: str, text: str) -> None:
     """PageTooLarge naming the page when it exceeds :data:`MAX_PAGE_BYTES`."""
     size = len(text.encode("utf-8"))
     if size > MAX_PAGE_BYTES:
-        raise PageTooLarge(f"page {name} is {size / 1e6:.1f} MB, over the {MAX_PAGE_BYTES / 1e6:.0f} MB a reader can open")
+        raise PageTooLarge(
+            f"page {name} is {size / 1e6:.1f} MB, over the {MAX_PAGE_BYTES / 1e6:.0f} MB a reader can open"
+        )
 
 
 def format_value(value: Any) -> str:

@@ -106,7 +106,9 @@ def chain_samples(evidence: Evidence) -> list[Sample] | None:
     if not evidence.ran("toy_optimisation"):
         return None
     fractions = link_fractions_by_problem(_toy_frame(evidence), "none")
-    return [Sample("link_fraction_minus_half", link, fractions[link].to_numpy(np.float64) - 0.5) for link in CHAIN_LINKS]
+    return [
+        Sample("link_fraction_minus_half", link, fractions[link].to_numpy(np.float64) - 0.5) for link in CHAIN_LINKS
+    ]
 
 
 def damping_samples(evidence: Evidence) -> list[Sample] | None:

@@ -42,9 +42,9 @@ def _curves_by_arm(data: pd.DataFrame, x: str, ylabel: str, facet: str | None = 
         panels = sorted(set(data[facet])) if facet else [None]
         axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
         arms = _arm_order(data)
-        for ax, panel in zip(axes, panels):
+        for ax, panel in zip(axes, panels, strict=True):
             part = data if panel is None else data[data[facet] == panel]
-            for colour, arm in zip(PALETTE, arms):
+            for colour, arm in zip(PALETTE, arms, strict=False):
                 _band(ax, part[part["arm"] == arm], x, arm, colour)
             ax.set_xlabel(x)
             if panel is not None:
@@ -69,7 +69,7 @@ def _bars(data: pd.DataFrame, xlabel: str) -> Callable[[plt.Figure], None]:
         ax = fig.add_subplot()
         y = np.arange(len(data))
         err = _half_width(data)
-        colours = [PALETTE[0] if abs(v) > e else PALETTE[7] for v, e in zip(data["value"], err)]
+        colours = [PALETTE[0] if abs(v) > e else PALETTE[7] for v, e in zip(data["value"], err, strict=True)]
         ax.barh(y, data["value"], xerr=err, color=colours, capsize=3)
         ax.axvline(0.0, color="k", linewidth=0.8)
         ax.set_yticks(y, data["quantity"], fontsize=7)
@@ -120,7 +120,9 @@ def attention_dynamics_figures(result) -> list[Figure]:
     wide["ratio"] = wide["abs_grad_top"] / wide["abs_grad_rest"]
     ratio = _mean_se(wide.groupby(["arm", "seed", "epoch"], as_index=False)["ratio"].mean(), ["arm", "epoch"], "ratio")
     by_block = result.comparisons[result.comparisons["quantity"].str.endswith("_by_block")]
-    by_block = by_block.assign(quantity=by_block["quantity"].str.replace("_by_block", "") + " block " + by_block["layer"].astype(str))
+    by_block = by_block.assign(
+        quantity=by_block["quantity"].str.replace("_by_block", "") + " block " + by_block["layer"].astype(str)
+    )
     modes = pd.concat([
         _mean_se(result.finals, ["arm"], column).assign(metric=metric, mode=mode)
         for metric, mode, column in (("peak", "learned p (test time)", "learned_peak"),
@@ -132,11 +134,14 @@ def attention_dynamics_figures(result) -> list[Figure]:
     def draw_modes(fig: plt.Figure) -> None:
         axes = fig.subplots(1, 2)
         arms = _arm_order(result.finals)
-        for ax, metric in zip(axes, ("peak", "entropy")):
+        for ax, metric in zip(axes, ("peak", "entropy"), strict=True):
             part = modes[modes["metric"] == metric]
             width = 0.38
-            for offset, (colour, mode) in zip((-width / 2, width / 2),
-                                              zip(PALETTE, ("learned p (test time)", "E[w] under the masks"))):
+            for offset, (colour, mode) in zip(
+                (-width / 2, width / 2),
+                zip(PALETTE, ("learned p (test time)", "E[w] under the masks"), strict=False),  # the first 2 colours
+                strict=True,
+            ):
                 rows = part[part["mode"] == mode].set_index("arm").loc[arms]
                 ax.bar(np.arange(len(arms)) + offset, rows["mean"], width, yerr=2 * rows["se"].fillna(0),
                        color=colour, capsize=3, label=mode)
@@ -150,8 +155,9 @@ def attention_dynamics_figures(result) -> list[Figure]:
     return [
         make_figure("learned-versus-expected", "Final attention: learned p and its expectation under the masks",
                     "Left bars: the trained model's attention p as used at test time (no drop); right bars: E[w] under "
-                    "its regulariser, exact (theory.expected_attention on the same rows; = p for none and dropout), what "
-                    "a training step sees on average. Rows of the first 8 diagnostics images. Whiskers ±2 SE over seeds.",
+                    "its regulariser, exact (theory.expected_attention on the same rows; = p for none and dropout), "
+                    "what a training step sees on average. Rows of the first 8 diagnostics images. "
+                    "Whiskers ±2 SE over seeds.",
                     "svg", modes.dropna(subset=["mean"]), draw_modes),
         make_figure("peak", "Peak attention weight per block over training",
                     "max_j w_ij in eval mode on a fixed test batch, mean over heads, queries and seeds (band ±1 SE).",
@@ -160,7 +166,8 @@ def attention_dynamics_figures(result) -> list[Figure]:
                     "Entropy of each attention row (nats), mean over heads, queries and seeds (band ±1 SE).",
                     "svg", entropy, _curves_by_arm(entropy, "epoch", "entropy (nats)", facet="block"), size=(9.0, 3.2)),
         make_figure("gradient-ratio", "Gradient on the most-attended logit against the rest",
-                    "|dL/ds| on the peak key over the mean |dL/ds| on the other kept keys, mean over blocks (band ±1 SE).",
+                    "|dL/ds| on the peak key over the mean |dL/ds| on the other kept keys, mean over blocks "
+                    "(band ±1 SE).",
                     "svg", ratio, _curves_by_arm(ratio, "epoch", "|grad top| / |grad rest|")),
         make_figure("final-differences", "Final-epoch differences against no regulariser, per block",
                     "Paired by seed; whiskers ±2 SE.", "svg", by_block[["quantity", "value", "standard_error", "n"]],
@@ -183,7 +190,9 @@ def schedules_figures(result) -> list[Figure]:
         ratios = arm["drop_ratio"] if isinstance(arm["drop_ratio"], list) else None
         depth = len(ratios) if ratios else int(result.finals["depth"].iloc[0])
         for block in range(depth):
-            rows.append({"arm": arm["name"], "block": block, "mean": ratios[block] if ratios else arm["drop_ratio"], "se": 0.0})
+            rows.append(
+                {"arm": arm["name"], "block": block, "mean": ratios[block] if ratios else arm["drop_ratio"], "se": 0.0}
+            )
     ratios = pd.DataFrame(rows)
     return [
         make_figure("ratios", "Drop ratio per block", "The three schedules share the same mean ratio.", "svg",
@@ -240,7 +249,9 @@ def collapse_figures(result) -> list[Figure]:
     cosine = _mean_se(finals, ["arm", "depth"], "top_similarity")
     deepest = int(finals["depth"].max())
     keys = set(finals[finals["depth"] == deepest]["run_key"])
-    rows = result.attention[result.attention["run_key"].isin(keys) & (result.attention["metric"] == "similarity_centred")]
+    rows = result.attention[
+        result.attention["run_key"].isin(keys) & (result.attention["metric"] == "similarity_centred")
+    ]
     last = rows[rows["epoch"] == rows.groupby("run_key")["epoch"].transform("max")]
     pairs = _mean_se(last.rename(columns={"layer": "block"}), ["arm", "block"], "value")
     return [
@@ -256,8 +267,9 @@ def collapse_figures(result) -> list[Figure]:
                     "At the final epoch; band ±1 SE over seeds.",
                     "svg", pairs, _curves_by_arm(pairs, "block", "centred similarity(b, b+1)")),
         make_figure("cosine-similarity-by-depth", "DeepViT's uncentred cosine similarity against depth (reference)",
-                    "DeepViT's own definition, shown for reference only: near-uniform maps score ~1 on it (an untrained "
-                    "network does), and Re-attention's BatchNorm shifts its maps, so it decides no claim here.",
+                    "DeepViT's own definition, shown for reference only: near-uniform maps score ~1 on it "
+                    "(an untrained network does), and Re-attention's BatchNorm shifts its maps, "
+                    "so it decides no claim here.",
                     "svg", cosine, _curves_by_arm(cosine, "depth", "top-block cosine similarity")),
         _difference_figure(result, "differences", "Collapse remedies at the deepest depth (centred similarity)",
                            ["centred_similarity_reattention_minus_plain", "centred_similarity_dropkey_minus_plain",

@@ -163,7 +163,7 @@ def _rows(config: CoefficientsConfig) -> dict[tuple[str, int], np.ndarray]:
     """The attention row of every (shape, N); vit-like rows come from the 'rows' seed child."""
     row_children = child_sequences(child_sequences(config.seed, 2)[0], len(config.ns))
     rows = {}
-    for n, child in zip(config.ns, row_children):
+    for n, child in zip(config.ns, row_children, strict=True):
         rng = generator(child)
         for shape in config.shapes:
             rows[(shape, n)] = attention_row(
@@ -191,7 +191,7 @@ def run(config: CoefficientsConfig, *, progress: bool = False) -> pd.DataFrame:
     critical = float(stats.norm.ppf(0.5 + config.confidence / 2.0))
     frames = []
     for (n, shape, r, convention), child in tqdm(
-        list(zip(cells, mask_children)), desc="coefficients", disable=not progress
+        list(zip(cells, mask_children, strict=True)), desc="coefficients", disable=not progress
     ):
         p = rows[(shape, n)]
         exact = theory.smoothing_coefficients(p, r, all_dropped=convention)

@@ -153,7 +153,7 @@ def _rows(config: StructuredMasksConfig) -> dict[tuple[tuple[int, int], str], np
     """Rows of every (grid, shape); drawn from the 'rows' seed child, one grandchild per grid."""
     children = child_sequences(child_sequences(config.seed, 2)[0], len(config.grids))
     rows = {}
-    for grid, child in zip(config.grids, children):
+    for grid, child in zip(config.grids, children, strict=True):
         rng = generator(child)
         for shape in config.shapes:
             rows[(grid, shape)] = make_rows(shape, grid, config, rng)
@@ -167,7 +167,9 @@ def run(config: StructuredMasksConfig, *, progress: bool = False) -> pd.DataFram
     cells = list(itertools.product(config.grids, variants, config.drop_ratios))
     mask_children = child_sequences(child_sequences(config.seed, 2)[1], len(cells))
     frames = []
-    for (grid, variant, r), child in tqdm(list(zip(cells, mask_children)), desc="structured_masks", disable=not progress):
+    for (grid, variant, r), child in tqdm(
+        list(zip(cells, mask_children, strict=True)), desc="structured_masks", disable=not progress
+    ):
         p = np.concatenate([rows[(grid, shape)] for shape in config.shapes])
         exact_c = theory.smoothing_coefficients(p, r, all_dropped=config.all_dropped)
         exact_var = theory.attention_variance(p, r, all_dropped=config.all_dropped)
@@ -246,7 +248,9 @@ def _row_metrics(row: pd.DataFrame) -> dict[str, float]:
         "mean_abs_c_diff": float(np.abs(c - c_dk)[reliable].mean()) if reliable.any() else math.nan,
         "mean_abs_c_diff_all_keys": float(np.abs(c - c_dk).mean()),
         "median_abs_c_diff": float(np.median(np.abs(c - c_dk)[reliable])) if reliable.any() else math.nan,
-        "max_abs_z_reliable": float(np.abs(row["z_vs_dropkey"].to_numpy()[reliable]).max()) if reliable.any() else math.nan,
+        "max_abs_z_reliable": (
+            float(np.abs(row["z_vs_dropkey"].to_numpy()[reliable]).max()) if reliable.any() else math.nan
+        ),
         "tv_to_dropkey": float(0.5 * np.abs(w - w_dk).sum()),
         "dropkey_smoothing_tv": float(0.5 * np.abs(w_dk - p).sum()),
         "p_weighted_rel_c_diff": float((p * np.abs(c - c_dk)).sum() / w_dk.sum()),
@@ -279,7 +283,9 @@ def per_row_metrics(frame: pd.DataFrame) -> pd.DataFrame:
     for (grid, shape, row, variant, r), group in frame.groupby(
         ["grid", "shape", "row", "variant", "drop_ratio"], sort=True
     ):
-        records.append({"grid": grid, "shape": shape, "row": row, "variant": variant, "drop_ratio": r, **_row_metrics(group)})
+        records.append(
+            {"grid": grid, "shape": shape, "row": row, "variant": variant, "drop_ratio": r, **_row_metrics(group)}
+        )
     return pd.DataFrame(records)
 
 
@@ -302,7 +308,9 @@ def relative_change_by_row(frame: pd.DataFrame) -> dict[str, np.ndarray]:
         ["variant", "grid", "shape", "drop_ratio"], sort=True
     ):
         floor = reference.loc[[tuple(key) for key in group[keys].to_numpy()]]
-        change = (group["tv_to_dropkey"].to_numpy() - floor["tv_to_dropkey"].to_numpy()) / group["dropkey_smoothing_tv"].to_numpy()
+        change = (
+            group["tv_to_dropkey"].to_numpy() - floor["tv_to_dropkey"].to_numpy()
+        ) / group["dropkey_smoothing_tv"].to_numpy()
         result[_cell_name(variant, grid, shape, r)] = change.astype(np.float64)
     return result
 

@@ -107,7 +107,8 @@ class StructuredMasksConfig:
 
     @classmethod
     def full(cls) -> StructuredMasksConfig:
-        """8x8 and 14x14 grids (65 and 197 keys), 8 rows per shape, 100000 masks per row (about 3 minutes on 2 cores)."""
+        """8x8 and 14x14 grids (65 and 197 keys), 8 rows per shape, 100000 masks per row
+        (about 3 minutes on 2 cores)."""
         return cls()
 
 

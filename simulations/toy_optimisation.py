@@ -388,7 +388,7 @@ def _train(
             logits = (logits - lr_logits * grad_logits).detach()
             values = (values - lr_values * grad_values).detach()
     frames = []
-    for step, record in zip(steps_recorded, records):
+    for step, record in zip(steps_recorded, records, strict=True):
         columns = {
             "regulariser": np.full(b, regulariser, dtype=object),
             "drop_ratio": np.full(b, drop_ratio),

@@ -370,7 +370,7 @@ def _train(
     """Train one run from its initial problem; its rows at every checkpoint (under every r for none)."""
     target, logits, values = problem
     b = config.n_problems
-    keys = dict(zip(("values", "objective"), REGIMES[run_.regime]))
+    keys = dict(zip(("values", "objective"), REGIMES[run_.regime], strict=True))
     keys.update(regime=run_.regime, target=run_.target, regulariser=run_.regulariser)
     ratios = config.drop_ratios if run_.regulariser == "none" else (run_.drop_ratio,)
     frames = []
@@ -405,7 +405,8 @@ def run(config: ToyRegimesConfig, *, progress: bool = False) -> pd.DataFrame:
     probe_children = probe_root.spawn(len(config.drop_ratios))
     shape = (len(config.checkpoints), config.probe_masks, config.n_problems, config.n_keys)
     probes = {
-        r: torch.from_numpy(generator(seq).random(shape) >= r) for r, seq in zip(config.drop_ratios, probe_children)
+        r: torch.from_numpy(generator(seq).random(shape) >= r)
+        for r, seq in zip(config.drop_ratios, probe_children, strict=True)
     }
     free = _free_problems(config)
     fixed = _fixed_problems(config, fixed_sequence) if "fixed_exact" in config.regimes else {}
@@ -455,7 +456,7 @@ def _cells(frame: pd.DataFrame) -> list[tuple[dict, pd.DataFrame]]:
     check_tidy(frame, KEY_COLUMNS)
     order = {name: i for i, name in enumerate(REGIMES)}
     groups = frame.groupby(list(CELL_COLUMNS), sort=True)
-    cells = [({c: _python_scalar(v) for c, v in zip(CELL_COLUMNS, key)}, group) for key, group in groups]
+    cells = [({c: _python_scalar(v) for c, v in zip(CELL_COLUMNS, key, strict=True)}, group) for key, group in groups]
     return sorted(cells, key=lambda item: (order[item[0]["regime"]],) + tuple(item[0][c] for c in CELL_COLUMNS[2:]))
 
 
@@ -486,7 +487,8 @@ def mean_interval(differences: np.ndarray, level: float = 0.95) -> dict[str, flo
 
 
 def summarise(frame: pd.DataFrame) -> dict:
-    """Per cell: the paired peak and entropy differences (dropout - DropKey) and every measure's mean per regulariser."""
+    """Per cell: the paired peak and entropy differences (dropout - DropKey) and every measure's mean per
+    regulariser."""
     cells = {}
     for cell, group in _cells(frame):
         label = cell_label(cell)

@@ -127,7 +127,9 @@ def link_fractions_by_problem(frame: pd.DataFrame, regulariser: str = "none") ->
     return pd.DataFrame(columns, index=pd.Index(problems, name="problem"))
 
 
-def final_differences(frame: pd.DataFrame, column: str, regulariser_a: str, regulariser_b: str) -> dict[str, np.ndarray]:
+def final_differences(
+    frame: pd.DataFrame, column: str, regulariser_a: str, regulariser_b: str
+) -> dict[str, np.ndarray]:
     """Per drop ratio ("r=0.1"), the per-problem final ``column(a) - column(b)`` (problems sorted).
 
     Every regulariser starts from the same problems, so the differences are paired by problem;

@@ -188,7 +188,7 @@ def fit_rms_slope(group: pd.DataFrame, column: str = "dist_to_train") -> dict[st
         log_rms.append(0.5 * math.log(mean_square))
         sigma.append(0.5 * squared.std(ddof=1) / math.sqrt(squared.size) / mean_square)
     fit = fit_line(np.log(ks), np.array(log_rms), np.array(sigma))
-    fit["rms_by_k"] = {int(k): float(math.exp(value)) for k, value in zip(ks, log_rms)}
+    fit["rms_by_k"] = {int(k): float(math.exp(value)) for k, value in zip(ks, log_rms, strict=True)}
     return fit
 
 
