@@ -177,7 +177,7 @@ def run_case(shape: tuple[int, ...], ratio: float, repeats: int, warmup: int, me
                 row[f"{mode}_peak_extra_bytes"] = memory[name][f"{mode}_peak_extra_bytes"]
                 row[f"{mode}_peak_extra_bytes_per_logit"] = memory[name][f"{mode}_peak_extra_bytes"] / logits
     base, paper = rows["sdpa_nomask"], rows["paper"]
-    for name, row in rows.items():
+    for row in rows.values():
         for mode in ("forward", "step"):
             row[f"{mode}_vs_sdpa_nomask"] = row[f"{mode}_median_ms"] / base[f"{mode}_median_ms"]
             row[f"{mode}_speedup_vs_paper"] = paper[f"{mode}_median_ms"] / row[f"{mode}_median_ms"]
@@ -260,7 +260,10 @@ def targets(cases: list[dict], memory: bool) -> dict[str, str]:
         if memory:
             for mode, what in (("step", "training step"), ("forward", "forward")):
                 extra = row[f"{mode}_extra_bytes_per_logit_vs_sdpa_nomask"]
-                out[f"{label}: extra memory <= {TARGET_EXTRA_BYTES_PER_LOGIT} B/logit ({what}, peak vs SDPA without mask)"] = (
+                out[
+                    f"{label}: extra memory <= {TARGET_EXTRA_BYTES_PER_LOGIT} B/logit "
+                    f"({what}, peak vs SDPA without mask)"
+                ] = (
                     f"{'MET' if extra <= TARGET_EXTRA_BYTES_PER_LOGIT else 'NOT MET'} ({extra:.2f} B/logit)"
                 )
     return out

@@ -14,7 +14,8 @@ any mask (the speed of light):
   materialised logits, masked softmax with the ``uniform`` all-dropped convention, ``@ v``),
   with the DropKey mask computed inline from the counter-based hash of
   :mod:`dropkey.kernels.hash_mask` (per slice and row a key computed eagerly; per logit one add
-  and one fmix32 inside the compiled graph, so no mask is drawn or stored). Checked first to drop exactly the logits ``hash_drop_mask`` drops.
+  and one fmix32 inside the compiled graph, so no mask is drawn or stored). Checked first to drop exactly the logits
+  ``hash_drop_mask`` drops.
 - ``compiled_rand``: the same with ``torch.rand(B, H, N, N) < r`` inside the compiled graph
   (inductor's own CPU random numbers).
 
@@ -174,7 +175,9 @@ def render(cases: list[dict], meta: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--shapes", default=None, help="comma-separated BxHxNxd (default: 128x4x65x16,128x3x65x64,64x6x197x64)")
+    parser.add_argument(
+        "--shapes", default=None, help="comma-separated BxHxNxd (default: 128x4x65x16,128x3x65x64,64x6x197x64)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="folder for cpu_alternatives.{md,json}")
     args = parser.parse_args(argv)
     if args.repeats < 1:

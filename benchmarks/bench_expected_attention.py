@@ -116,7 +116,9 @@ def previous_coefficients(rows: np.ndarray, drop_ratio: float) -> np.ndarray:
     block_rows = max(1, _PREVIOUS_MAX_BLOCK_ENTRIES // (256 * rows.shape[1]))
     regular = np.empty_like(rows)
     for start in range(0, rows.shape[0], block_rows):
-        regular[start : start + block_rows] = _previous_regular_part_block(rows[start : start + block_rows], drop_ratio, 1)
+        regular[start : start + block_rows] = _previous_regular_part_block(
+            rows[start : start + block_rows], drop_ratio, 1
+        )
     alone = np.exp((rows.shape[1] - 1) * math.log(drop_ratio))  # r^m, every key present
     return (1.0 - drop_ratio) * (alone + rows * regular) / rows
 
@@ -216,7 +218,11 @@ def verdict_line(rows: list[dict]) -> str:
     speedup = target["previous_map_ms"] / target["new_map_ms"]
     fraction = target["new_map_ms"] / target["plain_map_ms"]
     error = target["new_max_relative_error"]
-    met = error <= TARGET_RELATIVE_ERROR and fraction <= TARGET_FRACTION_OF_PLAIN and speedup >= TARGET_SPEEDUP_OVER_PREVIOUS
+    met = (
+        error <= TARGET_RELATIVE_ERROR
+        and fraction <= TARGET_FRACTION_OF_PLAIN
+        and speedup >= TARGET_SPEEDUP_OVER_PREVIOUS
+    )
     return (
         f"Target (a {TARGET_KEYS} x {TARGET_KEYS} map at <= {TARGET_RELATIVE_ERROR:g} relative error in at most "
         f"{TARGET_FRACTION_OF_PLAIN:g} x the plain baseline's time and >= {TARGET_SPEEDUP_OVER_PREVIOUS:.0f}x faster "
@@ -245,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()
     children = np.random.SeedSequence(args.seed).spawn(len(args.sizes))
-    rows = [measure(n, np.random.default_rng(child), args.quick) for n, child in zip(args.sizes, children)]
+    rows = [measure(n, np.random.default_rng(child), args.quick) for n, child in zip(args.sizes, children, strict=True)]
     load_after = os.getloadavg()
     sections = [format_table(rows)]
     if any(row["n_keys"] == TARGET_KEYS for row in rows):
@@ -259,8 +265,13 @@ def main(argv: list[str] | None = None) -> int:
             "new_step": STEP, "plain_step": PLAIN_STEP, "reference_digits": REFERENCE_DIGITS,
             "load_average_before": list(load_before), "load_average_after": list(load_after),
         }
-        save_results("expected_attention_cpu", "Exact E[w] for whole attention maps: new vs previous vs plain trapezoid",
-                     body, record, args.seed)
+        save_results(
+            "expected_attention_cpu",
+            "Exact E[w] for whole attention maps: new vs previous vs plain trapezoid",
+            body,
+            record,
+            args.seed,
+        )
     return 0
 
 

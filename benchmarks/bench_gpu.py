@@ -1,4 +1,5 @@
-"""Benchmark (GPU only): the fused Triton DropKey kernel against SDPA, FlexAttention, the reference and the paper's code.
+"""Benchmark (GPU only): the fused Triton DropKey kernel against SDPA, FlexAttention, the reference and \
+the paper's code.
 
 For ViT-like shapes B x H x N x d with N in {65, 197, 577, 1024}, d = 64, H = 12,
 bfloat16, drop ratio 0.1 and a batch B = --tokens // N large enough to fill the
@@ -58,7 +59,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import math
 import platform
 import statistics
 import sys
@@ -70,8 +70,8 @@ import torch
 import torch.nn.functional as F
 
 from dropkey.functional import dropkey_attention, paper_dropkey_attention
-from dropkey.kernels import hash_threshold
 from dropkey.kernels import hash_mask as _hash
+from dropkey.kernels import hash_threshold
 from dropkey.provenance import provenance
 from dropkey.storage import write_json_atomic, write_text_atomic
 
@@ -91,8 +91,9 @@ DRY_RUN = {"repeats": 2, "warmup": 1, "tokens": 130, "heads": 2, "seq_lens": (65
 # elements of B*H*N*d moved by an ideal fused kernel: forward q, k, v, out; backward q, k, v, out, dO, dq, dk, dv
 FLOOR_ELEMENTS = {"forward": 4, "step": 12}
 # nominal HBM bandwidth (GB/s) by device-name substring, for the nominal floor
-NOMINAL_BANDWIDTH_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
-                         "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0, "RTX 4090": 1008.0}
+NOMINAL_BANDWIDTH_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
+                         "A100-SXM4-80GB": 2039.0, "A100 80GB PCIe": 1935.0, "A100": 1555.0, "L40S": 864.0,
+                         "RTX 4090": 1008.0}
 NO_GPU_MESSAGE = (
     "bench_gpu.py needs a CUDA device and torch.cuda.is_available() is False here: nothing was measured. "
     "Run it on a machine with an NVIDIA GPU and triton installed (pip install \"dropkey-lab[triton]\")."
@@ -130,15 +131,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the tokens, 5 repeats: a smoke run")
     parser.add_argument("--dry-run", action="store_true",
-                        help="check the script itself on the CPU (TRITON_INTERPRET=1): every variant at one tiny shape; "
-                             "the timings mean nothing; files only with --output")
+                        help="check the script itself on the CPU (TRITON_INTERPRET=1): every variant at one tiny "
+                             "shape; the timings mean nothing; files only with --output")
     parser.add_argument("--repeats", type=_positive, default=None, help="timed calls per variant (default 20, quick 5)")
     parser.add_argument("--warmup", type=_positive, default=None, help="untimed calls per variant first (default 3)")
     parser.add_argument("--ratio", type=_ratio, default=0.1, help="drop ratio (default 0.1)")
-    parser.add_argument("--tokens", type=_positive, default=None, help="B * N per shape, B = tokens // N (default 65536)")
+    parser.add_argument("--tokens", type=_positive, default=None,
+                        help="B * N per shape, B = tokens // N (default 65536)")
     parser.add_argument("--heads", type=_positive, default=None, help="H (default 12)")
     parser.add_argument("--seq-lens", type=_seq_lens, default=None, help="comma-separated N (default 65,197,577,1024)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)}")
     parser.add_argument("--output", type=Path, default=None,
                         help="folder for attention_gpu[_quick|_dry_run].{md,json} (default benchmarks/results; "
                              "a dry run writes nothing without it)")
@@ -150,8 +153,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.quick and args.dry_run:
         parser.error("--quick and --dry-run exclude each other")
     args.variants = tuple(v for v in VARIANTS if v in variants)
-    defaults = DRY_RUN if args.dry_run else {"repeats": 5 if args.quick else 20, "warmup": 3, "tokens": 65536, "heads": 12,
-                                              "seq_lens": SEQ_LENS}
+    defaults = DRY_RUN if args.dry_run else {"repeats": 5 if args.quick else 20, "warmup": 3, "tokens": 65536,
+                                              "heads": 12, "seq_lens": SEQ_LENS}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -170,7 +173,10 @@ def batch_for(n: int, tokens: int) -> int:
 def floor_seconds(shape: tuple[int, int, int, int], element_bytes: int, bandwidth_gbs: float) -> dict[str, float]:
     """The memory-bandwidth floor (seconds) of forward and step for a (B, H, N, d) problem."""
     batch, heads, n, d = shape
-    return {mode: count * batch * heads * n * d * element_bytes / (bandwidth_gbs * 1e9) for mode, count in FLOOR_ELEMENTS.items()}
+    return {
+        mode: count * batch * heads * n * d * element_bytes / (bandwidth_gbs * 1e9)
+        for mode, count in FLOOR_ELEMENTS.items()
+    }
 
 
 def nominal_bandwidth(device_name: str) -> Optional[float]:
@@ -181,7 +187,10 @@ def nominal_bandwidth(device_name: str) -> Optional[float]:
 
 
 def saved_state(
-    call: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...], logits: int, row_shapes: tuple[tuple[int, int], ...]
+    call: Callable[[], torch.Tensor],
+    inputs: tuple[torch.Tensor, ...],
+    logits: int,
+    row_shapes: tuple[tuple[int, int], ...],
 ) -> dict[str, int]:
     """Bytes autograd saves for backward during ``call()`` (a forward), split into N x N state and the rest.
 
@@ -240,7 +249,9 @@ def evaluate_targets(cases: list[dict]) -> dict[str, str]:
         checks.append((f"{FUSED} saves zero bytes of N x N state for backward", state, state == 0,
                        f"{state} bytes; other saved: {fused.get('other_saved_bytes')} bytes"))
         for target, value, met, reading in checks:
-            out[f"{label}: {target}"] = "NOT MEASURED" if value is None else f"{'MET' if met else 'NOT MET'} ({reading})"
+            out[f"{label}: {target}"] = (
+                "NOT MEASURED" if value is None else f"{'MET' if met else 'NOT MET'} ({reading})"
+            )
     return out
 
 
@@ -264,7 +275,8 @@ def render(meta: dict, cases: list[dict]) -> str:
         "",
         f"{meta['dtype']}, d = {HEAD_DIM}, H = {meta['heads']}, drop ratio {meta['ratio']}, B = {meta['tokens']} // N; "
         f"median (min) of {meta['repeats']} timed calls after {meta['warmup']} warm-up, round-robin over variants; "
-        "fwd = forward with autograd graph, step = forward + backward, bwd = step - fwd (medians); ratios are of medians "
+        "fwd = forward with autograd graph, step = forward + backward, bwd = step - fwd (medians); "
+        "ratios are of medians "
         f"vs `{BASELINE}` in the same run. Peak = max allocated during one step above the memory before it. "
         "Saved N x N = bytes of N x N state autograd keeps for backward. Floor = the memory-bandwidth floor of a fused "
         f"step (12 B*H*N*d elements) at the measured copy bandwidth ({meta['copy_bandwidth_gbs']:.0f} GB/s"
@@ -368,7 +380,9 @@ def _flex_variant(ratio: float, shape: tuple[int, int, int, int], seed: int, dev
     return lambda q, k, v: compiled(q, k, v, score_mod=score_mod)
 
 
-def make_variant(name: str, ratio: float, shape: tuple[int, int, int, int], seed: int, device: torch.device) -> Callable:
+def make_variant(
+    name: str, ratio: float, shape: tuple[int, int, int, int], seed: int, device: torch.device
+) -> Callable:
     """The callable (q, k, v) -> out of a variant for inputs of ``shape`` on ``device``; hash variants use ``seed``."""
     if name == "sdpa_nomask":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -391,7 +405,9 @@ def make_variant(name: str, ratio: float, shape: tuple[int, int, int, int], seed
     if name == "reference":
         return lambda q, k, v: dropkey_attention(q, k, v, ratio, generator=seed, backend="reference", mask="hash")
     if name == "paper":
-        return lambda q, k, v: paper_dropkey_attention(q, k, v, ratio, generator=torch.Generator(device).manual_seed(seed))
+        return lambda q, k, v: paper_dropkey_attention(
+            q, k, v, ratio, generator=torch.Generator(device).manual_seed(seed)
+        )
     raise ValueError(f"unknown variant {name!r}")
 
 
@@ -401,7 +417,9 @@ def _expected(name: str, q, k, v, ratio: float, seed: int) -> Optional[torch.Ten
     if name in ("triton", "reference"):
         return dropkey_attention(q32, k32, v32, ratio, generator=seed, backend="reference", mask="hash")
     if name == "flex_hash":
-        return dropkey_attention(q32, k32, v32, ratio, generator=seed, backend="reference", mask="hash", all_dropped="zero")
+        return dropkey_attention(
+            q32, k32, v32, ratio, generator=seed, backend="reference", mask="hash", all_dropped="zero"
+        )
     if name == "sdpa_mask":
         return dropkey_attention(q32, k32, v32, ratio, generator=seed, backend="reference", mask="bernoulli")
     if name == "paper":  # the same bernoulli draw on the same generator state; uniform rows (bf16 -1e12 overflow-free)
@@ -590,8 +608,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for n in args.seq_lens:
         shape = (batch_for(n, args.tokens), args.heads, n, HEAD_DIM)
         print(f"  {shape} ...", file=sys.stderr, flush=True)
-        cases.append(run_case(shape, args.variants, args.ratio, args.repeats, args.warmup, dtype, meta["copy_bandwidth_gbs"],
-                              device))
+        cases.append(run_case(shape, args.variants, args.ratio, args.repeats, args.warmup, dtype,
+                              meta["copy_bandwidth_gbs"], device))
         meta["targets"] = evaluate_targets(cases)
         if args.output is not None:  # after every shape: a time limit or a crash keeps the shapes done
             text = write_results(args.output, stem, meta, cases)

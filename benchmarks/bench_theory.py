@@ -112,10 +112,10 @@ def run(quick: bool, seed: int) -> list[dict]:
     children = np.random.SeedSequence(seed).spawn(len(SIZES))
     rows = []
     repeats = 5 if quick else 21
-    for child, n_keys in zip(children, SIZES):
+    for child, n_keys in zip(children, SIZES, strict=True):
         rng = np.random.default_rng(child)
         p = softmax_gaussian_rows(rng, 1, n_keys)[0]
-        seconds = median_seconds(lambda: smoothing_coefficients(p, DROP_RATIO, method="integral"), repeats)
+        seconds = median_seconds(lambda p=p: smoothing_coefficients(p, DROP_RATIO, method="integral"), repeats)
         keys = reference_keys(p, quick)
         started = time.perf_counter()
         error, reference_estimate, reference_name = integral_error(p, DROP_RATIO, keys)
@@ -154,7 +154,9 @@ def drop_ratio_sweep(seed: int) -> list[dict]:
 
 
 def keys_label(row: dict) -> str:
-    return f"all {row['n_keys']}" if row["keys_checked"] == row["n_keys"] else f"{row['keys_checked']} of {row['n_keys']}"
+    return (
+        f"all {row['n_keys']}" if row["keys_checked"] == row["n_keys"] else f"{row['keys_checked']} of {row['n_keys']}"
+    )
 
 
 def format_table(rows: list[dict]) -> str:

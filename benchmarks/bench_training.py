@@ -139,9 +139,10 @@ def run(model_name: str, batch: int, ratio: float, rounds: int, steps: int, warm
     rows = []
     for variant in VARIANTS:
         median = statistics.median(seconds[variant])
-        per_round = [s / b for s, b in zip(seconds[variant], seconds["none"])]
+        per_round = [s / b for s, b in zip(seconds[variant], seconds["none"], strict=True)]
         rows.append({
-            "model": model_name, "variant": variant, "step_ms": 1e3 * median, "step_ms_min": 1e3 * min(seconds[variant]),
+            "model": model_name, "variant": variant, "step_ms": 1e3 * median,
+            "step_ms_min": 1e3 * min(seconds[variant]),
             "images_per_s": batch / median, "vs_none": median / base,
             "vs_none_paired_median": statistics.median(per_round),
         })

@@ -36,7 +36,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", action="append", choices=tuple(aot.ARCHITECTURES), help="targets (default sm_80 and sm_90)")
+    parser.add_argument(
+        "--arch", action="append", choices=tuple(aot.ARCHITECTURES), help="targets (default sm_80 and sm_90)"
+    )
     parser.add_argument("--head-dims", type=aot._head_dims, default=(32, 64, 128, 256))
     parser.add_argument("--jobs", type=aot._positive, default=max(1, min(4, os.cpu_count() or 1)))
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -44,7 +46,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def group_summary(results: Sequence[aot.KernelResources]) -> list[dict]:
-    """Per (arch, kernel, dtype, head dim): candidates compiled, launchable and spill-free; the least spill of a launchable one."""
+    """Per (arch, kernel, dtype, head dim): candidates compiled, launchable and spill-free; the least spill of a
+    launchable one."""
     groups: dict[tuple, list[aot.KernelResources]] = {}
     for row in results:
         b = row.build
@@ -94,7 +97,8 @@ def render(meta: dict, summary: list[dict], results: Sequence[aot.KernelResource
     lines = [
         "# Triton DropKey kernels compiled for GPU architectures (no GPU used)",
         "",
-        f"- commit `{meta['git_commit']}`, triton {meta['triton']}, torch {meta['torch']}; compiled on {meta['machine']}",
+        f"- commit `{meta['git_commit']}`, triton {meta['triton']}, torch {meta['torch']}; "
+        f"compiled on {meta['machine']}",
         f"- {meta['compilations']} compilations, {meta['failed']} failed; "
         f"groups without a launchable candidate: {meta['unlaunchable'] or 'none'}",
         "- what this is: Triton's compiler and ptxas output per autotune candidate (registers, spills, shared "
@@ -127,7 +131,9 @@ def render(meta: dict, summary: list[dict], results: Sequence[aot.KernelResource
             "| arch | kernel | r = 0 | r > 0 | ratio |",
             "|---|---|---|---|---|",
         ]
-        lines += [f"| {c['arch']} | {c['kernel']} | {c['unmasked']} | {c['masked']} | {c['ratio']:.2f}x |" for c in costs]
+        lines += [
+            f"| {c['arch']} | {c['kernel']} | {c['unmasked']} | {c['masked']} | {c['ratio']:.2f}x |" for c in costs
+        ]
     lines += ["", "## Every compilation", "", aot.render_table(results)]
     return "\n".join(lines)
 
