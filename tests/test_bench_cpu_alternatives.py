@@ -12,7 +12,9 @@ import torch
 from dropkey.kernels import hash_mask
 
 ROOT = Path(__file__).resolve().parents[1]
-_SPEC = importlib.util.spec_from_file_location("bench_cpu_alternatives", ROOT / "benchmarks" / "bench_cpu_alternatives.py")
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_cpu_alternatives", ROOT / "benchmarks" / "bench_cpu_alternatives.py"
+)
 bench = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(bench)
 
@@ -35,7 +37,9 @@ def test_inline_hash_check_can_fail(monkeypatch):
         bench.check_hash_mask((2, 3, 7, 8))
 
 
-@pytest.mark.parametrize("bad", [["--repeats", "0"], ["--shapes", "2x3x4"], ["--shapes", "2xax4x5"], ["--shapes", "0x1x4x4"]])
+@pytest.mark.parametrize(
+    "bad", [["--repeats", "0"], ["--shapes", "2x3x4"], ["--shapes", "2xax4x5"], ["--shapes", "0x1x4x4"]]
+)
 def test_bad_arguments_are_refused(bad, capsys):
     with pytest.raises(SystemExit):
         bench.main(bad)
@@ -43,7 +47,8 @@ def test_bad_arguments_are_refused(bad, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile internals
+# the deprecation warning comes from torch.compile internals
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_runs_end_to_end(tmp_path):
     assert bench.main(["--repeats", "1", "--shapes", "2x2x9x8", "--output", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "cpu_alternatives.json").read_text())

@@ -55,7 +55,8 @@ def test_batch_floor_and_bandwidth():
 
 
 def test_saved_state_probe_tells_n_by_n_state_from_per_row_state():
-    """The reference saves N x N weights; the fused CPU backend a bit-packed mask (1 bit/logit); SDPA without mask none."""
+    """The reference saves N x N weights; the fused CPU backend a bit-packed mask (1 bit/logit); SDPA without mask
+    none."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 40, 16, generator=g).requires_grad_(True) for _ in range(3))
     logits, rows = 2 * 3 * 40 * 40, ((40, 16),)
@@ -104,7 +105,10 @@ def test_targets_and_table():
             "copy_bandwidth_gbs": 4000.0, "nominal_bandwidth_gbs": 4800.0, "targets": targets}
     text = bench.render(meta, cases)
     assert "NVIDIA H200" in text and "nominal 4800 GB/s" in text
-    assert "| 8x12x197x64 | triton | ok (1.0e-03) | 0.400 | 0.700 | 1.100 (1.000) | 1.10x | 1.33x | 3.64x | 1.5 | 0 | 45.5 |" in text
+    assert (
+        "| 8x12x197x64 | triton | ok (1.0e-03) | 0.400 | 0.700 | 1.100 (1.000) | 1.10x | 1.33x | 3.64x "
+        "| 1.5 | 0 | 45.5 |" in text
+    )
     assert "| 8x12x197x64 | flex_hash | - | OOM |" in text
     assert text.count("| 8x12x") == 10 and "- 8x12x577x64: triton fwd+bwd within 1.15x" in text
     assert "- 8x12x197x64: kernel at r = 0 / SDPA 0.88x; mask (r > 0 / r = 0) 1.25x" in text
@@ -135,9 +139,11 @@ def _needs_interpreter():
         pytest.skip(problem)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile internals
+# the deprecation warning comes from torch.compile internals
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_dry_run_checks_and_times_every_variant_on_the_cpu(tmp_path):
-    """Every variant passes its correctness check and is timed; the fused kernel saves no N x N state, the reference does."""
+    """Every variant passes its correctness check and is timed; the fused kernel saves no N x N state, the reference
+    does."""
     _needs_interpreter()
     argv = ["--dry-run", "--heads", "1", "--tokens", "65", "--repeats", "1", "--output", str(tmp_path)]
     assert bench.main(argv) == 0
@@ -166,7 +172,8 @@ def test_dry_run_needs_the_interpreter(monkeypatch, capsys, tmp_path):
 
 
 def test_a_run_that_stops_keeps_the_shapes_it_finished(monkeypatch, tmp_path):
-    """Results are written after every shape: a crash (or the device call's time limit) in the second keeps the first."""
+    """Results are written after every shape: a crash (or the device call's time limit) in the second keeps the
+    first."""
     _needs_interpreter()
     finished = _fake_cases()[0]
 
@@ -184,7 +191,8 @@ def test_a_run_that_stops_keeps_the_shapes_it_finished(monkeypatch, tmp_path):
     assert "**PARTIAL**: 1 of 2 shapes" in text and "1.15x of SDPA flash without mask: MET (1.10x)" in text
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile internals
+# the deprecation warning comes from torch.compile internals
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_flex_score_mod_drops_exactly_the_hash_mask():
     """FlexAttention's score_mod (forward: the CPU has no flex backward) equals the reference on the same hash mask.
 
@@ -204,7 +212,9 @@ def test_flex_score_mod_drops_exactly_the_hash_mask():
 
 @pytest.mark.gpu
 def test_quick_run_on_one_shape(tmp_path):
-    assert bench.main(["--quick", "--seq-lens", "197", "--repeats", "2", "--warmup", "1", "--output", str(tmp_path)]) == 0
+    assert (
+        bench.main(["--quick", "--seq-lens", "197", "--repeats", "2", "--warmup", "1", "--output", str(tmp_path)]) == 0
+    )
     data = json.loads((tmp_path / "attention_gpu_quick.json").read_text())
     rows = data["cases"][0]["variants"]
     assert rows["triton"]["check"].startswith("ok") and rows["triton"]["nn_state_bytes"] == 0
@@ -221,11 +231,15 @@ def test_gpu_session_script_runs_its_steps_within_one_device_call(tmp_path):
     fake = tmp_path / "bin"
     fake.mkdir()
     calls = tmp_path / "calls.txt"
-    (fake / "timeout").write_text(f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {shlex.quote(str(calls))}\necho >> {shlex.quote(str(calls))}\n')
+    (fake / "timeout").write_text(
+        "#!/usr/bin/env bash\n"
+        f'printf "%q " "$@" >> {shlex.quote(str(calls))}\n'
+        f"echo >> {shlex.quote(str(calls))}\n"
+    )
     (fake / "timeout").chmod(0o755)
     env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(tmp_path / "out"), PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     steps = [shlex.split(line) for line in calls.read_text().splitlines() if line.strip()]
     assert [step[0] for step in steps] == ["--kill-after=10"] * 5

@@ -22,7 +22,9 @@ from dropkey.kernels import cpu_kernel, hash_drop_mask, hash_mask
 from dropkey.kernels.cpu_kernel import CppKernelUnavailableError, cpp_attention, cpp_available
 
 CONVENTIONS = fn.ALL_DROPPED_CONVENTIONS
-needs_kernel = pytest.mark.skipif(not cpp_available(), reason=f"C++ kernel unavailable: {cpu_kernel.cpp_unavailable_reason()}")
+needs_kernel = pytest.mark.skipif(
+    not cpp_available(), reason=f"C++ kernel unavailable: {cpu_kernel.cpp_unavailable_reason()}"
+)
 
 
 def _qkv(lead=(2, 3), nq=5, nk=4, d=8, dv=6, seed=0, scale=1.0):
@@ -70,7 +72,7 @@ def test_matches_reference_on_the_same_hash_mask(convention, lead, nq, nk, d, dv
     out = cpp_attention(q, k, v, r, seed=seed, all_dropped=convention)
     ref = _reference(q, k, v, seed, r, convention)
     torch.testing.assert_close(out, ref)
-    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -119,7 +121,7 @@ def test_leading_dims(lead):
     out = cpp_attention(q, k, v, 0.5, seed=3, all_dropped="zero")
     assert out.shape == (*lead, 6, 3)
     torch.testing.assert_close(out, _reference(q, k, v, 3, 0.5, "zero"))
-    for got, want in zip(_grads(out, (q, k, v)), _grads(_reference(q, k, v, 3, 0.5, "zero"), (q, k, v))):
+    for got, want in zip(_grads(out, (q, k, v)), _grads(_reference(q, k, v, 3, 0.5, "zero"), (q, k, v)), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -133,7 +135,7 @@ def test_a_single_query_row_with_any_row_stride():
     out = cpp_attention(q, k, v, 0.4, seed=6, all_dropped="undropped")
     ref = _reference(q, k, v, 6, 0.4, "undropped")
     torch.testing.assert_close(out, ref)
-    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -150,7 +152,7 @@ def test_results_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     for other in results[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
 
 
 @needs_kernel
@@ -158,7 +160,9 @@ def test_empty_inputs():
     q, k, v = _qkv(nq=0, nk=3)
     out = cpp_attention(q, k, v, 0.5, seed=1)
     assert out.shape == (2, 3, 0, 6)
-    assert all(g.abs().sum() == 0 for g in torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True) if g is not None)
+    assert all(
+        g.abs().sum() == 0 for g in torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True) if g is not None
+    )
 
 
 # --------------------------------------------------------------------------- finiteness
@@ -293,25 +297,28 @@ def test_module_default_backend_uses_the_kernel_and_its_paths_agree():
     torch.testing.assert_close(fast, reference)
     assert (weights == 0).any()
     assert fn.resolve_backend("auto", "cpu", torch.float32) == ("cpp", "hash")
-    for got, want in zip(torch.autograd.grad(fast.sum(), x), torch.autograd.grad(reference.sum(), x)):
+    for got, want in zip(torch.autograd.grad(fast.sum(), x), torch.autograd.grad(reference.sum(), x), strict=True):
         torch.testing.assert_close(got, want)
 
 
 @needs_kernel
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile internals
+# the deprecation warning comes from torch.compile internals
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_torch_compile_keeps_the_kernel_in_one_graph():
     """The kernel is a pair of torch custom ops and its seed a tensor: torch.compile(fullgraph=True) traces
     dropkey_attention (auto and cpp, global RNG) without a graph break, and it equals the reference on the
     same hash mask, values and gradients."""
     q, k, v = _qkv(nq=9, nk=9)
     for backend in ("auto", "cpp"):
-        compiled = torch.compile(lambda q, k, v: fn.dropkey_attention(q, k, v, 0.3, backend=backend), fullgraph=True)
+        compiled = torch.compile(
+            lambda q, k, v, backend=backend: fn.dropkey_attention(q, k, v, 0.3, backend=backend), fullgraph=True
+        )
         torch.manual_seed(4)
         out = compiled(q, k, v)
         torch.manual_seed(4)
         ref = fn.dropkey_attention(q, k, v, 0.3, backend="reference", mask="hash")
         torch.testing.assert_close(out, ref)
-        for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+        for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
             torch.testing.assert_close(got, want)
 
 
@@ -336,4 +343,6 @@ def test_the_custom_ops_pass_torch_opcheck():
     torch.library.opcheck(cpu_kernel._forward_op, (q, k, v, seed, 1 << 22, 0.3, 1))
     out, lse = cpu_kernel._forward_op(q.detach(), k.detach(), v.detach(), seed, 1 << 22, 0.3, 1)
     grad = torch.randn_like(out)
-    torch.library.opcheck(cpu_kernel._backward_op, (grad, q.detach(), k.detach(), v.detach(), out, lse, seed, 1 << 22, 0.3, 1))
+    torch.library.opcheck(
+        cpu_kernel._backward_op, (grad, q.detach(), k.detach(), v.detach(), out, lse, seed, 1 << 22, 0.3, 1)
+    )

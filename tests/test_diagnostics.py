@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from stat_assertions import assert_within_standard_errors
 from torch import nn
 
 from dropkey.diagnostics import (
@@ -18,7 +19,6 @@ from dropkey.diagnostics import (
 )
 from dropkey.models import create_model
 from dropkey.modules import DropKeyAttention
-from stat_assertions import assert_within_standard_errors
 
 
 def _model(name: str = "vit_tiny_8", **overrides):

@@ -47,7 +47,7 @@ def test_backend_matches_reference_on_the_same_mask(backend, convention, nq, nk,
     keep = dropkey_keep_mask((2, 3, nq, nk), r, generator=7)
     ref = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="reference")
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -65,7 +65,7 @@ def test_fused_chunking_is_exact(monkeypatch, chunk_logits, dtype, convention):
     ref = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="reference")
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(out, ref, **tol)
-    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
         torch.testing.assert_close(got, want, **tol)
 
 
@@ -82,7 +82,7 @@ def test_fused_streamed_mask_is_the_reference_mask(monkeypatch, chunk_logits, nq
     keep = dropkey_keep_mask((5, 3, nq, nk), r, generator=21)
     ref = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="reference")
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -148,7 +148,7 @@ def test_flash_path_matches_reference_on_the_same_mask(monkeypatch, chunk_logits
     weight = torch.linspace(-1.0, 1.0, out.numel(), dtype=torch.float64).reshape(out.shape)
     got = torch.autograd.grad((out.double() * weight).sum(), (q, k, v))
     want = torch.autograd.grad((ref * weight).sum(), wide)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), b, **_FLASH_TOL[dtype])
 
@@ -159,16 +159,22 @@ def test_flash_path_with_a_given_mask_and_odd_shapes(monkeypatch, chunk_logits, 
     """attention_from_keep_mask (Block/Cross masks) on the flash path: a contiguous mask with all-dropped rows
     behind the 8-byte-word check, a broadcast one, 1 and 3 leading dims, d > dv and d < dv (zero padding)."""
     _chunking(monkeypatch, chunk_logits)
-    cases = [((2, 3), 6, 17, 8, 8), ((5,), 4, 16, 6, 6), ((2, 2, 3), 3, 15, 4, 4), ((2, 3), 4, 18, 8, 5), ((2, 3), 4, 18, 5, 8)]
+    cases = [
+        ((2, 3), 6, 17, 8, 8), ((5,), 4, 16, 6, 6), ((2, 2, 3), 3, 15, 4, 4), ((2, 3), 4, 18, 8, 5),
+        ((2, 3), 4, 18, 5, 8),
+    ]
     for lead, nq, nk, d, dv in cases:
         q, k, v = _qkv(batch=lead, nq=nq, nk=nk, d=d, dv=dv, requires_grad=True, seed=nk)
-        for keep in (dropkey_keep_mask((*lead, nq, nk), 0.2, generator=nq), dropattention_keep_mask((*lead, nq, nk), 0.5, generator=1)):
+        for keep in (
+            dropkey_keep_mask((*lead, nq, nk), 0.2, generator=nq),
+            dropattention_keep_mask((*lead, nq, nk), 0.5, generator=1),
+        ):
             keep = keep.clone()
             keep[..., -1, :] = False  # an all-dropped row in every slice
             out = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="fused")
             ref = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="reference")
             torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-            for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+            for a, b in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -222,7 +228,11 @@ def test_saved_state_is_at_most_one_bit_per_logit(backend):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn.dropkey_attention(q, k, v, 0.1, generator=0, backend=backend)
     known = {t.untyped_storage().data_ptr() for t in (q, k, v, out)}
-    extra = {t.untyped_storage().data_ptr(): t for t in saved if t is not None and t.untyped_storage().data_ptr() not in known}
+    extra = {
+        t.untyped_storage().data_ptr(): t
+        for t in saved
+        if t is not None and t.untyped_storage().data_ptr() not in known
+    }
     sizes = sorted((str(t.dtype), tuple(t.shape)) for t in extra.values())
     expected = [("torch.float32", (4, 3, 24))]
     if backend == "fused":
@@ -261,7 +271,7 @@ def test_attention_from_keep_mask_backends_agree(backend, convention, keep_shape
     ref = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="reference")
     assert torch.equal(keep, before)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v))):
+    for got, want in zip(_grads(out, (q, k, v)), _grads(ref, (q, k, v)), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
@@ -384,7 +394,9 @@ def test_no_nan_at_high_ratio_small_n(backend, convention, dtype):
     if dtype != torch.float32:  # agrees with the float32 computation on the same mask
         q32, k32, v32 = (t.detach().float() for t in (q, k, v))
         kind = fn.resolve_backend(backend, "cpu", dtype)[1]  # auto: fused (Bernoulli) for half dtypes
-        out32 = fn.dropkey_attention(q32, k32, v32, 0.9, all_dropped=convention, generator=0, backend=backend, mask=kind)
+        out32 = fn.dropkey_attention(
+            q32, k32, v32, 0.9, all_dropped=convention, generator=0, backend=backend, mask=kind
+        )
         torch.testing.assert_close(out.float(), out32, rtol=0.05, atol=0.05)
 
 
@@ -398,7 +410,9 @@ def test_masked_softmax_rows_and_dtypes():
             assert w.dtype == dtype and torch.isfinite(w).all()
             tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-6
             torch.testing.assert_close(w[1].float(), dead.float(), rtol=tol, atol=tol)
-            torch.testing.assert_close(w[0].float(), torch.tensor([p[0, 0], 0, p[0, 2]]) / (p[0, 0] + p[0, 2]), rtol=tol, atol=tol)
+            torch.testing.assert_close(
+                w[0].float(), torch.tensor([p[0, 0], 0, p[0, 2]]) / (p[0, 0] + p[0, 2]), rtol=tol, atol=tol
+            )
             torch.testing.assert_close(w[2].float(), p[2], rtol=tol, atol=tol)
     assert torch.equal(fn.masked_softmax(logits, None), p)
     x = logits.clone().requires_grad_(True)
@@ -427,7 +441,7 @@ def test_reproducible_with_seed_and_generator(backend):
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     first = [fn.dropkey_attention(q, k, v, 0.3, generator=g1, backend=backend) for _ in range(2)]
     second = [fn.dropkey_attention(q, k, v, 0.3, generator=g2, backend=backend) for _ in range(2)]
-    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    assert all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
     assert not torch.equal(first[0], first[1])
     torch.manual_seed(4)
     d = fn.dropkey_attention(q, k, v, 0.3, backend=backend)
@@ -462,14 +476,15 @@ def _compiled_matches_eager(compile_backend, backend="fused", mask=None):
     torch.testing.assert_close(out, step(q, k, v))
     got = torch.autograd.grad(out.square().sum(), (q, k, v))
     want = torch.autograd.grad(step(q, k, v).square().sum(), (q, k, v))
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("mask", ["bernoulli", "hash"])
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "fused"])
 def test_torch_compile_aot_eager(backend, mask):
-    """Every mask backend traces (the sdpa one failed under torch.compile until its in-place mask fix-up was skipped there)."""
+    """Every mask backend traces (the sdpa one failed under torch.compile until its in-place mask fix-up was skipped
+    there)."""
     _compiled_matches_eager("aot_eager", backend, mask)
 
 

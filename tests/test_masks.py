@@ -75,7 +75,8 @@ def test_bit_packing_round_trips():
     random = torch.rand(8 * 1001, generator=torch.Generator().manual_seed(0)) < 0.3
     assert torch.equal(masks.unpack_bits(masks.pack_bits(random), torch.empty_like(random)), random)
     assert torch.equal(masks.pack_bits(random[8:]), masks.pack_bits(random)[1:])
-    assert torch.equal(masks.pack_bits(random[4:804]), masks.pack_bits(random[4:804].clone()))  # unaligned: generic path
+    # unaligned: generic path
+    assert torch.equal(masks.pack_bits(random[4:804]), masks.pack_bits(random[4:804].clone()))
     with pytest.raises(ValueError, match="multiple of 8"):
         masks.pack_bits(random[:7])
 
@@ -88,8 +89,12 @@ def test_masks_are_reproducible():
         assert torch.equal(a, dropkey_keep_mask(shape, r, generator=torch.Generator().manual_seed(5)))
         assert not torch.equal(a, dropkey_keep_mask(shape, r, generator=6))
     grid = dict(grid=(3, 3), num_prefix_tokens=2)
-    assert torch.equal(block_keep_mask((2, 4, 11), 0.3, generator=1, **grid), block_keep_mask((2, 4, 11), 0.3, generator=1, **grid))
-    assert torch.equal(cross_keep_mask((2, 4, 11), 0.3, generator=1, **grid), cross_keep_mask((2, 4, 11), 0.3, generator=1, **grid))
+    assert torch.equal(
+        block_keep_mask((2, 4, 11), 0.3, generator=1, **grid), block_keep_mask((2, 4, 11), 0.3, generator=1, **grid)
+    )
+    assert torch.equal(
+        cross_keep_mask((2, 4, 11), 0.3, generator=1, **grid), cross_keep_mask((2, 4, 11), 0.3, generator=1, **grid)
+    )
 
 
 def test_dropattention_mask_is_shared_across_queries():
@@ -97,7 +102,10 @@ def test_dropattention_mask_is_shared_across_queries():
     keep = dropattention_keep_mask((2, 3, 7, 5), 0.4, generator=2)
     assert keep.shape == (2, 3, 1, 5) and keep.dtype == torch.bool
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    q, k = (
+        torch.randn(2, 3, 7, 4, generator=g, dtype=torch.float64),
+        torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64),
+    )
     v = torch.eye(5, dtype=torch.float64).expand(2, 3, 5, 5)
     w = fn.attention_from_keep_mask(q, k, v, keep, all_dropped="zero", backend="fused")
     p = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1) * keep
@@ -134,7 +142,8 @@ def test_seed_rate_solves_the_calibration_equation(grid, r):
 @pytest.mark.parametrize("kind", ["block", "cross"])
 @pytest.mark.parametrize("grid,prefix,r", [((14, 14), 1, 0.1), ((4, 4), 1, 0.3), ((8, 8), 0, 0.2), ((3, 5), 2, 0.6)])
 def test_structured_masks_shape_and_calibrated_rate(kind, grid, prefix, r):
-    """Dropped fraction of patch keys within 5 SE of r (rows are independent: SE from row fractions); prefix at rate r."""
+    """Dropped fraction of patch keys within 5 SE of r (rows are independent: SE from row fractions); prefix at
+    rate r."""
     nk = prefix + grid[0] * grid[1]
     shape = (64, 4, 16, nk)
     make = block_keep_mask if kind == "block" else cross_keep_mask

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from dropkey.models import MODEL_CONFIGS, ViTConfig, VisionTransformer, create_model
+from dropkey.models import MODEL_CONFIGS, VisionTransformer, ViTConfig, create_model
 from dropkey.modules import DropKeyAttention
 from dropkey.reattention import ConvBatchNormReAttention, LayerNormReAttention
 from dropkey.schedules import linear_decreasing
@@ -62,7 +62,9 @@ def test_deepvit_configs_put_reattention_in_their_blocks():
     assert flags == [i in range(6, 12) for i in range(12)]
     assert isinstance(model.attention_modules[-1].reattention, ConvBatchNormReAttention)
     ln = create_model("vit_tiny_8", reattention="layernorm", reattention_blocks=range(1, 3))
-    assert [type(a.reattention) for a in ln.attention_modules] == [type(None), LayerNormReAttention, LayerNormReAttention]
+    assert [type(a.reattention) for a in ln.attention_modules] == [
+        type(None), LayerNormReAttention, LayerNormReAttention
+    ]
     assert ln.config.reattention_blocks == (1, 2)  # ranges and lists become tuples
 
 

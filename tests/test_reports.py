@@ -113,7 +113,9 @@ def built(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("theory.derivations.verify_all", fake_verify_all)
         first = build_report(base / "a", configs=tiny_configs(), cache_dir=base / "cache", results_dir=base / "results")
-        second = build_report(base / "b", configs=tiny_configs(), cache_dir=base / "cache", results_dir=base / "results")
+        second = build_report(
+            base / "b", configs=tiny_configs(), cache_dir=base / "cache", results_dir=base / "results"
+        )
     return {"base": base, "first": first, "second": second}
 
 
@@ -143,7 +145,10 @@ def test_every_empirical_quantity_is_registered_before_the_data():
         for quantity in claim.quantities:
             assert quantity.direction in DIRECTIONS and quantity.smallest_effect > 0 and quantity.alpha == 0.05
             assert quantity.justification and quantity.meaning and quantity.replicate
-            assert quantity.name in claim.rule_in_words and f"smallest effect {quantity.smallest_effect:g}" in claim.rule_in_words
+            assert (
+                quantity.name in claim.rule_in_words
+                and f"smallest effect {quantity.smallest_effect:g}" in claim.rule_in_words
+            )
     assert "ours (hypothesis)" in registry.claim("structured-masks-smoothing").source
 
 
@@ -191,7 +196,9 @@ COUNTS = {"pairs": 9, "rows": 3, "c_order_violations": 0, "w_order_violations": 
 
 
 def _sample(quantity: str, values, label: str = "", covariate=None) -> Sample:
-    return Sample(quantity, label, np.asarray(values, dtype=float), None if covariate is None else np.asarray(covariate))
+    return Sample(
+        quantity, label, np.asarray(values, dtype=float), None if covariate is None else np.asarray(covariate)
+    )
 
 
 def _theory(claim_id: str, samples, **extra) -> dict:
@@ -283,7 +290,9 @@ def test_structure_helping_with_one_seed_is_not_confirmed(tmp_path):
     """The old rule called n = 1 with block +5 pp and cross +4 pp 'confirmed' for 'no gain'."""
     _write_per_seed(tmp_path, "medium", "structured", [("top1_block_minus_dropkey", [5.0]),
                                                        ("top1_cross_minus_dropkey", [4.0])])
-    verdict = registry.assess(registry.claim("vit-structured"), Evidence(experiments=load_experiment_evidence(tmp_path)))
+    verdict = registry.assess(
+        registry.claim("vit-structured"), Evidence(experiments=load_experiment_evidence(tmp_path))
+    )
     assert verdict.status == "not yet measured"
 
 
@@ -293,7 +302,9 @@ def test_dropkey_collapse_is_decided_at_a_matched_entropy(tmp_path):
     _write_per_seed(tmp_path, "medium", "collapse", [("centred_similarity_dropkey_minus_plain", similarity),
                                                      ("centred_similarity_both_minus_reattention", similarity)],
                     covariate=entropy)
-    verdict = registry.assess(registry.claim("dropkey-collapse"), Evidence(experiments=load_experiment_evidence(tmp_path)))
+    verdict = registry.assess(
+        registry.claim("dropkey-collapse"), Evidence(experiments=load_experiment_evidence(tmp_path))
+    )
     assert all(f.decision.covariate for f in verdict.findings)
     assert all(abs(f.decision.mean) < 1e-9 for f in verdict.findings)  # nothing left once entropy is matched
 
@@ -402,8 +413,9 @@ def test_pages_make_no_network_reference(built):
         assert not re.search(r"""(src|href)\s*=\s*["']?\s*//""", text), name
         assert not re.search(r"url\(\s*['\"]?(?!data:|#)", text), name  # url(#id): an in-page clip path
         for target in re.findall(r"""(?:src|href)\s*=\s*["']([^"']*)["']""", text):
-            assert target.startswith("data:") or re.fullmatch(r"[\w.-]*\.html(#[\w.-]+)?|#[\w.-]+|data/[\w.-]+\.csv\.gz",
-                                                               target), (name, target[:80])
+            assert target.startswith("data:") or re.fullmatch(
+                r"[\w.-]*\.html(#[\w.-]+)?|#[\w.-]+|data/[\w.-]+\.csv\.gz", target
+            ), (name, target[:80])
 
 
 def _downloads(text: str) -> dict[str, bytes]:
@@ -687,9 +699,12 @@ def test_report_command_defaults_and_options():
 
 def test_report_command_builds_one_study(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
-        "reports.build.default_configs", lambda size, seed, only: {"gradient_damping": tiny_configs()["gradient_damping"]}
+        "reports.build.default_configs",
+        lambda size, seed, only: {"gradient_damping": tiny_configs()["gradient_damping"]},
     )
-    code = main(["report", "--only", "gradient_damping", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c")])
+    code = main(
+        ["report", "--only", "gradient_damping", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "c")]
+    )
     output = capsys.readouterr().out
     assert code == 0
     assert (tmp_path / "out" / "gradient_damping.html").is_file() and (tmp_path / "out" / "index.html").is_file()

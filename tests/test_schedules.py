@@ -24,7 +24,7 @@ def test_linear_decreasing_is_the_papers_shape():
     ratios = linear_decreasing(5, 0.3, 0.1)
     assert len(ratios) == 5
     assert ratios[0] == 0.3 and ratios[-1] == 0.1
-    assert all(a > b for a, b in zip(ratios, ratios[1:]))
+    assert all(a > b for a, b in zip(ratios, ratios[1:], strict=False))
     assert mean_ratio(ratios) == pytest.approx(0.2, abs=1e-15)
 
 
@@ -57,7 +57,7 @@ def test_with_mean_shifts_and_keeps_shape():
     base = linear_decreasing(4, 0.4, 0.1)
     shifted = with_mean(base, 0.2)
     assert mean_ratio(shifted) == pytest.approx(0.2, abs=1e-15)
-    differences = [a - b for a, b in zip(shifted, base)]
+    differences = [a - b for a, b in zip(shifted, base, strict=True)]
     assert max(differences) - min(differences) < 1e-15
 
 

@@ -236,7 +236,9 @@ def test_relative_change_is_paired_by_row_against_dropkeys_own_noise(frame):
     variant, grid, shape, r = name.split(",")[0], name.split(",")[1], name.split(",")[2], float(name.split("=")[-1])
     rows = per_row[(per_row["grid"] == grid) & (per_row["shape"] == shape) & (per_row["drop_ratio"] == r)]
     mine, reference = rows[rows["variant"] == variant], rows[rows["variant"] == "dropkey"]
-    expected = (mine["tv_to_dropkey"].to_numpy() - reference["tv_to_dropkey"].to_numpy()) / mine["dropkey_smoothing_tv"].to_numpy()
+    expected = (
+        mine["tv_to_dropkey"].to_numpy() - reference["tv_to_dropkey"].to_numpy()
+    ) / mine["dropkey_smoothing_tv"].to_numpy()
     np.testing.assert_allclose(changes[name], expected, rtol=1e-12)
     with pytest.raises(ValueError, match="independent-DropKey"):
         structured_masks.relative_change_by_row(frame[frame["variant"] != "dropkey"])
@@ -247,7 +249,9 @@ def test_claim_is_judged_from_the_study_results(frame, summary):
     assert claim.measured_by == ("structured_masks",)
     assert registry.assess(claim, Evidence()).status == "not yet measured"
     cached = to_jsonable(summary)  # as read back from the report cache
-    verdict = registry.assess(claim, Evidence(summaries={"structured_masks": cached}, frames={"structured_masks": frame}))
+    verdict = registry.assess(
+        claim, Evidence(summaries={"structured_masks": cached}, frames={"structured_masks": frame})
+    )
     assert verdict.status in ("confirmed", "partly", "contradicted", "inconclusive")
     assert {f.label for f in verdict.findings} == set(structured_masks.relative_change_by_row(frame))
 

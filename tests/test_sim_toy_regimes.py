@@ -58,7 +58,10 @@ TINY = ToyRegimesConfig(
 
 def _random_problem(seed: int, b: int = 6, n: int = 6, d: int = 3, logit_std: float = 1.0):
     generator = torch.Generator().manual_seed(seed)
-    normal = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
     return logit_std * normal(b, n), normal(b, n, d), normal(b, d)
 
 
@@ -144,7 +147,7 @@ def test_training_objective_equals_enumeration_with_its_gradients(regulariser, r
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-12)
     gradients = torch.autograd.grad(fast.sum(), (logits, values))
     reference_gradients = torch.autograd.grad(reference.sum(), (logits, values))
-    for mine, theirs in zip(gradients, reference_gradients):
+    for mine, theirs in zip(gradients, reference_gradients, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-11)
 
 
@@ -160,7 +163,8 @@ def test_none_objective_is_the_clean_loss():
 
 
 def test_dropkey_per_mask_gradient_vanishes_at_the_free_values_optimum_dropout_does_not():
-    """All v_j = y: every DropKey mask outputs y (zero gradient up to rounding); dropout's output is y sum b p / (1-r)."""
+    """All v_j = y: every DropKey mask outputs y (zero gradient up to rounding); dropout's output is
+    y sum b p / (1-r)."""
     logits, _, target = _random_problem(5, b=50)
     values = target[:, None, :].expand(-1, logits.shape[1], -1).clone()
     keep = torch.rand(logits.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64) >= 0.3
@@ -208,7 +212,7 @@ def test_fixed_problems_place_targets_inside_and_outside_and_pair_the_offsets():
     torch.testing.assert_close(shift.norm(dim=-1), torch.full(shift.shape[:2], high - low, dtype=torch.float64))
     for (placement, _), (target, values) in problems.items():
         # y is in the hull iff some lambda >= 0 with sum 1 has sum_j lambda_j v_j = y (a linear program).
-        for y, v in zip(target.numpy(), values.numpy()):
+        for y, v in zip(target.numpy(), values.numpy(), strict=True):
             equalities = np.vstack([v.T, np.ones(len(v))])
             feasible = linprog(np.zeros(len(v)), A_eq=equalities, b_eq=np.append(y, 1.0), bounds=(0, None)).status == 0
             assert feasible == (placement == "inside")

@@ -171,7 +171,10 @@ def test_covariate_decides_at_a_matched_covariate():
 
 
 def test_covariate_edge_cases():
-    assert paired_decision([1.0, 2.0], direction="up", smallest_effect=1, covariate=[0.1, 0.2]).outcome == "not yet measured"
+    assert (
+        paired_decision([1.0, 2.0], direction="up", smallest_effect=1, covariate=[0.1, 0.2]).outcome
+        == "not yet measured"
+    )
     constant = paired_decision([1.0, 2.0, 1.5], direction="up", smallest_effect=1, covariate=[0.1, 0.1, 0.1])
     assert constant.outcome == "not yet measured" and "does not vary" in constant.reason
     with pytest.raises(ValueError, match="covariate"):

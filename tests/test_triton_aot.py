@@ -110,7 +110,8 @@ def test_the_mask_is_in_the_compiled_kernels(hopper):
 
 @needs_compiler
 def test_half_precision_tiles_run_on_tensor_cores_and_float32_stays_exact(hopper):
-    """Tensor-core products (wgmma, or mma for tiles under 64 rows) in float16/bfloat16; none in float32 (TF32 would round)."""
+    """Tensor-core products (wgmma, or mma for tiles under 64 rows) in float16/bfloat16; none in float32
+    (TF32 would round)."""
     _, _, rows = hopper
     tiled = [row for row in rows if row["build"]["kernel"] in aot.TILED_KERNELS]
     assert tiled
@@ -156,10 +157,14 @@ def test_kernels_the_compiler_rejects_or_the_gpu_cannot_hold_are_reported(tmp_pa
     and d = 256 with 128 x 128 tiles needs more shared memory than an RTX 30xx/40xx block has."""
     script = tmp_path / "rejected.py"  # a file: triton.jit reads its function's source
     script.write_text(_REJECTED_BY_THE_COMPILER)
-    proc = subprocess.run([sys.executable, str(script)], env=_compiler_env(tmp_path), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=_compiler_env(tmp_path), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     big, bad = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert big["error"] is None and big["shared_bytes"] > aot.ARCHITECTURES["sm_86"].max_shared_bytes and not big["fits"]
+    assert (
+        big["error"] is None and big["shared_bytes"] > aot.ARCHITECTURES["sm_86"].max_shared_bytes and not big["fits"]
+    )
     assert "Return type mismatch" in bad["error"] and not bad["fits"] and bad["registers"] is None
     failed = [aot.KernelResources(aot.KernelBuild("forward"), "sm_90", error=bad["error"])]
     assert aot.unlaunchable(failed) == [("sm_90", "forward", "float16", 64, "uniform")]
@@ -197,9 +202,17 @@ def test_builds_cover_each_code_path_once_and_every_candidate_in_tuning():
     assert len(smoke) == len(set(smoke))
     assert {b.head_dim for b in smoke} == {64, 128}
     tuning = aot.builds("tuning", head_dims=(64,))
-    forward = {(b.block_m, b.block_n, b.num_warps, b.num_stages) for b in tuning if b.kernel == "forward" and b.dtype == "bfloat16"}
+    forward = {
+        (b.block_m, b.block_n, b.num_warps, b.num_stages)
+        for b in tuning
+        if b.kernel == "forward" and b.dtype == "bfloat16"
+    }
     assert forward == set(tk.FORWARD_TUNING)
-    dq = {(b.block_m, b.block_n, b.num_warps, b.num_stages) for b in tuning if b.kernel == "backward_dq" and b.dtype == "float32"}
+    dq = {
+        (b.block_m, b.block_n, b.num_warps, b.num_stages)
+        for b in tuning
+        if b.kernel == "backward_dq" and b.dtype == "float32"
+    }
     assert dq == set(tk.BACKWARD_TUNING_FLOAT32)
 
 
@@ -255,7 +268,9 @@ def test_fits_and_unlaunchable_follow_the_architecture_limits():
     big = aot.KernelResources(build, "sm_86", registers=128, shared_bytes=120 * 1024)  # > 99 KB
     greedy = aot.KernelResources(build, "sm_90", registers=255, shared_bytes=1024)  # 255 x 256 threads <= 64 K
     assert small.fits and not big.fits and greedy.fits
-    assert not aot.KernelResources(aot.KernelBuild("forward", num_warps=16), "sm_90", registers=255, shared_bytes=0).fits
+    assert not aot.KernelResources(
+        aot.KernelBuild("forward", num_warps=16), "sm_90", registers=255, shared_bytes=0
+    ).fits
     assert aot.unlaunchable([big]) == [("sm_86", "forward", "float16", 64, "uniform")]
     assert aot.unlaunchable([big, small]) == []
     table = aot.render_table([small, big, aot.KernelResources(build, "sm_90", error="CompilationError: at 1:0\nmore")])
@@ -276,7 +291,9 @@ def test_compiling_refuses_interpreted_kernels():
 
 
 @needs_compiler
-@pytest.mark.parametrize(("setting", "forward", "backward_float32"), [(None, 6, 4), ("0", 1, 1), ("off", 1, 1), ("1", 6, 4)])
+@pytest.mark.parametrize(
+    ("setting", "forward", "backward_float32"), [(None, 6, 4), ("0", 1, 1), ("off", 1, 1), ("1", 6, 4)]
+)
 def test_autotune_switch_sets_the_candidates_of_the_compiled_launches(tmp_path, setting, forward, backward_float32):
     """DROPKEY_LAB_TRITON_AUTOTUNE=0 leaves one candidate per launch (the first: no timing); default all of them."""
     env = _compiler_env(tmp_path)
@@ -316,14 +333,21 @@ def test_the_compiled_hash_is_unsigned_32_bit_arithmetic(tmp_path):
     The interpreter tests check the values, but a compiler that typed the 32-bit constants
     (0x85EBCA6B > 2**31) as int64, or shifted arithmetically, would change the GPU mask alone.
     """
-    proc = subprocess.run([sys.executable, "-c", _HASH_IR], env=_compiler_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _HASH_IR], env=_compiler_env(tmp_path), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ttir = json.loads(proc.stdout.strip().splitlines()[-1])
-    hashing = [line for line in ttir.splitlines() if re.search(r"%(h|rows|flags)_\d+ = arith\.(muli|shrui|shrsi|xori|addi)", line)]
+    hashing = [
+        line
+        for line in ttir.splitlines()
+        if re.search(r"%(h|rows|flags)_\d+ = arith\.(muli|shrui|shrsi|xori|addi)", line)
+    ]
     assert len(hashing) >= 30  # fmix32 three times (slice, row, tile): 5 steps each, plus the mixing
     assert all(line.rstrip().split(" loc(")[0].endswith(("i32", "xi32>")) for line in hashing), hashing
     assert not any("shrsi" in line for line in hashing)
-    assert "arith.constant dense<-2048144789>" in ttir and "arith.constant dense<-1028477387>" in ttir  # 0x85EBCA6B, 0xC2B2AE35
+    # 0x85EBCA6B, 0xC2B2AE35
+    assert "arith.constant dense<-2048144789>" in ttir and "arith.constant dense<-1028477387>" in ttir
     assert re.search(r"%flags_\d+ = arith\.cmpi ule", ttir)  # h <= T * 2**8 - 1, unsigned
 
 
@@ -348,8 +372,10 @@ def test_resource_summary_and_mask_cost_tables_from_given_results():
     masked = dataclasses.replace(base, drop=True)
     other = dataclasses.replace(masked, block_m=64)
     results = [
-        aot.KernelResources(masked, "sm_90", registers=200, shared_bytes=1024, spill_store_bytes=0, spill_load_bytes=0, sass_instructions=1500),
-        aot.KernelResources(other, "sm_90", registers=255, shared_bytes=1024, spill_store_bytes=8, spill_load_bytes=8, sass_instructions=900),
+        aot.KernelResources(masked, "sm_90", registers=200, shared_bytes=1024, spill_store_bytes=0, spill_load_bytes=0,
+                            sass_instructions=1500),
+        aot.KernelResources(other, "sm_90", registers=255, shared_bytes=1024, spill_store_bytes=8, spill_load_bytes=8,
+                            sass_instructions=900),
     ]
     unmasked = [aot.KernelResources(base, "sm_90", registers=150, shared_bytes=1024, sass_instructions=1000)]
     costs = script.mask_cost(results, unmasked)

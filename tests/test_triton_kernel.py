@@ -19,17 +19,17 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from stat_assertions import assert_within_standard_errors
 
 import dropkey.kernels as kernels
 from dropkey import functional as fn
 from dropkey.kernels import HASH_BITS, hash_drop_mask, hash_seed, hash_seed_tensor, hash_threshold
 from dropkey.kernels import hash_mask as hm
 from dropkey.modules import DropKeyAttention
-from stat_assertions import assert_within_standard_errors
 
 CONVENTIONS = fn.ALL_DROPPED_CONVENTIONS
 CUDA = torch.cuda.is_available()
@@ -58,7 +58,9 @@ elif not CUDA and not tk.INTERPRETED:
 else:
     _SKIP = ""
 needs_triton = pytest.mark.skipif(bool(_SKIP), reason=_SKIP)
-interpreter_only = pytest.mark.skipif(bool(_SKIP) or not tk.INTERPRETED, reason=_SKIP or "explicit block sizes: interpreter only")
+interpreter_only = pytest.mark.skipif(
+    bool(_SKIP) or not tk.INTERPRETED, reason=_SKIP or "explicit block sizes: interpreter only"
+)
 
 # float32: tight; half dtypes: max |error| relative to max(1, max |reference|) (float64 reference on the
 # same rounded inputs), a few units of the format's epsilon times the accumulation depth.
@@ -83,13 +85,15 @@ def _fused_and_reference(q, k, v, r, convention, generator=11):
     out = fn.dropkey_attention(q, k, v, r, all_dropped=convention, generator=generator, backend="triton")
     grads = torch.autograd.grad((out.double() * _weights(out)).sum(), (q, k, v))
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    ref = fn.dropkey_attention(q64, k64, v64, r, all_dropped=convention, generator=generator, backend="reference", mask="hash")
+    ref = fn.dropkey_attention(
+        q64, k64, v64, r, all_dropped=convention, generator=generator, backend="reference", mask="hash"
+    )
     ref_grads = torch.autograd.grad((ref * _weights(ref)).sum(), (q64, k64, v64))
     return (out, *grads), (ref, *ref_grads)
 
 
 def _assert_matches(got, want, dtype):
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         assert a.dtype == dtype and a.shape == b.shape, name
         assert torch.isfinite(a).all(), f"{name} not finite"
         error = (a.double() - b).abs().max().item() if a.numel() else 0.0
@@ -124,7 +128,13 @@ def test_hash_mask_is_the_specified_hash(seed, r):
     threshold = hash_threshold(r)
     want = torch.tensor(
         [
-            [[[(_spec_bits(seed, b * 3 + h, i, j) >> (32 - HASH_BITS)) < threshold for j in range(5)] for i in range(4)] for h in range(3)]
+            [
+                [
+                    [(_spec_bits(seed, b * 3 + h, i, j) >> (32 - HASH_BITS)) < threshold for j in range(5)]
+                    for i in range(4)
+                ]
+                for h in range(3)
+            ]
             for b in range(2)
         ]
     )
@@ -233,7 +243,9 @@ def test_every_mask_backend_takes_the_hash_mask(backend):
         assert (~keep.any(-1)).any()  # all-dropped rows present
         ref = fn.attention_from_keep_mask(q, k, v, keep, all_dropped=convention, backend="reference")
         torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-        for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        for a, b in zip(
+            torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v)), strict=True
+        ):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
@@ -303,7 +315,10 @@ def test_without_triton_the_backend_says_how_to_install(monkeypatch):
 def test_kernel_hash_mask_is_bit_exact(seed):
     """The Triton hash (uint32 ops) == the torch hash (int64 ops), bit for bit, at tile-unaligned shapes."""
     near_one = 1 - 2.0**-26  # T = 2**24: every logit dropped (the kernels' limit T * 2**8 - 1 wraps to 2**32 - 1)
-    cases = (((2, 3, 17, 33), 0.3), ((1, 1, 1, 1), 0.5), ((3, 5, 18), 0.9), ((2, 2, 2), 0.01), ((2, 9, 9), near_one), ((2, 9, 9), 0.0))
+    cases = (
+        ((2, 3, 17, 33), 0.3), ((1, 1, 1, 1), 0.5), ((3, 5, 18), 0.9), ((2, 2, 2), 0.01), ((2, 9, 9), near_one),
+        ((2, 9, 9), 0.0),
+    )
     assert hash_threshold(near_one) == 2**HASH_BITS
     for shape, r in cases:
         got = tk.triton_hash_drop_mask(seed, shape, r, device=DEVICE)
@@ -390,7 +405,8 @@ def test_kernel_mask_is_the_hash_mask_inside_attention():
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_eval_and_zero_ratio_are_plain_attention(dtype):
-    """training=False / r = 0: exactly plain_attention (SDPA); the kernel itself with nothing dropped == plain softmax."""
+    """training=False / r = 0: exactly plain_attention (SDPA); the kernel itself with nothing dropped == plain
+    softmax."""
     q, k, v = _qkv(nq=9, nk=17, dtype=dtype, seed=2)
     plain = fn.plain_attention(q, k, v, backend="triton")
     assert torch.equal(plain, F.scaled_dot_product_attention(q, k, v))
@@ -423,7 +439,9 @@ def test_layouts_leading_dims_and_reproducibility():
         out = fn.dropkey_attention(q, k, v, 0.3, generator=4, backend="triton")
         ref = fn.dropkey_attention(q, k, v, 0.3, generator=4, backend="reference", mask="hash")
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        for a, b in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        for a, b in zip(
+            torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v)), strict=True
+        ):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     q, k, v = _qkv(nq=6, nk=6)
     a = fn.dropkey_attention(q, k, v, 0.3, generator=1, backend="triton")
@@ -542,7 +560,8 @@ def test_cuda_drop_rate_from_the_kernel_is_unbiased():
 
 @pytest.mark.gpu
 @needs_triton
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch.compile internals
+# the deprecation warning comes from torch.compile internals
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_cuda_torch_compile_of_the_kernel_equals_eager():
     """A compiled ViT-style call (auto -> triton on CUDA) gives the eager kernel's values and gradients
     (dynamo may capture the kernel or break the graph around it; either must be correct)."""
@@ -551,5 +570,9 @@ def test_cuda_torch_compile_of_the_kernel_equals_eager():
     out = compiled(q, k, v)
     ref = fn.dropkey_attention(q, k, v, 0.1, generator=7, backend="triton")
     torch.testing.assert_close(out, ref)
-    for got, want in zip(torch.autograd.grad(out.float().sum(), (q, k, v)), torch.autograd.grad(ref.float().sum(), (q, k, v))):
+    for got, want in zip(
+        torch.autograd.grad(out.float().sum(), (q, k, v)),
+        torch.autograd.grad(ref.float().sum(), (q, k, v)),
+        strict=True,
+    ):
         torch.testing.assert_close(got, want)
