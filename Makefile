@@ -41,6 +41,7 @@ run: $(STAMP)
 	$(BIN)/dropkey-lab report --quick --out report
 
 test: $(STAMP) browser
+	$(BIN)/python -m ruff check .
 	HYPOTHESIS_PROFILE=ci $(BIN)/python -m pytest
 
 test-all: $(STAMP)
