@@ -6,6 +6,8 @@ Profiles (select with HYPOTHESIS_PROFILE):
   examples, no deadline (shared 2-core machines have noisy timings).
 - ``dev`` (default): random exploration with the usual example count.
 - ``thorough``: 10x the examples, for a manual deep run.
+- ``slow``: derandomised like ``ci`` with many more examples; the ``@pytest.mark.slow`` fuzz tests
+  take their settings from it (``settings(settings.get_profile("slow"))``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=60)
 settings.register_profile("thorough", deadline=None, max_examples=600)
+settings.register_profile("slow", parent=settings.get_profile("ci"), max_examples=2000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
