@@ -300,17 +300,17 @@ def test_clipped_exponentials_are_exact_zeros_where_it_matters():
     assert relative_error(smoothing_coefficients(row, r, all_dropped="zero"), reference) <= MAX_RELATIVE_ERROR
 
 
-def test_subnormal_weights_are_exact_or_infinite_never_nan():
+def test_subnormal_weights_are_exact_or_a_value_error_never_nan():
     """Weights below 1e-308 need t beyond float64's range: the grid is shifted by a power of 2.
-    Coefficients stay exact while they fit in float64 and are +inf (not NaN) beyond."""
+    Coefficients stay exact while they fit in float64; beyond, a ValueError naming p (issue 15:
+    +inf was silently wrong), never inf or NaN."""
     row = grouped_row([1 - 10e-200 - 10 * 4e-320, 1e-200, 4e-320], [1, 10, 10], 2, np.random.default_rng(11))
     for r in (0.001, 0.1):
         reference = grouped_coefficients(row, r, "uniform")
         assert relative_error(smoothing_coefficients(row, r, all_dropped="uniform"), reference) <= MAX_RELATIVE_ERROR
     # c ~ r^m / p for the subnormal keys, E[1/S] for absent ones
-    beyond = smoothing_coefficients(row, 0.9, all_dropped="zero")
-    overflowing = (row == 4e-320) | (row == 0)
-    assert np.all(beyond[overflowing] == np.inf) and np.all(np.isfinite(beyond[~overflowing]))
+    with pytest.raises(ValueError, match="^p: the smoothing coefficient .* exceeds float64's range"):
+        smoothing_coefficients(row, 0.9, all_dropped="zero")
     assert np.all(np.isfinite(expected_attention(row, 0.9, all_dropped="zero")))
     assert np.all(np.isfinite(attention_variance(row, 0.9, all_dropped="zero")))
 

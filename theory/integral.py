@@ -208,8 +208,8 @@ class _Block:
             marginal_out[pending] = np.where(self.marginal_rows[pending], marginal_fine, np.nan)
             # Relative change; moments below _CHECK_FLOOR (absent keys: 0) are not checked.
             row_change = (np.abs(fine - coarse) / np.maximum(fine, _CHECK_FLOOR)).max(axis=(0, 2))
-            with np.errstate(invalid="ignore"):  # NaN / NaN for rows without a marginal: unused
-                marginal_change = np.abs(marginal_fine - marginal_coarse) / marginal_fine
+            with np.errstate(invalid="ignore"):  # NaN / NaN for rows without a marginal: unused; inf - inf
+                marginal_change = np.abs(marginal_fine - marginal_coarse) / marginal_fine  # (beyond float64): NaN
             row_change = np.where(self.marginal_rows[pending], np.maximum(row_change, marginal_change), row_change)
             failed = row_change > CHECK_TOLERANCE
             if not failed.any():
@@ -335,8 +335,8 @@ class _Block:
             if present is not None:
                 with np.errstate(under="ignore", over="ignore"):  # +inf: E[1/S] beyond float64
                     terms = np.exp(log_g + u + log_excess)  # t (G - r^m)
-                marginals[0] += step * terms.sum(axis=1)
-                marginals[1] += 2.0 * step * terms[:, even].sum(axis=1)
+                    marginals[0] += step * terms.sum(axis=1)
+                    marginals[1] += 2.0 * step * terms[:, even].sum(axis=1)
 
     def _log_excess(self, neg_x: np.ndarray, y: np.ndarray, present: np.ndarray, scratch: np.ndarray) -> np.ndarray:
         """log(1 - r^m / G) per (row, node), from A = log(G / r^m) = sum_present log1p(q y_i).

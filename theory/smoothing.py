@@ -32,9 +32,13 @@ Shapes and types. Every function accepts one row (N,) or any batch (..., N) (one
 row per leading index) and returns p's shape, as float64. A torch tensor p (any
 real dtype, any device) is computed on in float64 and comes back as a float64
 tensor on p's device (:mod:`theory.tensors`; theory never imports torch).
-``drop_ratio == 0`` returns p (or 1, or 0) exactly. A coefficient that exceeds
-float64's range (weights near 1e-308 and below, c_j ~ r^m / p_j) is +inf, never NaN;
-E[w] and Var[w] stay finite. Memory: rows are processed in
+``drop_ratio == 0`` returns p (or 1, or 0) exactly. Extremes: weights down to the
+smallest subnormal and r from 5e-324 to 1 - 2^-53 give finite, exact E[w] and Var[w]
+(variances at r < SMALL_DROP_RATIO or r > 1 - SMALL_DROP_RATIO, and coefficients of rows
+with a weight below TINY_WEIGHT, from the centred moments of :mod:`theory.centred`, free of
+cancellation and of division by subnormals). A coefficient that exceeds float64's range
+(c_j ~ (1 - r) r^m / p_j for a weight near 1e-308 and below, or an absent key's E[1/S]
+in such a row) is a ValueError naming p, never inf or NaN. Memory: rows are processed in
 blocks, so that besides p's float64 copy and the result at most ``workspace_bytes``
 (default :data:`theory.integral.MAX_WORKSPACE_BYTES`, 64 MiB) are held at once.
 """
@@ -47,9 +51,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from theory.centred import SMALL_DROP_RATIO, centred_kept_moments
 from theory.checks import check_choice, check_drop_ratio
 from theory.conventions import DEFAULT, all_dropped_weights, check_all_dropped
-from theory.enumeration import ENUMERATE_MAX_KEYS, enumerated_weight_moment
+from theory.enumeration import ENUMERATE_MAX_KEYS, enumerated_centred_moments, enumerated_weight_moment
 from theory.integral import MAX_WORKSPACE_BYTES, kept_moments, rows_per_block
 from theory.tensors import to_numpy
 from theory.validation import check_attention_rows, check_workspace_bytes
@@ -58,6 +63,10 @@ METHODS = ("auto", "enumerate", "integral")
 
 #: "auto" enumerates up to this many keys (2^10 masks: exact and instant).
 AUTO_ENUMERATE_MAX_KEYS = 10
+
+#: Rows with a present weight below this get their coefficients from the centred form
+#: (:func:`_tiny_weight_coefficients`): near the subnormal range E[w_j] / p_j loses digits.
+TINY_WEIGHT = 1e-290
 
 # (row, key) float64 values the assembly below holds per block: rows, moments of two
 # orders, the all-dropped terms and the result, with room to spare.
@@ -179,11 +188,50 @@ def smoothing_coefficients(p: object, drop_ratio: object, *, all_dropped: str = 
     def coefficients(rows: np.ndarray) -> np.ndarray:
         moments, absent_key = _weight_moments(request, rows, (1,), marginal=True)
         present = rows > 0
-        with np.errstate(over="ignore"):  # c_j beyond float64 (weights ~1e-308 and below): +inf
+        with np.errstate(over="ignore"):  # only rows with tiny weights can overflow; they are redone below
             coefficients = np.divide(moments[0], rows, out=np.zeros_like(rows), where=present)
-        return np.where(present, coefficients, absent_key)
+        tiny = (np.where(present, rows, 1.0) < TINY_WEIGHT).any(axis=1)
+        if tiny.any():
+            coefficients[tiny] = _tiny_weight_coefficients(request, rows[tiny])
+        result = np.where(present, coefficients, absent_key)
+        _check_representable(result, rows)
+        return result
 
     return request.blockwise(coefficients)
+
+
+def _tiny_weight_coefficients(request: _Request, rows: np.ndarray) -> np.ndarray:
+    """c_j of the present keys of rows with a weight below TINY_WEIGHT, never dividing by p_j.
+
+    E[w_j] / p_j loses digits where E[w_j] or t p_j is subnormal, so c_j is assembled from
+    positive parts: c_j = (1 - r) / T + E[Y_j / p_j ; j kept] + r^N' u_j / p_j
+    (Y_j: :mod:`theory.centred`; u_j: the all-dropped weight), the last term in logs.
+    Entries beyond float64's range come back +inf.
+    """
+    r = request.drop_ratio
+    if request.method == "enumerate":
+        excess = enumerated_centred_moments(rows, r, per_weight=True)[0]
+    else:
+        excess = centred_kept_moments(rows, r, workspace_bytes=request.workspace_bytes // 2, per_weight=True)[0]
+    present = rows > 0
+    fallback = all_dropped_weights(rows, request.all_dropped, present=present)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # absent keys: -inf - -inf, unused
+        log_alone = present.sum(axis=1, keepdims=True) * math.log(r) + np.log(fallback) - np.log(rows)
+        alone = np.where(present & (fallback > 0), np.exp(log_alone), 0.0)
+        return (1.0 - r) / rows.sum(axis=1, keepdims=True) + excess + alone
+
+
+def _check_representable(coefficients: np.ndarray, rows: np.ndarray) -> None:
+    """ValueError naming p where a coefficient exceeds float64's range (it is finite in exact arithmetic)."""
+    beyond = ~np.isfinite(coefficients)
+    if beyond.any():
+        row, key = (int(i) for i in np.argwhere(beyond)[0])
+        raise ValueError(
+            f"p: the smoothing coefficient of key {key} (weight {float(rows[row, key])!r}, in a row whose smallest "
+            f"weight is {float(rows[row][rows[row] > 0].min())!r}) exceeds float64's range: c_j grows like "
+            f"r^m / p_j for tiny weights and an absent key's like 1 / p_min; expected_attention and "
+            f"attention_variance stay finite"
+        )
 
 
 def attention_variance(p: object, drop_ratio: object, *, all_dropped: str = DEFAULT, method: str = "auto",
@@ -196,12 +244,54 @@ def attention_variance(p: object, drop_ratio: object, *, all_dropped: str = DEFA
     request = _request(p, drop_ratio, all_dropped, method, workspace_bytes)
     if request.drop_ratio == 0.0:
         return request.blockwise(np.zeros_like)
+    if not SMALL_DROP_RATIO <= request.drop_ratio <= 1.0 - SMALL_DROP_RATIO:
+        return request.blockwise(lambda rows: _extreme_variance(request, rows))
 
     def variance(rows: np.ndarray) -> np.ndarray:
         first, second = _weight_moments(request, rows, (1, 2))[0]
         return np.maximum(second - first**2, 0.0)
 
     return request.blockwise(variance)
+
+
+def _extreme_variance(request: _Request, rows: np.ndarray) -> np.ndarray:
+    """Var[w_j] for r below SMALL_DROP_RATIO or above 1 - SMALL_DROP_RATIO, without cancellation.
+
+    E[w^2] - E[w]^2 is O(1) while the variance is O(r) (or O(1 - r) under the uniform and
+    undropped conventions), so it is assembled from non-negative parts instead, conditioning
+    on key j's own keep bit (X_j: its weight when kept; given it is dropped, the row's other
+    keys are all dropped with probability rho = r^m and j then gets the all-dropped weight u_j):
+
+        Var[w_j] = (1 - r) Var[X_j] + r rho (1 - rho) u_j^2 + r (1 - r) (E[X_j] - rho u_j)^2.
+
+    Var[X_j] is O(r) at small r: it comes from the centred moments (:mod:`theory.centred`);
+    near r = 1 its weight 1 - r makes E[X^2] - E[X]^2 exact enough.
+    """
+    r = request.drop_ratio
+    present = rows > 0
+    log_rho = (present.sum(axis=1, keepdims=True) - 1) * math.log(r)  # log r^m, m = N' - 1 other keys
+    rho = np.exp(log_rho)
+    fallback = all_dropped_weights(rows, request.all_dropped, present=present)
+    budget = request.workspace_bytes // 2
+    if r < SMALL_DROP_RATIO:
+        if request.method == "enumerate":
+            centred = enumerated_centred_moments(rows, r)
+        else:
+            centred = centred_kept_moments(rows, r, workspace_bytes=budget)
+        kept_mean = rows / rows.sum(axis=1, keepdims=True) + centred[0]
+        kept_variance = np.maximum(centred[1] - centred[0] ** 2, 0.0)
+    else:
+        if request.method == "enumerate":
+            kept = np.stack([enumerated_weight_moment(rows, r, order) for order in (1, 2)]) / (1.0 - r)
+        else:
+            kept = kept_moments(rows, r, (1, 2), workspace_bytes=budget).moments
+        kept_mean = kept[0]
+        kept_variance = np.maximum(kept[1] - kept[0] ** 2, 0.0)
+    alone = log_rho == 0.0  # no other present key: X_j = p_j / p_j = 1 exactly
+    kept_mean, kept_variance = np.where(alone, 1.0, kept_mean), np.where(alone, 0.0, kept_variance)
+    variance = ((1.0 - r) * kept_variance + r * rho * -np.expm1(log_rho) * fallback**2
+                + r * (1.0 - r) * (kept_mean - rho * fallback) ** 2)
+    return np.where(present, variance, 0.0)
 
 
 def dropout_expected_attention(p: object, drop_ratio: object) -> object:

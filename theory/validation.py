@@ -59,7 +59,8 @@ def check_attention_rows(p: object, *, name: str = "p") -> tuple[np.ndarray, tup
         raise ValueError(f"{name} must be finite (no NaN or inf)")
     if np.any(rows < 0):
         raise ValueError(f"{name} must be non-negative, minimum is {rows.min()!r}")
-    sums = rows.sum(axis=1)
+    with np.errstate(over="ignore"):  # weights near 1e308 sum to inf: a ValueError below, not a warning
+        sums = rows.sum(axis=1)
     worst = int(np.argmax(np.abs(sums - 1.0)))
     if abs(sums[worst] - 1.0) > ROW_SUM_TOLERANCE:
         where = worst if len(batch_shape) <= 1 else tuple(int(i) for i in np.unravel_index(worst, batch_shape))
