@@ -11,7 +11,14 @@ from typing import Optional
 import torch
 
 from dropkey.masks import GeneratorLike, bernoulli_drop_mask, resolve_generator, validate_drop_ratio
-from dropkey.reference import check_qkv, check_scale, check_training, masked_softmax, reference_logits
+from dropkey.reference import (
+    check_qkv,
+    check_scale,
+    check_training,
+    masked_softmax,
+    reference_attention_output,
+    reference_logits,
+)
 
 __all__ = ["paper_dropkey_attention", "post_softmax_dropout_attention"]
 
@@ -40,11 +47,11 @@ def post_softmax_dropout_attention(
     scale_value = check_scale(scale, q)
     weights = masked_softmax(reference_logits(q, k, scale_value), None)
     if not training or r == 0.0:
-        return weights.matmul(v)
+        return reference_attention_output(weights, v)
     gen = resolve_generator(generator, q.device)
     drop = bernoulli_drop_mask(tuple(weights.shape), r, generator=gen, device=q.device)
     weights = (weights / (1.0 - r)).masked_fill(drop, 0.0)
-    return weights.matmul(v)
+    return reference_attention_output(weights, v)
 
 
 def paper_dropkey_attention(

@@ -53,6 +53,7 @@ from dropkey.reference import (
     check_scale,
     check_training,
     masked_softmax,
+    reference_attention_output,
     reference_logits,
     reference_masked_attention,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "paper_dropkey_attention",
     "plain_attention",
     "post_softmax_dropout_attention",
+    "propagate_nan",
     "resolve_backend",
 ]
 
@@ -155,8 +157,33 @@ def plain_attention(
     backend = _check_backend(backend)
     scale_value = check_scale(scale, q)
     if backend == "reference":
-        return masked_softmax(reference_logits(q, k, scale_value), None).matmul(v)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale_value)
+        return reference_attention_output(masked_softmax(reference_logits(q, k, scale_value), None), v)
+    return propagate_nan(F.scaled_dot_product_attention(q, k, v, scale=scale_value), q, k)
+
+
+def propagate_nan(
+    out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, blank: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``out`` of SDPA on q, k with NaN in every row whose logits hold a NaN: NaN in, NaN out.
+
+    A NaN in q's row i makes every logit of row i NaN, and a NaN in any key makes one logit of
+    every row NaN; the softmax of such a row is NaN. torch's CPU SDPA kernels return zeros
+    instead for a row whose logits are *all* NaN (they take it for a fully masked row), hiding
+    the NaN. Those rows get their NaN back here. ``blank``: bool, broadcastable to (..., Nq, 1),
+    the rows a caller's mask leaves without any key (their output is 0, NaN or not).
+
+    Cost: on CPU one sum over q and one over k (O(B*H*N*d), no N x N work, no allocation of
+    their size) decides whether anything is NaN; only then are the rows found. Elsewhere (no
+    free host sync) the row test and one ``masked_fill`` of the output run every time, O(B*H*N*d).
+    """
+    if out.device.type == "cpu" and not torch.compiler.is_compiling():
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if not bool(torch.isnan(q.sum(dtype=work) + k.sum(dtype=work))):  # inf - inf: a false alarm only
+            return out
+    rows = torch.isnan(q).any(dim=-1, keepdim=True) | torch.isnan(k).flatten(-2).any(dim=-1)[..., None, None]
+    if blank is not None:
+        rows = rows & ~blank
+    return out.masked_fill(rows, float("nan"))
 
 
 # --------------------------------------------------------------------------- sdpa
@@ -221,7 +248,8 @@ def _fused_masked(
         dead = drop.expand(full).all(dim=-1, keepdim=True)
         logits = torch.matmul(q * scale, k.transpose(-2, -1))
         logits = logits.float() if q.dtype in HALF else logits
-        weights = torch.softmax(logits.masked_fill(drop & ~dead, float("-inf")), dim=-1)
+        hide = drop & ~dead & ~torch.isnan(logits)  # a dropped NaN logit stays NaN (masked_softmax's rule)
+        weights = torch.softmax(logits.masked_fill(hide, float("-inf")), dim=-1)
         if convention != "undropped":
             weights = weights.masked_fill(dead, 0.0)
         out = torch.matmul(weights.to(v.dtype), v)

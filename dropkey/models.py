@@ -30,15 +30,20 @@ import torch
 from torch import Tensor, nn
 
 from dropkey import regularisers
+from dropkey.functional import BACKENDS
 from dropkey.modules import DropKeyAttention
 from dropkey.reattention import ReattentionSettings
+from dropkey.reference import check_input
 from dropkey.schedules import validate_schedule
-from theory.checks import check_choice, check_drop_ratio, check_int, check_real
+from theory.checks import check_bool, check_choice, check_drop_ratio, check_int, check_real, check_seed
 from theory.conventions import DEFAULT, check_all_dropped
 
 log = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean")
+#: The largest size (image side, dim, depth, ...) and MLP width a config may ask for: beyond any tensor
+#: dimension torch's int64 sizes and the memory of a machine can hold together.
+MAX_SIZE = 2**31 - 1
 
 
 def _as_tuple(value: object) -> object:
@@ -88,7 +93,7 @@ class ViTConfig:
             object.__setattr__(self, name, _as_tuple(getattr(self, name)))
         sizes = ("image_size", "patch_size", "in_chans", "num_classes", "dim", "depth", "num_heads")
         for name in (*sizes, "block_side", "cross_arm"):
-            check_int(getattr(self, name), name, 1)
+            check_int(getattr(self, name), name, 1, MAX_SIZE)
         if self.image_size % self.patch_size != 0:
             raise ValueError(
                 f"image_size must be divisible by patch_size, got {self.image_size} and {self.patch_size}"
@@ -96,6 +101,15 @@ class ViTConfig:
         if self.dim % self.num_heads != 0:
             raise ValueError(f"dim must be divisible by num_heads, got {self.dim} and {self.num_heads}")
         check_real(self.mlp_ratio, "mlp_ratio", 0.0, None, low_open=True)
+        if not 1 <= self.mlp_hidden <= MAX_SIZE:
+            raise ValueError(
+                f"mlp_ratio must give the MLP between 1 and {MAX_SIZE} hidden units (int(dim * mlp_ratio)), "
+                f"got mlp_ratio={self.mlp_ratio!r} with dim={self.dim}"
+            )
+        check_real(self.norm_eps, "norm_eps", 0.0, None, low_open=True)
+        check_bool(self.qkv_bias, "qkv_bias")
+        check_bool(self.fused_attn, "fused_attn")
+        check_choice(self.backend, "backend", BACKENDS)
         check_choice(self.pooling, "pooling", POOLINGS)
         for variant in self.layer_variants:
             check_choice(variant, "attn_variant", regularisers.names())
@@ -111,8 +125,13 @@ class ViTConfig:
             raise ValueError(f"reattention_blocks must be block indices in [0, {self.depth}), got {blocks!r}")
         for name in ("drop_path", "proj_drop", "mlp_drop", "pos_drop"):
             check_drop_ratio(getattr(self, name), name)
-        if self.mask_seed is not None and (isinstance(self.mask_seed, bool) or not isinstance(self.mask_seed, int)):
-            raise ValueError(f"mask_seed must be an int or None, got {self.mask_seed!r}")
+        if self.mask_seed is not None:  # block i draws from mask_seed + i
+            check_seed(self.mask_seed, "mask_seed")
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden units, ``int(dim * mlp_ratio)``."""
+        return int(self.dim * float(self.mlp_ratio))
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -151,10 +170,10 @@ class ViTConfig:
         """One drop ratio per block, each in [0, 1)."""
         ratios = self.drop_ratio
         if isinstance(ratios, numbers.Real) and not isinstance(ratios, bool):
-            return validate_schedule((ratios,) * self.depth, self.depth)
+            return (check_drop_ratio(ratios, "drop_ratio"),) * self.depth
         if not isinstance(ratios, Sequence):
             raise ValueError(f"drop_ratio must be a number or a schedule of {self.depth} ratios, got {ratios!r}")
-        return validate_schedule(ratios, self.depth)
+        return validate_schedule(ratios, self.depth, "drop_ratio")
 
 
 class PatchEmbed(nn.Module):
@@ -166,8 +185,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"expected {self.image_size}x{self.image_size} images, got {tuple(x.shape[-2:])}")
+        side = self.image_size
+        check_input(x, "x", (None, self.proj.in_channels, side, side), f"of {side}x{side} images (B, C, H, W)")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -222,7 +241,7 @@ class Block(nn.Module):
         self.attn = attn
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=mlp_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=mlp_drop)  # ViTConfig.mlp_hidden
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -333,8 +352,7 @@ MODEL_CONFIGS: dict[str, ViTConfig] = {
 
 def create_model(name: str, **overrides: object) -> VisionTransformer:
     """Build the named configuration, with any :class:`ViTConfig` field overridden."""
-    if name not in MODEL_CONFIGS:
-        raise ValueError(f"name must be one of {sorted(MODEL_CONFIGS)}, got {name!r}")
+    check_choice(name, "name", sorted(MODEL_CONFIGS))
     fields = {f.name for f in dataclasses.fields(ViTConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:

@@ -59,9 +59,12 @@ timm compatibility (``timm.layers.Attention``, checked against timm's current so
   caller allows it and the regulariser keeps it. ``all_dropped`` then applies to rows where
   the caller allows keys but the regulariser dropped all of them: ``zero`` -> 0,
   ``uniform`` -> 1 / n over the n keys the caller allows, ``undropped`` -> the softmax with
-  the caller's mask only (docs/theory.md section 1). Rows the caller's mask leaves empty get
-  weights 0 under the renormalising regularisers (plain attention and ``"dropout"`` give what
-  timm gives there: SDPA's output, or NaN on the reference path).
+  the caller's mask only (docs/theory.md section 1). A row the caller's mask leaves without any
+  key gets weights 0 and output 0 on every backend and path, with or without a regulariser
+  (timm gives SDPA's output there, zeros on CPU, and NaN on its non-fused path);
+- NaN in, NaN out: a NaN in q, k or v reaches the output on every path, in training and eval
+  (torch's CPU SDPA returns zeros for a row whose logits are all NaN: the fused paths give the
+  NaN back, :func:`dropkey.functional.propagate_nan`).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from torch import Tensor, nn
 
 from dropkey import functional, masks, regularisers
 from dropkey.reattention import ReattentionSettings
+from dropkey.reference import check_input
 from dropkey.regularisers import Context, Regulariser
 from theory.checks import check_bool, check_choice, check_int
 
@@ -114,6 +118,18 @@ def _resolve_variant(
             f"variant={name!r}; give that variant's rate as drop_ratio instead"
         )
     return regularisers.create("dropout" if variant is None else variant), attn_drop
+
+
+def _blank_rows(attn_mask: Tensor | None) -> Tensor | None:
+    """The rows (bool, (..., Nq, 1)) a caller's mask leaves without any key, or None (no mask).
+
+    One rule on every backend and path (docs/attention.md, "Masks"): such a row's output is 0.
+    """
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return ~attn_mask.any(dim=-1, keepdim=True)
+    return torch.isneginf(attn_mask).all(dim=-1, keepdim=True)
 
 
 def _attn_bias(logits: Tensor, attn_mask: Tensor | None, is_causal: bool) -> Tensor | None:
@@ -169,6 +185,8 @@ class DropKeyAttention(nn.Module):
         dim_out = dim if dim_out is None else check_int(dim_out, "dim_out", 1)
         qk_norm = check_bool(qk_norm, "qk_norm")
         scale_norm = check_bool(scale_norm, "scale_norm")
+        qkv_bias = check_bool(qkv_bias, "qkv_bias")
+        proj_bias = check_bool(proj_bias, "proj_bias")
         if norm_layer is None:
             norm_layer = nn.LayerNorm
         elif not callable(norm_layer):
@@ -186,8 +204,8 @@ class DropKeyAttention(nn.Module):
         self.head_dim = head_dim
         self.attn_dim = num_heads * head_dim
         self.scale = self.head_dim**-0.5
-        self.fused_attn = bool(fused_attn)
-        self.record_weights = bool(record_weights)
+        self.fused_attn = check_bool(fused_attn, "fused_attn")
+        self.record_weights = check_bool(record_weights, "record_weights")
         self.set_generator(generator)
         self.last_weights: Tensor | None = None  # maps of the last forward, if record_weights
 
@@ -358,11 +376,18 @@ class DropKeyAttention(nn.Module):
             if attn_mask is not None or is_causal:
                 if self.backend == "reference":
                     return self._reference_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)[0]
-                # timm's fused call verbatim (every other backend's plain attention is SDPA)
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+                # timm's fused call verbatim (every other backend's plain attention is SDPA), then the
+                # rules SDPA does not keep everywhere: NaN in, NaN out; a row the mask blanks gives 0
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+                blank = _blank_rows(attn_mask)
+                if blank is not None:
+                    out = out.masked_fill(blank, 0.0)
+                    if attn_mask.is_floating_point():  # a NaN in an additive mask is a NaN in the logits
+                        out = out.masked_fill(torch.isnan(attn_mask).any(dim=-1, keepdim=True) & ~blank, float("nan"))
+                return functional.propagate_nan(out, q, k, blank)
             if self.backend == "auto":
                 # timm's fused call verbatim (default scale == self.scale): matches timm bit for bit
-                return F.scaled_dot_product_attention(q, k, v)
+                return functional.propagate_nan(F.scaled_dot_product_attention(q, k, v), q, k)
             return functional.plain_attention(q, k, v, scale=self.scale, backend=self.backend)
         return self.regulariser.attention(q, k, v, self.drop_ratio, self._context(q.device))
 
@@ -372,6 +397,9 @@ class DropKeyAttention(nn.Module):
         logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N), timm's order of operations
         logits = self.logits_probe(logits)
         bias = _attn_bias(logits, attn_mask, is_causal)
+        blank = None if is_causal else _blank_rows(bias)
+        if blank is not None:  # a row the caller's mask blanks: finite logits there (no NaN, in backward too), 0 below
+            bias = bias.masked_fill(blank, 0.0)
         if bias is not None:
             logits = logits + bias  # timm's maybe_add_mask
         if not self.regularising:
@@ -380,6 +408,8 @@ class DropKeyAttention(nn.Module):
             keep = self.keep_mask(tuple(logits.shape), device=logits.device, dtype=logits.dtype)
             allowed = None if bias is None else ~torch.isneginf(bias)
             weights = self.regulariser.weights(logits, keep, self.drop_ratio, allowed)
+        if blank is not None:  # a row the caller's mask blanks: weights 0, not softmax([-inf...]) = NaN
+            weights = weights.masked_fill(blank, 0.0)
         weights = self.weights_probe(weights)
         maps = weights if self.reattention is None else self.reattention(weights)
         maps = self.maps_probe(maps)
@@ -402,6 +432,7 @@ class DropKeyAttention(nn.Module):
         ``attn_mask`` (bool, True = takes part, or additive float; broadcastable to
         (B, H, N, N)) and ``is_causal`` as in timm's Attention (see the module doc).
         """
+        check_input(x, "x", (None, None, self.qkv.in_features), "(B, N, C)")
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, D)

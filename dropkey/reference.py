@@ -23,11 +23,13 @@ __all__ = [
     "DEFAULT",
     "HALF",
     "KERNEL_CONVENTION_CODES",
+    "check_input",
     "check_keep",
     "check_qkv",
     "check_scale",
     "check_training",
     "masked_softmax",
+    "reference_attention_output",
     "reference_logits",
     "reference_masked_attention",
 ]
@@ -60,10 +62,23 @@ def check_qkv(q: object, k: object, v: object) -> None:
         raise ValueError(f"k and v must have the same number of keys Nk: k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[-2] == 0:
         raise ValueError(f"k and v must have at least one key (Nk >= 1), got k {tuple(k.shape)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"q and k must have a feature size d >= 1 (the logits are q . k), got q {tuple(q.shape)}")
     if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2]):
         raise ValueError(
             f"q, k, v must share their leading (batch, head) dims: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
+
+
+def check_input(x: object, name: str, shape: tuple[Optional[int], ...], layout: str) -> torch.Tensor:
+    """A floating tensor with ``len(shape)`` dims whose sizes equal ``shape``'s (None: any size);
+    ``layout`` names the dims in the message, e.g. ``"(B, N, C)"``."""
+    fits = isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == len(shape)
+    if not fits or any(want is not None and got != want for got, want in zip(x.shape, shape, strict=True)):
+        got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        wanted = ", ".join("*" if size is None else str(size) for size in shape)
+        raise ValueError(f"{name} must be a floating tensor {layout} = ({wanted}), got {got}")
+    return x
 
 
 def check_scale(scale: object, q: torch.Tensor) -> float:
@@ -99,6 +114,7 @@ def masked_softmax(logits: torch.Tensor, keep: Optional[torch.Tensor], *, all_dr
     logits: (..., N) floating tensor. keep: bool tensor broadcastable to ``logits``
     (True = kept), or None (keep all: plain softmax). Rows without a kept entry
     follow ``all_dropped`` ("zero": 0, "uniform": 1/N, "undropped": plain softmax).
+    A NaN logit makes its row NaN even where ``keep`` drops it (NaN in, NaN out).
     Half dtypes are computed in float32 and returned in the input dtype. Never NaN
     for finite logits; differentiable (dropped entries get zero gradient).
     """
@@ -115,7 +131,8 @@ def masked_softmax(logits: torch.Tensor, keep: Optional[torch.Tensor], *, all_dr
     keep = keep.expand(*keep.shape[:-1], logits.shape[-1])
     alive = keep.any(dim=-1, keepdim=True)  # (..., 1) broadcastable to logits
     safe = keep | ~alive  # all-dropped rows: keep everything (no empty softmax)
-    weights = torch.softmax(work.masked_fill(~safe, float("-inf")), dim=-1)
+    # a dropped NaN logit stays NaN (NaN in, NaN out: the mask never hides it, as in SDPA and the kernels)
+    weights = torch.softmax(work.masked_fill(~safe & ~torch.isnan(work), float("-inf")), dim=-1)
     if convention == "zero":
         weights = weights.masked_fill(~alive, 0.0)
     elif convention == "uniform":
@@ -125,12 +142,25 @@ def masked_softmax(logits: torch.Tensor, keep: Optional[torch.Tensor], *, all_dr
 
 
 def reference_logits(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """``(q @ k^T) * scale``, the reference order of operations."""
+    """``(q @ k^T) * scale``, the reference order of operations; float32 for half dtypes.
+
+    Half inputs are multiplied in float32 (the softmax runs in float32 anyway): a float16 product
+    overflows at |q . k| > 65504, i.e. at scaled logits of about 3e4 for d = 4, where every other
+    backend (which accumulates in float32) is still exact. The weights come back in the input dtype
+    through :func:`reference_attention_output`.
+    """
+    if q.dtype in HALF:
+        return torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
     return torch.matmul(q, k.transpose(-2, -1)) * scale
+
+
+def reference_attention_output(weights: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``weights @ v`` in v's dtype (weights from :func:`reference_logits` are float32 for half inputs)."""
+    return weights.to(v.dtype).matmul(v)
 
 
 def reference_masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, convention: str, scale: float
 ) -> torch.Tensor:
     """``masked_softmax(q k^T * scale, keep) @ v`` on checked inputs: the ``reference`` backend."""
-    return masked_softmax(reference_logits(q, k, scale), keep, all_dropped=convention).matmul(v)
+    return reference_attention_output(masked_softmax(reference_logits(q, k, scale), keep, all_dropped=convention), v)

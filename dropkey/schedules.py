@@ -33,18 +33,19 @@ def _check_ratio(value: object, *, name: str) -> float:
     return check_drop_ratio(value, name)
 
 
-def validate_schedule(ratios: Sequence[float], depth: int | None = None) -> tuple[float, ...]:
+def validate_schedule(ratios: Sequence[float], depth: int | None = None, name: str = "schedule") -> tuple[float, ...]:
     """Return ``ratios`` as a tuple of floats after checking each is in [0, 1).
 
-    If ``depth`` is given the schedule must have exactly that many entries.
+    If ``depth`` is given the schedule must have exactly that many entries. ``name``: the
+    argument the messages name (its entries are ``name[i]``).
     """
     if isinstance(ratios, (str, bytes)) or not isinstance(ratios, Sequence):
-        raise ValueError(f"a schedule must be a sequence of drop ratios, got {ratios!r}")
-    checked = tuple(_check_ratio(r, name=f"schedule[{i}]") for i, r in enumerate(ratios))
+        raise ValueError(f"{name} must be a sequence of drop ratios, got {ratios!r}")
+    checked = tuple(_check_ratio(r, name=f"{name}[{i}]") for i, r in enumerate(ratios))
     if not checked:
-        raise ValueError("a schedule must have at least one drop ratio")
+        raise ValueError(f"{name} must have at least one drop ratio")
     if depth is not None and len(checked) != _check_depth(depth):
-        raise ValueError(f"schedule length must equal depth = {depth}, got {len(checked)} ratios")
+        raise ValueError(f"{name} length must equal depth = {depth}, got {len(checked)} ratios")
     return checked
 
 

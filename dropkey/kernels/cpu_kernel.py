@@ -15,7 +15,15 @@ Build. The source is compiled at first use with the system C++ compiler
 torch and the CPU's feature flags (``-march=native`` code must not run on another
 CPU). The library is written to a temporary file and renamed into place, so
 concurrent builds (e.g. DDP ranks) are safe; a cached library that fails to load is
-rebuilt. Set ``DROPKEY_LAB_CPP=0`` to disable the kernel. When it cannot be
+rebuilt. Integrity: each build records the library's size and SHA-256 in a sidecar
+(``dropkey_cpu.so.sha256.json``, written atomically after the library), and a cached library
+is loaded only when it is a regular file owned by this user, not writable by group or
+others, and matches its sidecar; anything else (truncated, planted, replaced, no sidecar)
+is rebuilt, never loaded, so a truncated file never reaches ``ctypes.CDLL``. A cache
+folder that another user owns or could write to (or one under a folder others can write
+without the sticky bit) is not used at all: the kernel is built into a fresh private
+temporary folder for this process instead, with a warning (:mod:`dropkey.kernels.kernel_cache`,
+docs/attention.md). Set ``DROPKEY_LAB_CPP=0`` to disable the kernel. When it cannot be
 built (no compiler, no OpenMP, a torch without ``sgemm_``) :func:`cpp_available`
 is False, the reason is logged once and kept in :func:`cpp_unavailable_reason`,
 ``backend="auto"`` falls back to ``fused`` and ``backend="cpp"`` raises
@@ -55,6 +63,7 @@ import torch
 from dropkey.kernels import hash_mask
 from dropkey.kernels.fused import as_4d
 from dropkey.kernels.hash_mask import hash_drop_mask, hash_threshold
+from dropkey.kernels.kernel_cache import install_library, private_folder, verified_library
 from dropkey.reference import KERNEL_CONVENTION_CODES, reference_masked_attention
 from theory.conventions import DEFAULT, check_all_dropped
 
@@ -156,7 +165,8 @@ def kernel_library_path(compiler: Optional[str] = None) -> Path:
 
 
 def _build(compiler: str, target: Path) -> None:
-    """Compile SOURCE into ``target`` (atomically); raises CppKernelUnavailableError with the compiler's output."""
+    """Compile SOURCE into ``target`` (atomically), then record its digest beside it (atomically);
+    raises CppKernelUnavailableError with the compiler's output."""
     target.parent.mkdir(parents=True, exist_ok=True)
     lib = _torch_lib_dir()
     handle, temporary = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -169,7 +179,8 @@ def _build(compiler: str, target: Path) -> None:
             raise CppKernelUnavailableError(
                 f"compiling {SOURCE.name} failed ({' '.join(command)}):\n{(done.stdout + done.stderr)[-4000:]}"
             )
-        os.replace(temporary, target)
+        os.chmod(temporary, 0o755)  # whatever the umask: group or others must not be able to write it
+        install_library(temporary, target)
     except (OSError, subprocess.SubprocessError) as error:
         raise CppKernelUnavailableError(f"compiling {SOURCE.name} with {compiler} failed: {error}") from error
     finally:
@@ -199,8 +210,16 @@ def _load() -> tuple[Optional[ctypes.CDLL], str]:
         return None, "no C++ compiler found (set CXX, or install g++ or clang++)"
     try:
         target = kernel_library_path(compiler)
+        problem = private_folder(target.parent)
+        if problem is not None:
+            logger.warning(
+                "the kernel cache %s is not private (%s): building the DropKey CPU kernel into a fresh private "
+                "folder for this process instead (set %s to a folder only you can write)", target.parent, problem,
+                _CACHE_ENV,
+            )
+            return _load_private(compiler, target.name), ""
         for attempt in range(2):
-            if not target.exists():
+            if not verified_library(target):
                 _build(compiler, target)
             try:
                 return _bind(ctypes.CDLL(str(target))), ""
@@ -213,6 +232,21 @@ def _load() -> tuple[Optional[ctypes.CDLL], str]:
         logger.warning("the DropKey C++ CPU kernel is unavailable (backend='auto' uses 'fused'): %s", error)
         return None, str(error)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _load_private(compiler: str, name: str) -> ctypes.CDLL:
+    """Build into a fresh folder only this user can read (``mkdtemp``: mode 0700), load, then remove it
+    (the loaded library stays mapped)."""
+    folder = Path(tempfile.mkdtemp(prefix="dropkey-kernel-"))
+    try:
+        target = folder / name
+        _build(compiler, target)
+        try:
+            return _bind(ctypes.CDLL(str(target)))
+        except (OSError, AttributeError) as error:
+            raise CppKernelUnavailableError(f"loading {target} failed: {error}") from error
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @torch.compiler.assume_constant_result  # a tracer calls it once and keeps the answer
