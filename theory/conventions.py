@@ -18,6 +18,8 @@ from enum import Enum
 
 import numpy as np
 
+from theory.checks import check_choice
+
 
 class AllDropped(str, Enum):
     """The all-dropped conventions (a ``str`` enum: ``AllDropped.UNIFORM == "uniform"``)."""
@@ -36,9 +38,7 @@ DEFAULT = AllDropped.UNIFORM.value
 def check_all_dropped(value: object, name: str = "all_dropped") -> str:
     """An all-dropped convention as its plain name (an :class:`AllDropped` member is accepted), or ValueError
     naming the argument."""
-    if not isinstance(value, str) or value not in ALL_DROPPED_CONVENTIONS:
-        raise ValueError(f"{name} must be one of {ALL_DROPPED_CONVENTIONS}, got {value!r}")
-    return AllDropped(value).value
+    return AllDropped(check_choice(value, name, ALL_DROPPED_CONVENTIONS)).value
 
 
 def all_dropped_weights(p: np.ndarray, all_dropped: str, *, present: np.ndarray | None = None) -> np.ndarray:
