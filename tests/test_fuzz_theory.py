@@ -207,34 +207,19 @@ LONG_ARGS = dict(p=p_args(max_keys=40), r=ratio_args(), convention=CONVENTION_AR
                  method=option_args(["auto", "integral"], ["exact", None]), workspace=WORKSPACE_ARGS)
 
 
-@pytest.mark.parametrize("name", list(EXACT))
-@settings(max_examples=100)
-@given(**EXACT_ARGS)
-def test_fuzz_exact_functions(name, p, r, convention, method, workspace):
-    exact_property(name, p, r, convention, method, workspace)
+def fast_and_slow(prop, max_examples: int, parametrize: tuple | None = None, **strategies):
+    """The fast test (``max_examples`` under every profile) and its @slow variant (the "slow" profile)."""
+    fast = settings(max_examples=max_examples)(given(**strategies)(prop))
+    slow = pytest.mark.slow(settings(SLOW)(given(**strategies)(prop)))
+    if parametrize:
+        fast, slow = pytest.mark.parametrize(*parametrize)(fast), pytest.mark.parametrize(*parametrize)(slow)
+    return fast, slow
 
 
-@pytest.mark.parametrize("name", list(EXACT))
-@settings(max_examples=40)
-@given(**LONG_ARGS)
-def test_fuzz_exact_functions_long_rows(name, p, r, convention, method, workspace):
-    exact_property(name, p, r, convention, method, workspace)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(EXACT))
-@settings(SLOW)
-@given(**EXACT_ARGS)
-def test_fuzz_exact_functions_slow(name, p, r, convention, method, workspace):
-    exact_property(name, p, r, convention, method, workspace)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(EXACT))
-@settings(SLOW)
-@given(**LONG_ARGS)
-def test_fuzz_exact_functions_long_rows_slow(name, p, r, convention, method, workspace):
-    exact_property(name, p, r, convention, method, workspace)
+BY_NAME = ("name", list(EXACT))
+test_fuzz_exact_functions, test_fuzz_exact_functions_slow = fast_and_slow(exact_property, 100, BY_NAME, **EXACT_ARGS)
+test_fuzz_exact_functions_long_rows, test_fuzz_exact_functions_long_rows_slow = fast_and_slow(
+    exact_property, 40, BY_NAME, **LONG_ARGS)
 
 
 # --- post-softmax dropout and the sampler -----------------------------------------------------------
@@ -279,31 +264,11 @@ SAMPLES_ARGS = option_args([2, 3, 50], [1, 0, -5, 2.5, True, "10", None])
 SEED_ARGS = option_args([0, 1, 2**63 - 1, np.random.SeedSequence(3)], [-1, 2**64, 1.5, "0", None, True])
 
 
-@settings(max_examples=80)
-@given(p=p_args(), r=ratio_args())
-def test_fuzz_dropout_functions(p, r):
-    dropout_property(p, r)
-
-
-@settings(max_examples=60)
-@given(p=p_args(6, batched=False), r=ratio_args(), samples=SAMPLES_ARGS, seed=SEED_ARGS, convention=CONVENTION_ARGS)
-def test_fuzz_sampled_expected_attention(p, r, samples, seed, convention):
-    sampled_property(p, r, samples, seed, convention)
-
-
-@pytest.mark.slow
-@settings(SLOW)
-@given(p=p_args(), r=ratio_args())
-def test_fuzz_dropout_functions_slow(p, r):
-    dropout_property(p, r)
-
-
-@pytest.mark.slow
-@settings(SLOW)
-@given(p=p_args(6, batched=False), r=ratio_args(), samples=SAMPLES_ARGS, seed=SEED_ARGS, convention=CONVENTION_ARGS)
-def test_fuzz_sampled_expected_attention_slow(p, r, samples, seed, convention):
-    sampled_property(p, r, samples, seed, convention)
-
+test_fuzz_dropout_functions, test_fuzz_dropout_functions_slow = fast_and_slow(
+    dropout_property, 80, p=p_args(), r=ratio_args())
+test_fuzz_sampled_expected_attention, test_fuzz_sampled_expected_attention_slow = fast_and_slow(
+    sampled_property, 60, p=p_args(6, batched=False), r=ratio_args(), samples=SAMPLES_ARGS, seed=SEED_ARGS,
+    convention=CONVENTION_ARGS)
 
 # --- the shared checks ----------------------------------------------------------------------------
 
@@ -346,14 +311,4 @@ def checks_property(value: object) -> None:
         event(f"{name}: accepted")
 
 
-@settings(max_examples=100)
-@given(value=ANYTHING)
-def test_fuzz_checks(value):
-    checks_property(value)
-
-
-@pytest.mark.slow
-@settings(SLOW)
-@given(value=ANYTHING)
-def test_fuzz_checks_slow(value):
-    checks_property(value)
+test_fuzz_checks, test_fuzz_checks_slow = fast_and_slow(checks_property, 100, value=ANYTHING)
