@@ -10,7 +10,14 @@ study, a training run): CSV tables (:data:`FLOAT_FORMAT`), JSON documents (throu
 ``complete.json``. The marker records every file written with its size and SHA-256, so a folder
 is complete exactly when its marker exists, and a reader sees only the files the marker lists.
 :func:`write_result_folder` writes one, :func:`read_result_folder` reads one back (a
-FileNotFoundError naming the folder and what to run if it is absent or incomplete).
+FileNotFoundError naming the folder and what to run if it is absent or incomplete) after
+checking every listed file against the marker's size and SHA-256 (:func:`verify_result_folder`:
+an :class:`IntegrityError` naming the file that is missing, unreadable or changed). A cache
+recomputes such a folder; a reader of evidence refuses it.
+
+Sealed files: :func:`write_sealed_atomic` writes a payload behind a one-line header holding its
+length and SHA-256 (one file, written atomically, so the digest can never belong to another
+payload); :func:`read_sealed` gives the payload back only if it matches (training checkpoints).
 
 Only the standard library is imported here: data frames are written by their own ``to_csv``
 and read back by the caller (``pandas.read_csv(result.path(name))``).
@@ -43,6 +50,12 @@ MARKER = "complete.json"
 PROVENANCE = "provenance.json"
 #: Version of the marker's layout.
 MARKER_FORMAT = 1
+#: The first bytes of a sealed file (:func:`write_sealed_atomic`).
+SEAL_MAGIC = b"DROPKEY-SEALED"
+
+
+class IntegrityError(ValueError):
+    """A stored file is missing, unreadable, or not what its recorded digest says (the message names it)."""
 
 
 def _current_umask() -> int:
@@ -234,6 +247,96 @@ def write_result_folder(
     return mark_complete(where, names, record)
 
 
+def read_marker(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The folder's marker, its "files" a table {name: {"bytes", "sha256"}} (else IntegrityError naming it)."""
+    path = Path(folder) / MARKER
+    try:
+        marker = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise IntegrityError(f"{path} is unreadable ({type(error).__name__}: {error})") from error
+    files = marker.get("files") if isinstance(marker, dict) else None
+    well_formed = isinstance(files, dict) and all(
+        isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..", MARKER)
+        and isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+        for name, entry in files.items()
+    )
+    if not well_formed:
+        raise IntegrityError(f"{path} is not a completion marker (no valid 'files' table of sizes and SHA-256s)")
+    return marker
+
+
+def verify_file_record(path: str | os.PathLike[str], expected: Mapping[str, Any]) -> None:
+    """Check a file against its record (``{"bytes": ..., "sha256": ...}``, :func:`file_record`).
+
+    Raises :class:`IntegrityError` naming the file when it is missing, unreadable, of another size
+    or of another SHA-256.
+    """
+    path = Path(path)
+    try:
+        found = file_record(path)
+    except FileNotFoundError as error:
+        raise IntegrityError(f"{path} is missing") from error
+    except OSError as error:
+        raise IntegrityError(f"{path} is unreadable ({type(error).__name__}: {error})") from error
+    if found["bytes"] != expected.get("bytes"):
+        raise IntegrityError(f"{path} has {found['bytes']} bytes, its record says {expected.get('bytes')}")
+    if found["sha256"] != expected.get("sha256"):
+        raise IntegrityError(f"{path} has SHA-256 {found['sha256']}, its record says {expected.get('sha256')}")
+
+
+def verify_result_folder(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check every file the folder's marker lists against its size and SHA-256; return the marker.
+
+    Raises :class:`IntegrityError` naming the marker when it is unreadable or malformed, or the
+    first file that is missing, unreadable or changed.
+    """
+    where = Path(folder)
+    marker = read_marker(where)
+    for name, expected in sorted(marker["files"].items()):
+        verify_file_record(where / name, expected)
+    return marker
+
+
+def sealed_bytes(payload: bytes) -> bytes:
+    """``payload`` behind a one-line header holding its length and SHA-256 (what :func:`read_sealed` checks)."""
+    header = SEAL_MAGIC + b" 1 %d sha256 %s\n" % (len(payload), hashlib.sha256(payload).hexdigest().encode())
+    return header + payload
+
+
+def write_sealed_atomic(path: str | os.PathLike[str], payload: bytes) -> Path:
+    """Write :func:`sealed_bytes` of ``payload`` atomically: the digest can never belong to another payload."""
+    return write_bytes_atomic(path, sealed_bytes(payload))
+
+
+def read_sealed(path: str | os.PathLike[str], what: str = "file") -> bytes:
+    """The payload of a file :func:`write_sealed_atomic` wrote, after checking its length and SHA-256.
+
+    Raises :class:`IntegrityError` naming the file (and ``what`` it should be) when it is empty,
+    has no seal (garbage, or written without one), is truncated or was modified.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise IntegrityError(f"{what} {path} is unreadable ({type(error).__name__}: {error})") from error
+    if not raw:
+        raise IntegrityError(f"{what} {path} is empty (0 bytes)")
+    end = raw.find(b"\n", 0, 200)
+    fields = raw[:end].split(b" ") if end > 0 else []
+    if len(fields) != 5 or fields[0] != SEAL_MAGIC or fields[1] != b"1" or fields[3] != b"sha256" \
+            or not fields[2].isdigit():
+        raise IntegrityError(
+            f"{what} {path} has no content digest ({len(raw)} bytes starting {raw[:8]!r}): it is garbage or was "
+            "written by an earlier version, so it cannot be verified")
+    payload = raw[end + 1:]
+    if len(payload) != int(fields[2]):
+        raise IntegrityError(f"{what} {path} is truncated or extended: {len(payload)} bytes after its header, "
+                             f"which says {int(fields[2])}")
+    if hashlib.sha256(payload).hexdigest().encode() != fields[4]:
+        raise IntegrityError(f"{what} {path} is corrupt: its SHA-256 does not match the digest written with it")
+    return payload
+
+
 @dataclass(frozen=True)
 class ResultFolder:
     """A complete result folder as read back: its path, marker and provenance; the files on demand."""
@@ -260,17 +363,19 @@ class ResultFolder:
 def read_result_folder(
     folder: str | os.PathLike[str], *, remedy: str, what: str = "result", legacy_marker: str | None = None
 ) -> ResultFolder:
-    """Read back a complete result folder (see :func:`write_result_folder`).
+    """Read back a complete result folder (see :func:`write_result_folder`), its files verified.
 
     Raises FileNotFoundError naming ``what``, the folder and ``remedy`` (the command that writes it)
-    when the folder is absent or incomplete. ``legacy_marker`` (e.g. ``"provenance.json"``) also
-    accepts folders written before the marker existed, whose writer wrote that file last; every
-    file present then counts as written.
+    when the folder is absent or incomplete, and :class:`IntegrityError` naming the file when one
+    the marker lists is missing, unreadable or changed (:func:`verify_result_folder`).
+    ``legacy_marker`` (e.g. ``"provenance.json"``) also accepts folders written before the marker
+    existed, whose writer wrote that file last; every file present then counts as written (there
+    are no digests to check).
     """
     where = Path(folder)
     if is_complete(where):
-        marker = json.loads((where / MARKER).read_text(encoding="utf-8"))
-        files = tuple(marker.get("files", {}))
+        marker = verify_result_folder(where)
+        files = tuple(marker["files"])
     elif legacy_marker is not None and (where / legacy_marker).is_file():
         marker = {}
         files = tuple(sorted(p.name for p in where.iterdir() if p.is_file() and not p.name.startswith(".")))

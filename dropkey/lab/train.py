@@ -21,7 +21,9 @@ What a run does:
   :class:`dropkey.diagnostics.AttentionRecorder` on a fixed batch of test images (the
   first ``diagnostics_batch``; the model copied into a ``fused_attn=False`` twin in eval
   mode, loss backpropagated for the gradient metrics; no random numbers are drawn, so
-  diagnostics never change the training run), then a checkpoint, written atomically.
+  diagnostics never change the training run), then a checkpoint, written atomically with its
+  content digest (:mod:`dropkey.lab.checkpoints`: a changed, truncated or garbage checkpoint is
+  refused on resume with an error naming it, never trained on).
 
 Run folder (``out_dir``): ``config.json``, ``provenance.json``, ``metrics.csv`` (one row per
 epoch), ``diagnostics.csv`` (tidy: epoch, layer, module, head, metric, value, count,
@@ -39,7 +41,8 @@ python ``random``, the data-order and augmentation generators, every attention m
 mask generator), for every rank, so ``resume=True`` continues bit-exactly. The global RNGs
 are the run's own only while it runs: the caller's states (torch, numpy, ``random``) are
 restored when :func:`train` returns or raises. The LR schedule depends on the total
-``epochs``, so a resumed run must have the same config (only ``progress`` may differ);
+``epochs``, so a resumed run must have the same config (only ``progress`` and ``out_dir`` may
+differ: a run folder may be moved or copied, and data folders compare by their resolved paths);
 anything else is a ValueError.
 
 Distributed: launched with ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) or inside
@@ -50,7 +53,8 @@ dropped so every rank runs the same number of steps); ``batch_size`` is the glob
 and shows progress. :func:`launch_local` runs W processes on this machine without torchrun.
 
 Where it lives: :mod:`dropkey.lab.config` (:class:`TrainConfig`), :mod:`dropkey.lab.trainer`
-(:class:`Trainer`, :func:`train`), :mod:`dropkey.lab.randomness` (seed streams, global RNG
+(:class:`Trainer`, :func:`train`), :mod:`dropkey.lab.checkpoints` (the checkpoint file,
+:func:`read_checkpoint`), :mod:`dropkey.lab.randomness` (seed streams, global RNG
 states), :mod:`dropkey.lab.distributed` (process group helpers); this module is the public
 entry point and re-exports them. Library code logs (``logging``) and never prints; the CLI
 configures logging.
@@ -67,14 +71,13 @@ import torch
 import torch.distributed as dist
 
 from dropkey.lab import trainer
+from dropkey.lab.checkpoints import CHECKPOINT, RESUME_MUTABLE, read_checkpoint
 from dropkey.lab.config import DEVICES, PRECISIONS, TrainConfig
 from dropkey.lab.distributed import free_port
 from dropkey.lab.randomness import RANK_STREAMS, SEED_STREAMS, stream_seeds
 from dropkey.lab.trainer import (
-    CHECKPOINT,
     DIAGNOSTIC_COLUMNS,
     METRIC_COLUMNS,
-    RESUME_MUTABLE,
     SIMILARITY_METRICS,
     Trainer,
     TrainingDiverged,
@@ -89,7 +92,8 @@ from theory.checks import check_int
 
 __all__ = ["CHECKPOINT", "DEVICES", "DIAGNOSTIC_COLUMNS", "METRIC_COLUMNS", "PRECISIONS", "RANK_STREAMS",
            "RESUME_MUTABLE", "SEED_STREAMS", "SIMILARITY_METRICS", "TrainConfig", "TrainResult", "Trainer",
-           "TrainingDiverged", "launch_local", "lr_factor", "mask_modules", "resolve_device", "stream_seeds", "train"]
+           "TrainingDiverged", "launch_local", "lr_factor", "mask_modules", "read_checkpoint", "resolve_device",
+           "stream_seeds", "train"]
 
 
 # --- local multi-process launch (no torchrun) ------------------------------------------------

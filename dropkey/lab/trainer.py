@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from dropkey.diagnostics import AttentionRecorder
 from dropkey.lab import augment as aug
 from dropkey.lab import data as datasets
-from dropkey.lab.config import TrainConfig, freeze
+from dropkey.lab.checkpoints import CHECKPOINT, check_resumable, read_checkpoint
+from dropkey.lab.config import TrainConfig
 from dropkey.lab.distributed import all_reduce, dist_info
 from dropkey.lab.randomness import (
     RunRngs,
@@ -40,13 +41,11 @@ from dropkey.lab.randomness import (
 from dropkey.models import VisionTransformer
 from dropkey.modules import DropKeyAttention
 from dropkey.provenance import provenance
-from dropkey.storage import csv_text, json_text, write_bytes_atomic
+from dropkey.storage import csv_text, json_text, sealed_bytes, write_bytes_atomic
 from theory.checks import check_int
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-RESUME_MUTABLE = ("progress",)  # config fields that may differ between a run and its resumption
 METRIC_COLUMNS = (
     "epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
     "images_per_s", "epoch_time_s", "wall_time_s",
@@ -83,11 +82,17 @@ def _frame_bytes(frame: pd.DataFrame) -> bytes:
 
 
 def resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
+    """The run's device; a CUDA device torch cannot see is a ValueError naming ``device``."""
     if config.device == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if config.device == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(config.device)
+    device = torch.device("cuda", local_rank) if config.device == "cuda" else torch.device(config.device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count:
+            seen = f"{count} CUDA device(s)" if count else "no CUDA device (a CPU-only torch, or no GPU)"
+            raise ValueError(f"device must be one torch can use, got {config.device!r}: torch sees {seen}; "
+                             "use device 'cpu' or 'auto'")
+    return device
 
 
 def _resolve_precision(config: TrainConfig, device: torch.device) -> str:
@@ -273,22 +278,14 @@ class Trainer:
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        _write_file(self.checkpoint_path, buffer.getvalue())
+        _write_file(self.checkpoint_path, sealed_bytes(buffer.getvalue()))  # the content digest, in the same file
 
     def load_checkpoint(self) -> bool:
-        """Restore the run from ``out_dir/checkpoint.pt``; False if there is none."""
+        """Restore the run from ``out_dir/checkpoint.pt`` (its digest checked first); False if there is none."""
         if not self.checkpoint_path.is_file():
             return False
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        saved = TrainConfig.from_dict(state["config"]).to_dict()
-        mine = self.config.to_dict()
-        differ = sorted(k for k in mine if k not in RESUME_MUTABLE and freeze(saved.get(k)) != freeze(mine[k]))
-        if differ:
-            details = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, now {mine[k]!r}" for k in differ)
-            raise ValueError(
-                f"cannot resume {self.checkpoint_path}: config differs in {differ} ({details}). The LR "
-                "schedule and data streams depend on the whole config; start a new out_dir instead."
-            )
+        state = read_checkpoint(self.checkpoint_path)
+        check_resumable(self.checkpoint_path, state, self.config)
         if state["world_size"] != self.world_size:
             raise ValueError(
                 f"cannot resume {self.checkpoint_path}: saved with world size {state['world_size']}, "

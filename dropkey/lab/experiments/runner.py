@@ -7,8 +7,9 @@ experiments is trained once. A run folder is the trainer's (``config.json``,
 ``expected_attention.csv`` (the final model's expected attention under its regulariser, see
 :func:`expected_attention_rows`), for Monte-Carlo arms ``monte_carlo.csv``, and finally
 :mod:`dropkey.storage`'s completion marker ``complete.json`` (written last, atomically, listing
-every file with its size and SHA-256, and the run's final metrics): a folder with it is done and
-is never retrained. An interrupted run resumes
+every file with its size and SHA-256, and the run's final metrics): a folder with it whose files
+all match it is done and is never retrained; one that does not match is a damaged cache and is
+recomputed (:func:`intact`). An interrupted run resumes
 from its last epoch checkpoint, bit-exactly (:func:`dropkey.lab.train.train` with
 ``resume=True``), so a crashed experiment loses at most one epoch per run.
 
@@ -41,7 +42,7 @@ from dropkey.inference import monte_carlo_predict
 from dropkey.lab import data as datasets
 from dropkey.lab.augment import Normalize
 from dropkey.lab.experiments.definitions import Arm, Scale
-from dropkey.lab.train import CHECKPOINT, TrainConfig, resolve_device, train
+from dropkey.lab.train import CHECKPOINT, TrainConfig, read_checkpoint, resolve_device, train
 from dropkey.models import VisionTransformer
 from theory.checks import check_int
 from theory.seeding import address_sequence, integer_seeds
@@ -109,12 +110,72 @@ def is_complete(folder: Path) -> bool:
     return storage.is_complete(folder)
 
 
+def intact(folder: Path) -> bool:
+    """Whether the run folder is complete and every file matches its marker's size and SHA-256.
+
+    A complete folder that does not match (a file missing, unreadable or changed, or the marker
+    unreadable) is a damaged cache: a warning names the file, and the marker and the evaluations
+    that no longer match it are removed, so :func:`execute` recomputes them (the trainer rewrites
+    its tables from the checkpoint; a damaged checkpoint means training again from the start, which
+    gives the same numbers: runs are deterministic).
+    """
+    if not is_complete(folder):
+        return False
+    earlier = _earlier_record(folder)
+    if earlier is not None:  # trusted as before; from now on its files' digests are checked
+        log.info("run folder %s has a marker of an earlier version: recording its files' digests", folder)
+        storage.mark_complete(folder, record=earlier)
+        return True
+    try:
+        storage.verify_result_folder(folder)
+        return True
+    except storage.IntegrityError as error:
+        log.warning("run folder %s is damaged, recomputing it: %s", folder, error)
+    try:
+        listed = storage.read_marker(folder)["files"]
+    except storage.IntegrityError:
+        listed = {}  # the marker itself is damaged: nothing it vouched for can be trusted
+    (folder / storage.MARKER).unlink()
+    for name in (EXPECTED_ATTENTION_FILE, MONTE_CARLO_FILE):
+        try:
+            storage.verify_file_record(folder / name, listed[name])
+        except (KeyError, storage.IntegrityError):
+            (folder / name).unlink(missing_ok=True)
+    return False
+
+
+def _earlier_record(folder: Path) -> dict[str, Any] | None:
+    """The marker of a run folder written before markers listed files (it was the run's record), else None."""
+    try:
+        marker = json.loads((folder / storage.MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    earlier = isinstance(marker, dict) and "run_key" in marker and not {"format", "files"} & set(marker)
+    return marker if earlier else None
+
+
+def _completion_record(folder: Path) -> dict[str, Any]:
+    return storage.read_marker(folder).get("record", {})
+
+
+def _drop_unusable_checkpoint(folder: Path) -> None:
+    """Remove a checkpoint that fails its digest (or has none: an earlier version's), so the run starts over."""
+    path = folder / CHECKPOINT
+    if path.exists():
+        try:
+            storage.read_sealed(path, "checkpoint")
+        except storage.IntegrityError as error:
+            log.warning("%s; training run %s again from the start", error, folder)
+            path.unlink()
+
+
 def _load_trained_model(
     folder: Path, config: TrainConfig, device: torch.device, **overrides: Any
 ) -> tuple[VisionTransformer, Normalize]:
     """The run's final model (weights from its checkpoint; ``overrides`` of ViTConfig) and its input normalisation."""
 
-    state = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
+    record = storage.read_marker(folder)["files"].get(CHECKPOINT) if is_complete(folder) else None
+    state = read_checkpoint(folder / CHECKPOINT, record=record)  # verified by its marker: one of an earlier version
     resolved = json.loads((folder / "config.json").read_text(encoding="utf-8"))["resolved"]
     model_config = dataclasses.replace(config.model_config(), mask_seed=0, **overrides)  # per-pass seeds override it
     model = VisionTransformer(model_config).to(device)
@@ -212,7 +273,7 @@ def _has_monte_carlo(folder: Path, ks: Sequence[int]) -> bool:
 def needs_work(spec: RunSpec) -> bool:
     """True unless the run is complete and has every evaluation it asks for."""
     folder = spec.folder
-    return (not is_complete(folder) or not (folder / EXPECTED_ATTENTION_FILE).is_file()
+    return (not intact(folder) or not (folder / EXPECTED_ATTENTION_FILE).is_file()
             or bool(spec.monte_carlo and not _has_monte_carlo(folder, spec.monte_carlo)))
 
 
@@ -221,7 +282,8 @@ def execute(spec: RunSpec, command: Sequence[str] | None = None) -> dict[str, An
 
     folder = spec.folder
     written = False
-    if not is_complete(folder):
+    if not intact(folder):
+        _drop_unusable_checkpoint(folder)
         train(spec.config, resume=True, command=list(command or ["dropkey-lab", "experiment"]))
     device = resolve_device(spec.config, 0)
     if not (folder / EXPECTED_ATTENTION_FILE).is_file():
@@ -234,8 +296,7 @@ def execute(spec: RunSpec, command: Sequence[str] | None = None) -> dict[str, An
     if written or not is_complete(folder):  # the marker lists every file of the folder, so it follows them
         record = {"run_key": folder.name, "arm": spec.arm.name, "seed": spec.seed, "final": _final_row(folder)}
         storage.mark_complete(folder, record=record)
-    marker = json.loads((folder / storage.MARKER).read_text(encoding="utf-8"))
-    return marker.get("record", marker)  # run folders of earlier versions: the marker was the record
+    return _completion_record(folder)
 
 
 def _worker_init(threads: int) -> None:
@@ -276,4 +337,4 @@ def execute_all(
                     bar.update()
     finally:
         bar.close()
-    return [execute(unique[spec.folder], command) for spec in specs]
+    return [_completion_record(spec.folder) for spec in specs]  # every run is now complete and intact
