@@ -5,7 +5,9 @@ version), in the layout of :func:`simulations.common.write_study_outputs` (the c
 line's too): ``results.csv``, ``summary.json``, ``config.json``, ``provenance.json`` and,
 written last, :mod:`dropkey.storage`'s completion marker. A folder with its marker is
 complete, so a crashed or interrupted build resumes by skipping every finished study.
-Each file is written atomically.
+Each file is written atomically. A cached folder is read only when every file matches the size
+and SHA-256 its marker records; a damaged one (a file changed, cut short, missing or unreadable,
+or the marker itself) is logged, removed and recomputed, never rendered.
 
 The report is always built from what is read back from the cache, never from the
 in-memory result of a fresh run, so a first build and a rebuild from the cache
@@ -26,6 +28,7 @@ import importlib.util
 import json
 import logging
 import modulefinder
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -152,8 +155,14 @@ def run_study(
     spec = study(name)
     folder = cache_folder(cache_root, spec, config)
     if storage.is_complete(folder):
-        log.info("%s: cached in %s", name, folder)
-        return _read(folder, spec, from_cache=True)
+        try:
+            cached = _read(folder, spec, from_cache=True)
+        except (storage.IntegrityError, FileNotFoundError) as error:  # FileNotFoundError: a file it does not list
+            log.warning("%s: the cache folder %s is damaged (%s); recomputing it", name, folder, error)
+            shutil.rmtree(folder)
+        else:
+            log.info("%s: cached in %s", name, folder)
+            return cached
     log.info("%s: running (cache folder %s)", name, folder)
     frame, summary = spec.compute(config, progress=progress)
     write_study_outputs(folder, name=spec.name, config=config, frame=frame, summary=summary,

@@ -236,7 +236,11 @@ class StudyOutputs:
 
 
 def read_study_outputs(folder: Path, *, remedy: str) -> StudyOutputs:
-    """Read a complete study result folder (FileNotFoundError naming it and ``remedy``, the command that writes it)."""
+    """Read a complete study result folder (FileNotFoundError naming it and ``remedy``, the command that writes it).
+
+    Every file is checked against the size and SHA-256 the marker records first: a file missing,
+    unreadable or changed is a :class:`dropkey.storage.IntegrityError` naming it.
+    """
     result = storage.read_result_folder(folder, remedy=remedy, what="study result")
     return StudyOutputs(
         folder=result.folder,
