@@ -48,12 +48,13 @@ from dropkey.lab.datafiles import (
     ChecksumError,
     DataError,
     KnownDigest,
-    _read_cifar_pickle_meta,
     cache_dir,
     download_file,
     file_digest,
     read_cifar_bin,
+    read_cifar_meta_text,
     read_cifar_pickle,
+    read_cifar_pickle_meta,
     read_idx,
     read_sha256sums,
     verify_file,
@@ -66,6 +67,8 @@ DATA_ENV = "DROPKEY_DATA"
 DATA_FOLDER = "dropkey-lab"
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
+#: records in every CIFAR-10 batch file (five train batches, one test batch)
+CIFAR10_BATCH_RECORDS = 10000
 
 
 # --- dataset descriptions --------------------------------------------------------------
@@ -323,7 +326,12 @@ def load_cifar10(
     expected: Mapping[str, str] | None = None,
     hash_cache: bool = True,
 ) -> ImageData:
-    """CIFAR-10 from the binary layout (or, with layout "auto" and no binary folder, the python layout)."""
+    """CIFAR-10 from the binary layout (or, with layout "auto" and no binary folder, the python layout).
+
+    With ``verify=False`` no digest vouches for the files, so each batch must hold the official
+    :data:`CIFAR10_BATCH_RECORDS` records (a DataError naming the file otherwise); a smaller
+    custom batch is loaded with ``verify=True`` and its digest in a ``SHA256SUMS`` or ``expected``.
+    """
     _check_split(split)
     check_choice(layout, "layout", ("auto", "bin", "pickle"))
     bin_root = _dataset_root(CIFAR10_BIN, data_dir)
@@ -342,6 +350,11 @@ def load_cifar10(
         hash_cache=hash_cache,
     )  # verified before anything is unpickled
     parts = [reader(paths[n]) for n in names]
+    if not verify:  # nothing vouches for the files: each must hold an official batch's record count
+        for name, (batch, _) in zip(names, parts, strict=True):
+            if len(batch) != CIFAR10_BATCH_RECORDS:
+                raise DataError(f"{paths[name]}: {len(batch)} records, a CIFAR-10 batch holds "
+                                f"{CIFAR10_BATCH_RECORDS} (a truncated or foreign file; verify=True checks its digest)")
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     meta = root / ("batches.meta" if use_pickle else "batches.meta.txt")
@@ -349,9 +362,7 @@ def load_cifar10(
         if verify:
             _ensure_files(info, root, [meta.name], verify=True, download=False, base_url=None,
                           expected=expected, hash_cache=hash_cache)
-        classes = _read_cifar_pickle_meta(meta) if use_pickle else tuple(
-            line.strip() for line in meta.read_text().splitlines() if line.strip()
-        )
+        classes = read_cifar_pickle_meta(meta) if use_pickle else read_cifar_meta_text(meta)
         if classes and classes != CIFAR10_CLASSES:
             raise DataError(f"{meta}: class names {classes}, expected {CIFAR10_CLASSES}")
     return _to_data(images, labels, info, split)
@@ -467,7 +478,7 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
 __all__ = [
     "ChecksumError", "DataError", "DataFile", "DatasetInfo", "ImageData", "KnownDigest", "DATASETS",
     "DATASET_NAMES", "CIFAR10_BIN", "CIFAR10_PY", "FASHION_MNIST", "DIGITS", "DATA_ENV", "DATA_FOLDER",
-    "CACHE_ENV", "cache_dir", "default_data_dir", "resolve_data_dir",
+    "CACHE_ENV", "CIFAR10_BATCH_RECORDS", "cache_dir", "default_data_dir", "resolve_data_dir",
     "file_digest", "verify_file", "read_sha256sums", "download_file", "read_idx", "read_cifar_bin",
     "read_cifar_pickle", "load_cifar10", "load_fashion_mnist", "load_digits", "load_dataset",
     "balanced_subset_indices", "channel_stats",

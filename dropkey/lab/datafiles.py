@@ -38,13 +38,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
 import pickle
 import struct
 import urllib.request
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +66,27 @@ class DataError(RuntimeError):
 
 class ChecksumError(DataError):
     """A file's digest matches none of the known ones."""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+@contextmanager
+def malformed_file(path: Path, what: str, errors: tuple[type[BaseException], ...] = (Exception,)) -> Iterator[None]:
+    """Turn ``errors`` raised while reading ``path`` into a one-line :class:`DataError` naming it.
+
+    A malformed file can make a decoder raise nearly anything (``zlib.error``, ``UnpicklingError``,
+    ``AttributeError``, ``MemoryError``, ``UnicodeDecodeError``, ...): the caller learns which file
+    is not ``what`` it should be, never a traceback from inside the decoder.
+    """
+    try:
+        yield
+    except DataError:
+        raise
+    except errors as error:
+        raise DataError(f"{path}: not {what} ({type(error).__name__}: {_first_line(error)})") from error
 
 
 @dataclass(frozen=True)
@@ -121,9 +145,11 @@ def file_digest(path: str | os.PathLike[str], algorithm: str = "sha256", *, hash
 
 
 def read_sha256sums(path: Path) -> dict[str, str]:
-    """Parse a ``sha256sum`` output file: {file name: hex digest}."""
+    """Parse a ``sha256sum`` output file: {file name: hex digest} (DataError naming it if it is not UTF-8 text)."""
+    with malformed_file(path, "a SHA256SUMS list (UTF-8 text)", (OSError, UnicodeDecodeError)):
+        text = path.read_bytes().decode("utf-8")
     sums = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         parts = line.strip().split(maxsplit=1)
         if len(parts) == 2:
             sums[parts[1].lstrip("*").strip()] = parts[0].lower()
@@ -145,7 +171,8 @@ def verify_file(
 
     def digest(algorithm: str) -> str:
         if algorithm not in found:
-            found[algorithm] = file_digest(path, algorithm, hash_cache=hash_cache)
+            with malformed_file(path, "a readable file", (OSError,)):
+                found[algorithm] = file_digest(path, algorithm, hash_cache=hash_cache)
         return found[algorithm]
 
     for entry in sorted(known, key=lambda k: k.algorithm != "sha256"):  # sha256 first
@@ -205,12 +232,11 @@ _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (gzipped if it starts with the gzip magic): header checked, array returned."""
     path = Path(path)
-    raw = path.read_bytes()
+    with malformed_file(path, "a readable file", (OSError,)):
+        raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        try:
+        with malformed_file(path, "an IDX file: corrupt gzip stream", (OSError, EOFError, zlib.error, MemoryError)):
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as error:
-            raise DataError(f"{path}: corrupt gzip stream ({error})") from error
     if len(raw) < 4:
         raise DataError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
     zero, type_code, ndim = raw[0:2], raw[2], raw[3]
@@ -235,7 +261,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
 def read_cifar_bin(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 binary batch -> (images uint8 (N, 3, 32, 32), labels int64 (N,))."""
     path = Path(path)
-    raw = np.fromfile(path, dtype=np.uint8)
+    with malformed_file(path, "a readable file", (OSError, ValueError, MemoryError)):
+        raw = np.fromfile(path, dtype=np.uint8)
     record = 1 + 3 * 32 * 32
     if raw.size == 0 or raw.size % record:
         raise DataError(f"{path}: {raw.size} bytes is not a whole number of {record}-byte CIFAR-10 records")
@@ -271,26 +298,43 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return getattr(importlib.import_module(target[0].replace("numpy._core", "numpy.core")), target[1])
 
 
+def _unpickle(path: Path, what: str) -> object:
+    """The restricted unpickling of a whole file (read first: the decoder sees bytes, never a stream)."""
+    with malformed_file(path, "a readable file", (OSError,)):
+        raw = path.read_bytes()
+    with malformed_file(path, what):  # any exception: the opcodes of a malformed pickle reach far
+        return _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+
+
 def read_cifar_pickle(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python-version batch (a pickle; restricted unpickler) -> (images, labels)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as stream:
-            batch = _RestrictedUnpickler(stream, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({error})") from error
+    batch = _unpickle(path, "a CIFAR-10 python batch")
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        keys = sorted(map(repr, batch)) if isinstance(batch, dict) else type(batch).__name__
         raise DataError(f"{path}: expected a dict with b'data' and b'labels', found {keys}")
-    data = np.asarray(batch[b"data"], dtype=np.uint8)
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    with malformed_file(path, "a CIFAR-10 python batch"):
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (data.shape[0],):
         raise DataError(f"{path}: data {data.shape} / labels {labels.shape}, expected (N, 3072) / (N,)")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels {int(labels.min())}..{int(labels.max())} out of range 0..9 (not CIFAR-10?)")
     return data.reshape(-1, 3, 32, 32).copy(), labels
 
 
-def _read_cifar_pickle_meta(path: Path) -> tuple[str, ...]:
-    with open(path, "rb") as stream:
-        meta = _RestrictedUnpickler(stream, encoding="bytes").load()
+def read_cifar_pickle_meta(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The class names of a CIFAR-10 python-version ``batches.meta`` (a pickle; restricted unpickler)."""
+    path = Path(path)
+    meta = _unpickle(path, "a CIFAR-10 batches.meta pickle")
     names = meta.get(b"label_names", []) if isinstance(meta, dict) else []
-    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    with malformed_file(path, "a CIFAR-10 batches.meta pickle"):
+        return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
+def read_cifar_meta_text(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """The class names of a CIFAR-10 binary-version ``batches.meta.txt`` (one per line, UTF-8)."""
+    path = Path(path)
+    with malformed_file(path, "a CIFAR-10 batches.meta.txt (UTF-8 text)", (OSError, UnicodeDecodeError)):
+        text = path.read_bytes().decode("utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
