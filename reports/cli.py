@@ -1,4 +1,10 @@
-"""The ``dropkey-lab`` command line. The only place that configures logging and output."""
+"""The ``dropkey-lab`` command line. The only place that configures logging and output.
+
+Every user error (a bad argument, a bad config, a missing, unwritable or corrupt file) is one
+line on stderr, ``dropkey-lab: error: ...`` (or the subcommand's), and a non-zero exit status:
+2 for a usage error, 1 for one found while running. A traceback is printed only with
+``--log-level DEBUG``; an error that is not a user error (a bug) always has one.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,49 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from theory.checks import check_seed
+
 log = logging.getLogger("dropkey")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 DATA_DIR_HELP = "data folder (default $DROPKEY_DATA, else $XDG_DATA_HOME/dropkey-lab, else ~/.local/share/dropkey-lab)"
+
+
+def _one_line(message: object) -> str:
+    """A message as one line (a multi-line message's lines joined), never empty."""
+    return " / ".join(line.strip() for line in str(message).splitlines() if line.strip()) or "(no message)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit status 2), naming ``--help``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _log_level(value: str) -> str:
+    """An argparse type: a logging level name, any case."""
+    if value.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"the logging level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.upper()
+
+
+def _seed(value: str) -> int:
+    """An argparse type: a seed, an integer in [0, 2^63 - 1]."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the seed must be an integer, got {value!r}") from None
+    try:
+        return check_seed(number, "the seed")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _user_error(error: BaseException) -> bool:
+    """Whether ``error`` is the user's to fix (a bad argument, config or file), not a bug of the program."""
+    from dropkey.lab.datafiles import DataError
+
+    return isinstance(error, (ValueError, TypeError, OSError, DataError))
 
 
 def _command_theory(args: argparse.Namespace) -> int:
@@ -41,6 +88,8 @@ def _command_report(args: argparse.Namespace) -> int:
     """Build the HTML report (studies cached under --cache) and print each claim's verdict."""
     from reports.build import build_report
 
+    for folder in (args.out, args.cache):  # an unwritable one is an error now, not after the studies ran
+        Path(folder).mkdir(parents=True, exist_ok=True)
     train_quick = args.size == "quick" and not args.skip_experiments and not args.only
     report = build_report(
         args.out,
@@ -107,12 +156,14 @@ def _command_train(args: argparse.Namespace) -> int:
     try:
         config = _train_config(TrainConfig, args, ratios)
     except ValueError as error:
-        print(f"dropkey-lab train: error: {error}", file=sys.stderr)
+        print(f"dropkey-lab train: error: {_one_line(error)}", file=sys.stderr)
         return 2
     try:
         result = train(config, resume=args.resume, command=["dropkey-lab"] + list(sys.argv[1:]))
-    except (FileExistsError, DataError, TrainingDiverged, ValueError) as error:
-        print(f"dropkey-lab train: error: {error}", file=sys.stderr)
+    except (OSError, DataError, TrainingDiverged, ValueError) as error:  # OSError: e.g. an unwritable --out
+        if args.log_level == "DEBUG":
+            raise
+        print(f"dropkey-lab train: error: {_one_line(error)}", file=sys.stderr)
         return 1
     return _train_summary(config, result)
 
@@ -187,8 +238,10 @@ def _command_experiment(args: argparse.Namespace) -> int:
                     name, args.scale, runs_dir=args.runs_dir, results_dir=args.results_dir, data_dir=args.data_dir,
                     device=args.device, seeds=seeds, jobs=args.jobs, progress=not args.no_progress, command=command,
                 )
-        except (DataError, TrainingDiverged, IncompleteRun, ValueError, FileNotFoundError, KeyError) as error:
-            print(f"dropkey-lab experiment: error in {name}: {error}", file=sys.stderr)
+        except (DataError, TrainingDiverged, IncompleteRun, ValueError, OSError, KeyError) as error:
+            if args.log_level == "DEBUG":
+                raise
+            print(f"dropkey-lab experiment: error in {name}: {_one_line(error)}", file=sys.stderr)
             return 1
         print(f"{name} ({args.scale} scale, {result.summary['runs']} runs) -> {result.folder}")
         _print_decisions(result)
@@ -196,15 +249,16 @@ def _command_experiment(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dropkey-lab",
         description="Check the claims of 'DropKey for Vision Transformer' and run DropKey studies.",
     )
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    parser.add_argument("--log-level", type=_log_level, default="WARNING",
+                        help=f"logging level: {', '.join(LOG_LEVELS)} (default WARNING; DEBUG shows tracebacks)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     theory = commands.add_parser("theory", help="verify the derivations and print a summary")
-    theory.add_argument("--seed", type=int, default=0, help="seed for numeric cross-checks")
+    theory.add_argument("--seed", type=_seed, default=0, help="seed for numeric cross-checks")
     theory.add_argument("-v", "--verbose", action="store_true", help="print every expression")
     theory.set_defaults(handler=_command_theory)
 
@@ -216,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     sizes.add_argument("--full", dest="size", action="store_const", const="full",
                        help="full-size studies (real-ViT results are read from --results-dir, never trained here)")
     report.set_defaults(size="quick")
-    report.add_argument("--seed", type=int, default=0, help="root seed of every study (default 0)")
+    report.add_argument("--seed", type=_seed, default=0, help="root seed of every study (default 0)")
     report.add_argument("--only", type=_report_study, default=None, help="build only this study's page")
     report.add_argument(
         "--cache", type=Path, default=Path("runs") / "report-cache", help="study cache (default runs/report-cache/)"
@@ -261,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = no clipping")
     tr.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     tr.add_argument("--compile", action="store_true", help="torch.compile the model")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=_seed, default=0)
     tr.add_argument("--out", type=Path, default=Path("runs") / "train", help="run folder (default runs/train)")
     tr.add_argument("--resume", action="store_true", help="continue the checkpoint in --out bit-exactly")
     tr.add_argument("--diagnostics-every", type=int, default=1, help="epochs between diagnostics (0 = never)")
@@ -291,12 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; a user error is one line on stderr and exit status 1 (a traceback with DEBUG)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
-    code = args.handler(args)
+    try:
+        code = args.handler(args)
+    except Exception as error:
+        if args.log_level == "DEBUG" or not _user_error(error):
+            raise
+        print(f"dropkey-lab: error: {_one_line(error)}", file=sys.stderr)
+        return 1
     log.info("%s finished in %.1f s", args.command, time.perf_counter() - started)
     return code
 
