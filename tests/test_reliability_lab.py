@@ -8,6 +8,7 @@ fault-injection test are at the end.
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import pickle
 import random
@@ -335,3 +336,61 @@ def test_a_malformed_dataset_file_is_a_data_error_naming_it(tmp_path, case):
     with pytest.raises(data.DataError) as error:
         load(tmp_path)
     assert str(path) in str(error.value) and one_line(str(error.value))
+
+
+# --- item 2 for experiment run folders, item 1 for checkpoints of an earlier version ---------------------------
+
+
+def _run_folder(folder: Path) -> Path:
+    """A complete run folder as the runner leaves it (tiny stand-in files), its marker listing them."""
+    from dropkey.lab.experiments import runner
+
+    folder.mkdir(parents=True)
+    for name in ("config.json", "metrics.csv", runner.EXPECTED_ATTENTION_FILE, runner.MONTE_CARLO_FILE):
+        (folder / name).write_text(f"{name}: {np.random.default_rng(len(name)).random()}\n")
+    storage.mark_complete(folder, record={"run_key": folder.name})
+    return folder
+
+
+@pytest.mark.parametrize("damaged", ["metrics.csv", "expected_attention.csv", storage.MARKER])
+def test_a_damaged_experiment_run_folder_is_recomputed(tmp_path, caplog, damaged):
+    """issue 15, item 2: a run folder whose files do not match its marker is no longer complete (so the runner trains
+    or evaluates it again, logged); evaluations that no longer match are removed, intact ones kept."""
+    from dropkey.lab.experiments import runner
+
+    folder = _run_folder(tmp_path / "run")
+    assert runner.intact(folder)
+    kept = (folder / runner.MONTE_CARLO_FILE).read_bytes()
+    flip_bytes(folder / damaged, 2, 1)
+    with caplog.at_level(logging.WARNING, logger=runner.__name__):
+        assert not runner.intact(folder)
+    assert not storage.is_complete(folder) and any(str(folder) in r.getMessage() for r in caplog.records)
+    assert (folder / runner.EXPECTED_ATTENTION_FILE).exists() == (damaged == "metrics.csv")
+    if damaged != storage.MARKER:  # a damaged marker vouches for nothing: every evaluation is redone
+        assert (folder / runner.MONTE_CARLO_FILE).read_bytes() == kept
+
+
+def test_a_run_folder_of_an_earlier_version_is_trusted_then_digested(tmp_path):
+    """issue 15, item 1: run folders written before markers listed files stay usable; their digests are recorded."""
+    from dropkey.lab.experiments import runner
+
+    folder = _run_folder(tmp_path / "run")
+    (folder / storage.MARKER).write_text(json.dumps({"run_key": "run", "final": {}}))  # the earlier layout
+    assert runner.intact(folder)
+    assert set(storage.verify_result_folder(folder)["files"]) >= {"config.json", "metrics.csv"}
+
+
+def test_a_bare_checkpoint_of_an_earlier_version_loads_only_as_its_marker_records_it(tmp_path):
+    """issue 15, item 1: a checkpoint written by torch.save alone (earlier versions, in finished run folders) has no
+    digest of its own: it is read when the run folder's marker vouches for it, refused otherwise or when changed."""
+    from dropkey.lab.checkpoints import STATE_KEYS, read_checkpoint
+
+    path = tmp_path / CHECKPOINT
+    torch.save({key: torch.arange(3) if key == "model" else 0 for key in STATE_KEYS}, path)
+    record = storage.file_record(path)
+    assert torch.equal(read_checkpoint(path, record=record)["model"], torch.arange(3))
+    with pytest.raises(storage.IntegrityError, match="no content digest"):
+        read_checkpoint(path)
+    flip_bytes(path, path.stat().st_size // 2, 1)
+    with pytest.raises(storage.IntegrityError, match=str(path)):
+        read_checkpoint(path, record=record)
