@@ -136,8 +136,12 @@ def mpmath_enumerated_moments(p: Iterable[float], r: float, all_dropped: str,
             else:
                 row = fallback
             masks.append((probability, row))
-        means = [mpmath.fsum(prob * row[j] for prob, row in masks) for j in range(n_keys)]
-        variances = [mpmath.fsum(prob * (row[j] - means[j]) ** 2 for prob, row in masks) for j in range(n_keys)]
+        # Normalised by the rounded total probability: a weight that is the same under every mask then
+        # has its mean exactly and variance exactly 0 (not the square of the total's rounding).
+        total_probability = mpmath.fsum(prob for prob, _ in masks)
+        means = [mpmath.fsum(prob * row[j] for prob, row in masks) / total_probability for j in range(n_keys)]
+        variances = [mpmath.fsum(prob * (row[j] - means[j]) ** 2 for prob, row in masks) / total_probability
+                     for j in range(n_keys)]
         coefficients = [mean / x if x > 0 else keep * marginal if r > 0 else mpmath.mpf(1)
                         for mean, x in zip(means, weights, strict=True)]
         return EnumeratedMoments([float(x) for x in means], [float(x) for x in variances],
