@@ -727,6 +727,10 @@ def test_results_table_command_follows_the_result_folders(tmp_path, capsys):
     frame = pd.read_csv(per_seed, dtype={"group": str}, keep_default_na=False)
     frame.loc[frame["quantity"] == "top1_decreasing_minus_constant", "value"] = [2.0, 2.2, 2.4]
     frame.to_csv(per_seed, index=False)
+    # a changed file its marker does not record is refused (issue 15), a rewritten, re-marked folder is read
+    assert main(["results-table", "--results-dir", str(results), "--out", str(tmp_path / "b.md")]) == 1
+    assert str(per_seed) in capsys.readouterr().err
+    storage.mark_complete(per_seed.parent, record=storage.read_marker(per_seed.parent).get("record"))
     assert main(["results-table", "--results-dir", str(results), "--out", str(tmp_path / "b.md")]) == 0
     after = (tmp_path / "b.md").read_text(encoding="utf-8")
     assert "| vit-schedule | confirmed |" in after and "+2.2 [95% CI" in after
