@@ -114,8 +114,15 @@ def _check_module(dim, heads, ratio, backend, fused, bias, generator, x_dims, tr
         assert out.shape == x.shape and torch.isfinite(out).all()
 
 
+# dim and num_heads: WEIRD but with small integers only. WEIRD's integers up to 2**70 give valid modules
+# (hypothesis often draws dim == num_heads) of dim 1e5 .. 2**70, which torch cannot allocate (a RuntimeError
+# or OverflowError after minutes of paging, or the OOM killer: the slow variant died of it) or whose sizes
+# overflow torch.empty (a TypeError that does not name dim: DropKeyAttention has no upper bound on dim,
+# tests/test_reliability_library.py, test_an_absurd_module_size_is_a_value_error).
+SMALL_INTS_WEIRD = st.one_of(st.none(), st.text(max_size=3), st.lists(st.integers(), max_size=2), st.booleans(),
+                             st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 9))
 MODULE_ARGS = (
-    st.one_of(st.integers(-2, 9), WEIRD), st.one_of(st.integers(-1, 4), WEIRD), REALS,
+    st.one_of(st.integers(-2, 9), SMALL_INTS_WEIRD), st.one_of(st.integers(-1, 4), SMALL_INTS_WEIRD), REALS,
     st.one_of(st.sampled_from(CPU_BACKENDS), WEIRD), st.one_of(st.booleans(), WEIRD),
     st.one_of(st.booleans(), WEIRD), st.one_of(st.none(), st.integers(-(2**65), 2**65), WEIRD),
     st.lists(st.integers(1, 8), min_size=1, max_size=4), st.booleans(),

@@ -22,6 +22,10 @@
 // 1 "uniform" (weights 1/Nk: out = mean of v), 2 "undropped" (plain softmax of the row).
 // Under 0 and 1 the row's output does not depend on its logits, so its dS is 0.
 //
+// NaN in, NaN out: a NaN logit, kept or dropped, makes its row's output and lse NaN (a NaN
+// key is NaN in every row, whatever the mask), as on the reference backend; counted in the
+// forward's first pass over the row (one compare per logit), see softmax_row.
+//
 // Threads: one OpenMP team of `threads` (torch's libgomp, via rpath). The forward splits
 // work over (slice, query block) pairs, the backward over slices (a slice's dK and dV sum
 // over its query blocks), so results do not depend on the thread count. BLAS calls run
@@ -134,20 +138,25 @@ struct SequentialBlas {
 };
 
 // Forward, one row of the tile: drop flags (into keep) and, in the same pass, the row
-// maximum over the kept logits; then p = keep * exp(p - max), left unnormalised (the output
-// row is divided by the sum after the P V product, which touches dv values instead of Nk).
-// Returns the row's log-sum-exp and sets *inverse to the factor for its output row. An
-// all-dropped row gets weights 0 ("zero") or 1/Nk ("uniform"), factor 1 and lse 0, or the
-// plain softmax of the row ("undropped").
+// maximum over the kept logits and a count of NaN logits, kept or dropped; then
+// p = keep * exp(p - max), left unnormalised (the output row is divided by the sum after the
+// P V product, which touches dv values instead of Nk). Returns the row's log-sum-exp and sets
+// *inverse to the factor for its output row. An all-dropped row gets weights 0 ("zero") or
+// 1/Nk ("uniform"), factor 1 and lse 0, or the plain softmax of the row ("undropped").
+// NaN in, NaN out (the reference's rule): a NaN logit makes its row NaN even where the mask
+// drops it (a NaN key is NaN in every row), except in a "zero"/"uniform" all-dropped row,
+// whose output does not depend on its logits. The max is then NaN, and so are the kept
+// weights, the sum, the factor and the lse (the backward's weights follow).
 inline float softmax_row(float* p, float* keep, uint32_t row, int nk, uint32_t threshold, int conv,
                          float* inverse) {
-  int kept = 0;
+  int kept = 0, nans = 0;
   float m = -INFINITY;
-#pragma omp simd reduction(+ : kept) reduction(max : m)
+#pragma omp simd reduction(+ : kept, nans) reduction(max : m)
   for (int j = 0; j < nk; ++j) {
     const int k = kept_flag(row, j, threshold);
     keep[j] = (float)k;
     kept += k;
+    nans += p[j] != p[j];
     const float x = k ? p[j] : -INFINITY;
     m = x > m ? x : m;
   }
@@ -161,6 +170,7 @@ inline float softmax_row(float* p, float* keep, uint32_t row, int nk, uint32_t t
 #pragma omp simd reduction(max : m)
     for (int j = 0; j < nk; ++j) m = p[j] > m ? p[j] : m;
   }
+  if (nans > 0) m = NAN;  // the max skips NaN (x > m is false): set it, so that the row is NaN
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int j = 0; j < nk; ++j) {

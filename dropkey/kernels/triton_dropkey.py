@@ -15,7 +15,11 @@ to -inf *before* the running row maximum, then the online softmax (``exp2`` with
 the scale folded into log2 units) accumulates ``p @ v``. No rescale. Guards keep
 every step finite while a row has seen no kept key (running max -inf). Saved for
 backward: q, k, v, the output, the row log-sum-exp (float32) and a per-row
-all-dropped flag (int8): O(N) per slice, no N x N state.
+all-dropped flag (int8): O(N) per slice, no N x N state. NaN in, NaN out: a NaN
+logit hidden by the mask (a NaN key, dropped in some rows) is noted per row on the
+tile already in registers (one compare and row max per logit) and makes that row's
+output and log-sum-exp NaN, as on the reference backend (an all-dropped row
+follows its convention).
 
 All-dropped rows (running max still -inf at the end), per ``all_dropped``:
 
@@ -208,17 +212,27 @@ def _online_softmax(
     HEAD_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_DV: tl.constexpr, DROP: tl.constexpr, SUM_V: tl.constexpr, DOT: tl.constexpr,
 ):
-    """One pass over the key blocks: running max m (log2 units), sum l, accumulator acc (and sum of V rows)."""
+    """One pass over the key blocks: running max m (log2 units), sum l, accumulator acc (and sum of V rows),
+    and per row whether any key is kept and whether any logit, kept or dropped, is NaN (the loads pad with 0).
+
+    The max skips NaN, so m = -inf does not mean "no key kept" (a NaN q row, or one whose only kept
+    logit is NaN): the kept flags are counted instead."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     v_sum = tl.zeros([BLOCK_DV], tl.float32)
+    nan_i = tl.zeros([BLOCK_M], tl.int32)
+    kept_i = tl.zeros([BLOCK_M], tl.int32) + (1 - DROP)  # without drops every row keeps its NK >= 1 keys
     for start_n in range(0, NK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_tile(k_base, offs_n, skn, NK, offs_d, HEAD_D)
         v = _load_tile(v_base, offs_n, svn, NK, offs_dv, HEAD_DV)
         keep = _kept(rows[:, None], _col_terms(offs_n)[None, :], (offs_n < NK)[None, :], hash_limit, 0, DROP, False)
-        s = tl.where(keep, _score(q, tl.trans(k), DOT) * qk_scale, float("-inf"))  # dropped before the max
+        scores = _score(q, tl.trans(k), DOT) * qk_scale
+        if DROP:  # a dropped NaN logit is not in the max below: note it here (kept NaN reach l and acc)
+            nan_i = tl.maximum(nan_i, tl.max((scores != scores).to(tl.int32), 1))
+            kept_i = tl.maximum(kept_i, tl.max(keep.to(tl.int32), 1))
+        s = tl.where(keep, scores, float("-inf"))  # dropped before the max
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no (-inf) - (-inf) while a row is empty
         p = tl.exp2(s - m_safe[:, None])
@@ -228,7 +242,7 @@ def _online_softmax(
         m_i = m_new
         if SUM_V:
             v_sum += tl.sum(v.to(tl.float32), 0)
-    return m_i, l_i, acc, v_sum
+    return m_i, l_i, acc, v_sum, kept_i == 0, nan_i != 0
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "hash_limit"])
@@ -248,20 +262,21 @@ def _fwd_kernel(
     k_base = _slice_ptr(K, bh, H, skb, skh)
     v_base = _slice_ptr(V, bh, H, svb, svh)
     rows = _row_keys(_slice_key(seed_lo, seed_hi, bh), offs_m)
-    m_i, l_i, acc, v_sum = _online_softmax(
+    m_i, l_i, acc, v_sum, empty, nan_rows = _online_softmax(
         q, rows, k_base, skn, v_base, svn, NK, qk_scale, hash_limit, offs_d, offs_dv,
         HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_DV, DROP, CONVENTION == 1, DOT,
     )
-    empty = m_i == float("-inf")  # l = 0 exactly when no key was kept
-    dead = empty & (offs_m < NQ)
+    dead = empty & (offs_m < NQ)  # empty: no key kept (then l = 0 and m = -inf)
     l_safe = tl.where(empty, 1.0, l_i)
+    # NaN in, NaN out: a row with a NaN logit, even a dropped one, is NaN (all-dropped rows: their convention)
+    l_safe = tl.where(nan_rows & ~empty, float("nan"), l_safe)
     out = acc / l_safe[:, None]
     lse = tl.where(dead, float("inf"), m_i + tl.log2(l_safe))  # +inf: zero weights in the backward
     if CONVENTION == 1:
         out = tl.where(dead[:, None], (v_sum / NK)[None, :], out)
     if CONVENTION == 2:
         if tl.max(dead.to(tl.int32), 0) > 0:  # rare: a dead row in this block -> plain softmax pass
-            m2, l2, acc2, _ = _online_softmax(
+            m2, l2, acc2, _, _, _ = _online_softmax(
                 q, rows, k_base, skn, v_base, svn, NK, qk_scale, hash_limit, offs_d, offs_dv,
                 HEAD_D, HEAD_DV, BLOCK_M, BLOCK_N, BLOCK_DV, False, False, DOT,
             )
