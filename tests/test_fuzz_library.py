@@ -26,6 +26,13 @@ REALS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(mi
                   st.sampled_from([0, 0.5, 1, 1 - 1e-12, 10**400, -0.0]))
 
 
+def _mostly(valid, weird):
+    """``valid`` three times in four, else ``weird`` (st.one_of would flatten nested alternatives and draw
+    each branch alike: a valid value among seven weird kinds came up one time in eight). Valid at 0, which
+    hypothesis draws first and shrinks towards."""
+    return st.integers(0, 3).flatmap(lambda i: weird if i == 3 else valid)
+
+
 def _expect(call, names: tuple[str, ...]):
     """Run ``call``; return its result, or None after checking the error names one of ``names``."""
     try:
@@ -108,6 +115,7 @@ def _check_module(dim, heads, ratio, backend, fused, bias, generator, x_dims, tr
     if module is None:
         return
     module.train(training)
+    x_dims = (2, 5, module.qkv.in_features) if x_dims is None else x_dims  # None: the shape the module takes
     x = torch.randn(*x_dims, generator=torch.Generator().manual_seed(0))
     out = _expect(lambda: module(x), MODULE_NAMES)
     if out is not None:
@@ -121,11 +129,14 @@ def _check_module(dim, heads, ratio, backend, fused, bias, generator, x_dims, tr
 # tests/test_reliability_library.py, test_an_absurd_module_size_is_a_value_error).
 SMALL_INTS_WEIRD = st.one_of(st.none(), st.text(max_size=3), st.lists(st.integers(), max_size=2), st.booleans(),
                              st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 9))
+# Mostly valid sizes and flags and an x of the module's shape, so that many inputs reach the forward pass.
 MODULE_ARGS = (
-    st.one_of(st.integers(-2, 9), SMALL_INTS_WEIRD), st.one_of(st.integers(-1, 4), SMALL_INTS_WEIRD), REALS,
-    st.one_of(st.sampled_from(CPU_BACKENDS), WEIRD), st.one_of(st.booleans(), WEIRD),
-    st.one_of(st.booleans(), WEIRD), st.one_of(st.none(), st.integers(-(2**65), 2**65), WEIRD),
-    st.lists(st.integers(1, 8), min_size=1, max_size=4), st.booleans(),
+    _mostly(st.sampled_from([2, 4, 6, 8]), st.one_of(st.integers(-2, 9), SMALL_INTS_WEIRD)),
+    _mostly(st.sampled_from([1, 2]), st.one_of(st.integers(-1, 4), SMALL_INTS_WEIRD)),
+    _mostly(st.sampled_from([0.0, 0.1, 0.5, 0.9]), REALS),
+    _mostly(st.sampled_from(CPU_BACKENDS), WEIRD), _mostly(st.booleans(), WEIRD),
+    _mostly(st.booleans(), WEIRD), st.one_of(st.none(), st.integers(-(2**65), 2**65), WEIRD),
+    _mostly(st.none(), st.lists(st.integers(1, 8), min_size=1, max_size=4)), st.booleans(),
 )
 
 
@@ -168,7 +179,7 @@ def _check_create_model(name, overrides) -> None:
     assert torch.isfinite(out).all()
 
 
-NAMES = st.one_of(st.just("vit_tiny_8"), st.just(["vit_tiny_8"]), WEIRD)
+NAMES = _mostly(st.just("vit_tiny_8"), st.one_of(st.just(["vit_tiny_8"]), WEIRD))
 
 
 @settings(max_examples=70, **FUZZ)
