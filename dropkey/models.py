@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from dropkey import regularisers
 from dropkey.functional import BACKENDS
-from dropkey.modules import DropKeyAttention
+from dropkey.modules import MAX_SIZE, DropKeyAttention
 from dropkey.reattention import ReattentionSettings
 from dropkey.reference import check_input
 from dropkey.schedules import validate_schedule
@@ -41,9 +41,6 @@ from theory.conventions import DEFAULT, check_all_dropped
 log = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean")
-#: The largest size (image side, dim, depth, ...) and MLP width a config may ask for: beyond any tensor
-#: dimension torch's int64 sizes and the memory of a machine can hold together.
-MAX_SIZE = 2**31 - 1
 
 
 def _as_tuple(value: object) -> object:

@@ -87,6 +87,10 @@ from theory.checks import check_bool, check_choice, check_int
 log = logging.getLogger(__name__)
 
 
+#: The largest size (dim, heads, and in ViTConfig image side, depth, MLP width ...) a module may ask for: beyond
+#: what torch's tensor sizes and a machine's memory can hold together (a ValueError naming it, not torch's errors).
+MAX_SIZE = 2**31 - 1
+
 def __getattr__(name: str) -> Any:
     """``VARIANTS`` and ``GRID_VARIANTS``: the registry's names now (a regulariser registered later counts)."""
     if name == "VARIANTS":
@@ -174,15 +178,15 @@ class DropKeyAttention(nn.Module):
     ) -> None:
         """``variant=None`` means ``"dropkey"`` (``"dropout"`` when only timm's ``attn_drop`` is given)."""
         super().__init__()
-        dim = check_int(dim, "dim", 1)
-        num_heads = check_int(num_heads, "num_heads", 1)
+        dim = check_int(dim, "dim", 1, MAX_SIZE)
+        num_heads = check_int(num_heads, "num_heads", 1, MAX_SIZE)
         if attn_head_dim is None:
             if dim % num_heads != 0:
                 raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
             head_dim = dim // num_heads
         else:
-            head_dim = check_int(attn_head_dim, "attn_head_dim", 1)
-        dim_out = dim if dim_out is None else check_int(dim_out, "dim_out", 1)
+            head_dim = check_int(attn_head_dim, "attn_head_dim", 1, MAX_SIZE)
+        dim_out = dim if dim_out is None else check_int(dim_out, "dim_out", 1, MAX_SIZE)
         qk_norm = check_bool(qk_norm, "qk_norm")
         scale_norm = check_bool(scale_norm, "scale_norm")
         qkv_bias = check_bool(qkv_bias, "qkv_bias")
