@@ -248,6 +248,16 @@ def _command_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_calibrate(args: argparse.Namespace) -> int:
+    """Train the scale's calibration candidates (cached) and write which regime meets the overfitting criteria."""
+    from dropkey.lab.experiments.calibration import run_calibration
+
+    folder = run_calibration(args.scale, runs_dir=args.runs_dir, results_dir=args.results_dir, data_dir=args.data_dir,
+                             device=args.device, command=["dropkey-lab"] + list(sys.argv[1:]))
+    print(f"calibration ({args.scale} scale) -> {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="dropkey-lab",
@@ -341,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--reanalyse", action="store_true",
                     help="train nothing: recompute the per-seed and comparison tables of an existing result folder")
     ex.set_defaults(handler=_command_experiment)
+
+    cal = commands.add_parser("calibrate", help="choose a scale's overfitting regime: train its candidate recipes "
+                              "without a regulariser and judge them (docs/experiments.md)")
+    cal.add_argument("--scale", choices=SCALE_NAMES, default="small_data",
+                     help="a scale with calibration candidates (small_data)")
+    cal.add_argument("--runs-dir", type=Path, default=Path("runs") / "experiments", help="training runs")
+    cal.add_argument("--results-dir", type=Path, default=Path("results"), help="result folders (default results/)")
+    cal.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    cal.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    cal.set_defaults(handler=_command_calibrate)
     return parser
 
 

@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 
 from dropkey import storage
+from dropkey.lab.experiments.definitions import EXPERIMENT_NAMES, SCALE_NAMES
 
 log = logging.getLogger(__name__)
 
-VIT_SCALES = ("quick", "medium", "full")  # smallest to largest; a claim is judged at the largest measured
+VIT_SCALES = SCALE_NAMES  # in order of precedence: a claim is judged at the last one measured
 VIT_PER_SEED = "per_seed.csv"  # in results/<scale>/<experiment>/: every quantity, seed by seed
 
 
@@ -52,6 +53,7 @@ class ExperimentEvidence:
     scale: str
     folder: Path
     per_seed: pd.DataFrame  # quantity, seed, value, covariate (group "" and layer -1 only)
+    cells: pd.DataFrame = field(default_factory=pd.DataFrame)  # the same, every group of layer -1 (sweeps, cells)
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -69,6 +71,17 @@ class ExperimentEvidence:
         if covariate is not None and np.isnan(covariate).all():
             raise EvidenceError(f"{self.folder}: {quantity!r} has no covariate values")
         return Sample(quantity, "", rows["value"].to_numpy(np.float64), covariate, self.scale)
+
+    def cell_samples(self, quantity: str) -> list[Sample]:
+        """One sample of ``quantity`` per group label (a claim decided in several cells), in table order."""
+        rows = self.cells[self.cells["quantity"] == quantity] if len(self.cells) else self.cells
+        if not len(rows):
+            raise EvidenceError(
+                f"{self.folder} has no per-cell values of {quantity!r}: re-run the experiment "
+                f"(`dropkey-lab experiment {self.experiment} --scale {self.scale}`)"
+            )
+        return [Sample(quantity, str(group), cell.sort_values("seed")["value"].to_numpy(np.float64), None, self.scale)
+                for group, cell in rows.groupby("group", sort=False)]
 
 
 @dataclass(frozen=True)
@@ -132,10 +145,11 @@ def experiment_evidence(folder: Path, experiment: str, scale: str) -> Experiment
     needed = {"quantity", "group", "layer", "seed", "value", "covariate"}
     if not needed <= set(frame.columns):
         raise EvidenceError(f"{path} lacks the columns {sorted(needed - set(frame.columns))}")
-    headline = frame[(frame["group"] == "") & (frame["layer"] == -1)].copy()
     for column in ("value", "covariate"):
-        headline[column] = pd.to_numeric(headline[column], errors="coerce")
-    return ExperimentEvidence(experiment, scale, folder, headline.reset_index(drop=True))
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    headline = frame[(frame["group"] == "") & (frame["layer"] == -1)]
+    cells = frame[frame["layer"] == -1]
+    return ExperimentEvidence(experiment, scale, folder, headline.reset_index(drop=True), cells.reset_index(drop=True))
 
 
 def load_experiment_evidence(results_dir: Path) -> dict[str, ExperimentEvidence]:
@@ -143,7 +157,8 @@ def load_experiment_evidence(results_dir: Path) -> dict[str, ExperimentEvidence]
     found: dict[str, ExperimentEvidence] = {}
     root = Path(results_dir)
     for scale in reversed(VIT_SCALES):
-        for folder in sorted(path for path in root.glob(f"{scale}/*") if experiment_complete(path)):
+        for folder in sorted(path for path in root.glob(f"{scale}/*")
+                             if path.name in EXPERIMENT_NAMES and experiment_complete(path)):  # not calibration
             experiment = folder.name
             if experiment in found:
                 continue  # measured at a larger scale already

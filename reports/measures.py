@@ -188,3 +188,12 @@ def vit_samples(evidence: Evidence, experiment: str, quantities: dict[str, bool]
     if found is None:
         return None
     return [found.sample(name, with_covariate=covariate) for name, covariate in quantities.items()]
+
+
+def mechanism_samples(evidence: Evidence) -> list[Sample] | None:
+    """Per cell (probed run, checkpoint, ratio), the per-batch differences of the mechanism's two quantities."""
+    found = evidence.experiments.get("gradient_mechanism")
+    if found is None:
+        return None
+    return [sample for name in ("peak_step_dropkey_minus_none", "entropy_step_dropkey_minus_none")
+            for sample in found.cell_samples(name)]

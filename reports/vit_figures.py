@@ -15,6 +15,7 @@ import pandas as pd
 from scipy import stats
 
 from reports.figures import PALETTE, Figure, make_figure
+from reports.mechanism_figures import mechanism_figures
 
 
 def _mean_se(frame: pd.DataFrame, by: list[str], column: str) -> pd.DataFrame:
@@ -285,6 +286,7 @@ FIGURES: dict[str, Callable] = {
     "alignment": alignment_figures,
     "structured": structured_figures,
     "collapse": collapse_figures,
+    "gradient_mechanism": mechanism_figures,
 }
 
 

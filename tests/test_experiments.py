@@ -28,6 +28,7 @@ from dropkey.lab.experiments import (
     runner,
     scale,
 )
+from dropkey.lab.experiments.gradient_mechanism import SETTINGS as MECHANISM_SETTINGS
 from dropkey.lab.experiments.results import load_result, run_specs
 from dropkey.lab.train import train
 from reports import claims as registry
@@ -95,7 +96,7 @@ def test_run_key_ignores_output_fields_and_changes_with_the_recipe(tmp_path):
 def test_unknown_names_raise_naming_the_allowed_values():
     with pytest.raises(ValueError, match=r"experiment must be one of \('attention_dynamics'"):
         experiment("nope")
-    with pytest.raises(ValueError, match=r"scale must be one of \('quick', 'medium', 'full'\)"):
+    with pytest.raises(ValueError, match=r"scale must be one of \('quick', 'medium', 'small_data', 'full'\)"):
         scale("huge")
     with pytest.raises(ValueError, match=r"jobs must be an integer in \[1, inf\)"):
         runner.execute_all([], jobs=0)
@@ -195,18 +196,26 @@ def test_quick_experiments_measure_every_claim(quick_results):
         assert {p.name for p in result.folder.iterdir()} >= {
             "runs.csv", "attention.csv", "finals.csv", "per_seed.csv", "comparisons.csv", "summary.json",
             "config.json", "provenance.json", "complete.json"}
-        assert set(result.finals["seed"]) == set(SCALES["quick"].seeds)
-        assert set(result.per_seed["seed"]) == set(SCALES["quick"].seeds)
+        if experiment(result.name).run is None:  # trained arm by arm, seed by seed
+            assert set(result.finals["seed"]) == set(SCALES["quick"].seeds)
+            assert set(result.per_seed["seed"]) == set(SCALES["quick"].seeds)
+        else:  # the gradient-mechanism probe: the scale's first seed; its replicates are mask passes
+            assert set(result.finals["seed"]) == {SCALES["quick"].seeds[0]}
+            assert set(result.per_seed["seed"]) == set(range(MECHANISM_SETTINGS["quick"].masks))
         assert np.isfinite(result.per_seed["value"]).all()
     evidence = Evidence(experiments=load_experiment_evidence(base / "results"))
     for claim in VIT_CLAIMS:
         verdict = registry.assess(claim, evidence)
         assert verdict.status != "not yet measured", (claim.id, verdict)
-        assert verdict.key_number.startswith("[quick scale, n = 3 seeds]")
+        replicates = MECHANISM_SETTINGS["quick"].masks if claim.id == "vit-gradient-mechanism" else 3
+        if claim.id == "vit-gradient-mechanism":  # one cell per probed run, checkpoint and ratio
+            assert verdict.key_number.startswith(f"[quick scale, {2 * 3 * 2} cells, n = {replicates} mask passes]")
+        else:
+            assert verdict.key_number.startswith("[quick scale, n = 3 seeds]")
         assert {f.quantity.name for f in verdict.findings} == {q.name for q in claim.quantities}
         for finding in verdict.findings:  # every registered quantity has a measured outcome
             assert finding.decision.outcome != "not yet measured", (claim.id, finding.text())
-            assert finding.decision.n == 3
+            assert finding.decision.n == replicates
 
 
 def test_per_seed_rows_are_the_comparisons_seed_by_seed(quick_results):

@@ -84,8 +84,18 @@ def run_experiment(
     progress: bool = False,
     command: Sequence[str] | None = None,
 ) -> ExperimentResult:
-    """Train what is missing, analyse every run, write the result folder; return it as read back."""
+    """Train what is missing, analyse every run, write the result folder; return it as read back.
+
+    An experiment with its own ``run`` (e.g. ``gradient_mechanism``) is handed the scale and the
+    folders instead; it chooses its own runs (``seeds`` must then be None; ``jobs`` is not used).
+    """
     spec, s = experiment(name), scale(scale_name)
+    if spec.run is not None:
+        if seeds is not None:
+            raise ValueError(f"seeds must be None for experiment {name!r} (it probes the scale's first seed)")
+        spec.run(scale_name, runs_dir=runs_dir, results_dir=results_dir, data_dir=data_dir, device=device,
+                 progress=progress, command=command)
+        return load_result(results_dir, scale_name, name)
     specs = run_specs(name, scale_name, runs_dir=runs_dir, data_dir=data_dir, device=device, seeds=seeds)
     started = time.perf_counter()
     execute_all(specs, jobs=jobs, progress=progress, command=command)
@@ -144,6 +154,9 @@ def reanalyse(results_dir: str | os.PathLike[str], scale_name: str, name: str,
     analysed with this version of :mod:`dropkey.lab.experiments.analysis` (for folders written by an
     earlier version). The provenance keeps the training's record and adds this analysis's commit.
     """
+    if experiment(name).run is not None:
+        raise ValueError(f"experiment {name!r} analyses its own cached probes: run it again "
+                         f"(`dropkey-lab experiment {name} --scale {scale_name}`), nothing is retrained")
     result = load_result(results_dir, scale_name, name, legacy=True)
     tables = {"runs.csv": result.runs, "attention.csv": result.attention, "finals.csv": result.finals,
               "monte_carlo.csv": result.monte_carlo}

@@ -100,7 +100,8 @@ def train_config(
         model=arm.model or s.model, attn_variant=arm.variant, drop_ratio=arm.drop_ratio,
         model_overrides=arm.model_overrides, final_epochs_without_drop=arm.final_epochs_without_drop,
         epochs=arm.epochs or s.epochs, batch_size=s.batch_size, lr=s.lr, warmup_epochs=s.warmup_epochs,
-        seed=seed, eval_batch_size=s.eval_batch_size, eval_every=s.eval_every, device=device, progress=False,
+        seed=seed, eval_batch_size=s.eval_batch_size, eval_every=s.eval_every, crop_padding=s.crop_padding,
+        device=device, progress=False,
         out_dir="pending",
     )
     return dataclasses.replace(config, out_dir=str(Path(runs_dir) / run_key(config)))
