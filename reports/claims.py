@@ -405,6 +405,47 @@ CLAIMS: tuple[Claim, ...] = (
          "tests/test_experiments.py::test_quick_experiments_measure_every_claim"),
     ),
     _vit_claim(
+        "vit-generalisation-gap",
+        "DropKey narrows the generalisation gap: a ViT trained with it has a smaller difference between its accuracy "
+        "on its own training images and on test images than one trained without a regulariser.",
+        "Sec. 1 and 4 (the motivation: DropKey regularises attention against overfitting in the small-data regime)",
+        "accuracy",
+        (Quantity("gap_dropkey_minus_none", "clean (un-augmented, eval-mode) training accuracy minus test top-1 of a "
+                  "DropKey run, minus the same of the same seed's run without regulariser", "down", 0.5, TOP1,
+                  unit="pp"),),
+        "Paired by seed; meaningful in an overfitting regime (docs/experiments.md).",
+        ("tests/test_experiments.py::test_quick_experiments_measure_every_claim",
+         "tests/test_experiments.py::test_train_evaluation_reads_the_runs_own_training_images"),
+    ),
+    _vit_claim(
+        "vit-dropkey-vs-dropout-entropy",
+        "Trained with DropKey, a ViT's learned attention is smoother (higher entropy) than trained with post-softmax "
+        "dropout at the same ratio.",
+        "Sec. 4, Fig. 5 (attention maps of DropKey against dropout)", "attention_dynamics",
+        (Quantity("entropy_dropkey_minus_dropout", "final clean attention entropy (eval mode, mean over blocks and "
+                  "heads, test images), DropKey run minus the same seed's post-softmax dropout run", "up", 0.02,
+                  "a 2% change of the effective number of attended keys exp(H)", unit="nats"),),
+        "Paired by seed.",
+        ("tests/test_experiments.py::test_quick_experiments_measure_every_claim",),
+    ),
+    _vit_claim(
+        "vit-compensation",
+        "Compensation: a ViT trained with DropKey learns sharper attention p than one trained without a regulariser, "
+        "while the expected attention E[w] its training steps see stays close to the plain model's p.",
+        "ours (hypothesis): Eq. 4 is about E[w] at a fixed p; the network can undo the smoothing by sharpening p, "
+        "which would explain higher learned peaks under DropKey", "attention_dynamics",
+        (Quantity("train_peak_dropkey_minus_none", "final clean attention peak on the run's training images (mean over "
+                  "blocks, heads and rows), DropKey run minus the same seed's run without regulariser", "up", 0.01,
+                  PEAK),
+         Quantity("train_expected_peak_dropkey_minus_learned_none", "peak of the DropKey model's exact E[w] minus the "
+                  "plain model's learned peak, same seed, same training images", "equal", 0.01,
+                  "within one percentage point of attention mass the expectation matches the plain model's "
+                  "attention")),
+        "Paired by seed; both quantities must hold.",
+        ("tests/test_experiments.py::test_quick_experiments_measure_every_claim",
+         "tests/test_experiments.py::test_train_evaluation_reads_the_runs_own_training_images"),
+    ),
+    _vit_claim(
         "vit-schedule",
         "A drop ratio decreasing with depth beats a constant one at the same mean ratio.",
         "Sec. 3 (how to schedule the drop ratio)", "schedules",

@@ -72,6 +72,11 @@ class ExperimentEvidence:
             raise EvidenceError(f"{self.folder}: {quantity!r} has no covariate values")
         return Sample(quantity, "", rows["value"].to_numpy(np.float64), covariate, self.scale)
 
+    @property
+    def recorded(self) -> set[str]:
+        """The quantities this result records (headline or per cell)."""
+        return set(self.per_seed["quantity"]) | (set(self.cells["quantity"]) if len(self.cells) else set())
+
     def cell_samples(self, quantity: str) -> list[Sample]:
         """One sample of ``quantity`` per group label (a claim decided in several cells), in table order."""
         rows = self.cells[self.cells["quantity"] == quantity] if len(self.cells) else self.cells

@@ -183,9 +183,15 @@ def mc_rate(evidence: Evidence) -> dict[str, object] | None:
 
 
 def vit_samples(evidence: Evidence, experiment: str, quantities: dict[str, bool]) -> list[Sample] | None:
-    """The per-seed values of ``quantities`` (name -> with its covariate) at the experiment's largest scale."""
+    """The per-seed values of ``quantities`` (name -> with its covariate) at the experiment's largest scale.
+
+    None (not yet measured) when the experiment has not run, or when its result records none of
+    the quantities (it was written before they existed: e.g. a result without the training-image
+    evaluation). A result that records some of a claim's quantities but not all is an EvidenceError
+    (every claim is measured at quick scale by the tests, so a renamed quantity cannot hide here).
+    """
     found = evidence.experiments.get(experiment)
-    if found is None:
+    if found is None or not set(quantities) & found.recorded:
         return None
     return [found.sample(name, with_covariate=covariate) for name, covariate in quantities.items()]
 

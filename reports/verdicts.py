@@ -221,7 +221,8 @@ def empirical_rule(quantities: Sequence[Quantity], *, prefix: Callable[[Any], st
 
     def rule(samples: Sequence[Sample] | None) -> Verdict:
         if samples is None:
-            return not_measured("the study or experiment that measures it has not run")
+            return not_measured("the study or experiment that measures it has not run (or its result predates "
+                                "the quantities this claim reads)")
         findings = decide(quantities, samples)
         status = combine(f.decision.outcome for f in findings)
         key = findings_key(findings, prefix(samples) if prefix else "")

@@ -14,6 +14,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from dropkey import schedules
 from dropkey.lab.experiments import (
@@ -298,3 +299,25 @@ def test_experiments_registry_names_its_claims():
             assert registry.VIT_PREFIX + spec.name in registry.claim(claim_id).measured_by
     for claim in VIT_CLAIMS:  # each real-ViT claim is measured by exactly one experiment
         assert len(claim.measured_by) == 1 and claim.quantities
+
+
+def test_train_evaluation_reads_the_runs_own_training_images(quick_results):
+    """train_evaluation.csv: the final model's clean accuracy on the trainer's own training subset (recomputed
+    here through the trainer), and E[w] = p for a run without regulariser; the gap is that minus test top-1."""
+    from dropkey.lab.checkpoints import read_checkpoint
+    from dropkey.lab.train import Trainer
+
+    base, results = quick_results
+    spec = next(s for s in run_specs("accuracy", "quick", runs_dir=base / "runs") if s.arm.name == "none")
+    table = pd.read_csv(spec.folder / runner.TRAIN_EVALUATION_FILE)
+    trainer = Trainer(spec.config)
+    trainer.model.load_state_dict(read_checkpoint(spec.folder / "checkpoint.pt")["model"])
+    trainer.model.eval()
+    with torch.no_grad():
+        predicted = trainer.model(trainer.normalize(trainer.train_set.images)).argmax(-1)
+    accuracy = float((predicted == trainer.train_set.labels).double().mean())
+    assert table.query("metric == 'clean_accuracy'")["value"].item() == pytest.approx(accuracy, abs=1e-12)
+    blocks = table[table["layer"] >= 0].pivot_table(index="layer", columns="metric", values="value")
+    np.testing.assert_allclose(blocks["expected_peak"], blocks["learned_peak"], rtol=1e-12)
+    finals = results["accuracy"].finals.set_index(["arm", "seed"]).loc[("none", spec.seed)]
+    assert finals["gap"] == pytest.approx(100 * accuracy - finals["top1"], abs=1e-9)

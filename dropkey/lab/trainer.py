@@ -81,6 +81,17 @@ def _frame_bytes(frame: pd.DataFrame) -> bytes:
     return csv_text(frame).encode("utf-8")
 
 
+def training_subset(train_set: datasets.ImageData, size: int | None, seed: int) -> datasets.ImageData:
+    """The run's training images: the seeded class-balanced subset of ``size`` (None: all of them)."""
+    if size is None:
+        return train_set
+    if size > len(train_set):
+        raise ValueError(f"train_subset must be in [1, {len(train_set)}], got {size}")
+    index = datasets.balanced_subset_indices(train_set.labels, size, seed=seed,
+                                             num_classes=train_set.info.num_classes)
+    return train_set.subset(index)
+
+
 def resolve_device(config: TrainConfig, local_rank: int) -> torch.device:
     """The run's device; a CUDA device torch cannot see is a ValueError naming ``device``."""
     if config.device == "auto":
@@ -173,16 +184,10 @@ class Trainer:
     def _setup(self) -> None:
         c = self.config
         options = {"verify": c.verify_data} if c.dataset != "digits" else {}
-        train_set = datasets.load_dataset(c.dataset, "train", c.data_dir, **options)
+        full_train = datasets.load_dataset(c.dataset, "train", c.data_dir, **options)
         test_set = datasets.load_dataset(c.dataset, "test", c.data_dir, **options)
-        self.mean, self.std = datasets.channel_stats(train_set.images)
-        if c.train_subset is not None:
-            if c.train_subset > len(train_set):
-                raise ValueError(f"train_subset must be in [1, {len(train_set)}], got {c.train_subset}")
-            index = datasets.balanced_subset_indices(
-                train_set.labels, c.train_subset, seed=self.seeds["subset"], num_classes=train_set.info.num_classes
-            )
-            train_set = train_set.subset(index)
+        self.mean, self.std = datasets.channel_stats(full_train.images)
+        train_set = training_subset(full_train, c.train_subset, self.seeds["subset"])
         self.train_set, self.test_set = train_set, test_set
         self.steps_per_epoch = len(train_set) // self.world_size // self.local_batch
         if self.steps_per_epoch < 1:

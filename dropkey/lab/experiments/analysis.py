@@ -28,6 +28,12 @@ eval mode on a fixed batch of test images, see :mod:`dropkey.diagnostics`):
   :func:`dropkey.lab.experiments.runner.expected_attention_rows`), on the rows of the first 8
   diagnostics images; NaN for structured masks; ``learned_peak`` / ``learned_entropy``: p on
   those same rows;
+- ``train_clean_top1``, ``gap``: accuracy (percent) of the final model on its own training images,
+  un-augmented, in eval mode, and that minus ``top1`` (the generalisation gap);
+  ``train_learned_peak`` / ``..._entropy`` and ``train_expected_peak`` / ``..._entropy``: p and
+  E[w] on the rows of its first 64 training images
+  (:func:`dropkey.lab.experiments.runner.train_evaluation_rows`); NaN for runs recorded before
+  that evaluation existed, whose per-seed tables then lack the quantities built on them;
 - ``images_per_s``: median training throughput over epochs 2.. (epoch 1 includes warm-up).
 """
 
@@ -41,7 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dropkey.lab.experiments.runner import EXPECTED_ATTENTION_FILE, MONTE_CARLO_FILE, RunSpec
+from dropkey.lab.experiments.runner import EXPECTED_ATTENTION_FILE, MONTE_CARLO_FILE, TRAIN_EVALUATION_FILE, RunSpec
 
 ATTENTION_METRICS = ("peak", "entropy", "abs_grad_top", "abs_grad_rest", "similarity", "similarity_softmax",
                      "similarity_centred")
@@ -105,6 +111,21 @@ def _top_similarity(block_rows: pd.DataFrame, depth: int, metric: str = "similar
     return float(pairs["value"].mean()) if len(pairs) else math.nan
 
 
+def _train_quantities(folder: Path) -> dict[str, float]:
+    """The final model on its training images (train_evaluation.csv; NaN for runs recorded before it existed)."""
+    names = ("train_clean_top1", "train_learned_peak", "train_learned_entropy", "train_expected_peak",
+             "train_expected_entropy")
+    path = folder / TRAIN_EVALUATION_FILE
+    if not path.is_file():
+        return dict.fromkeys(names, math.nan)
+    table = pd.read_csv(path)
+    blocks = table[table["layer"] >= 0].groupby("metric")["value"].mean()
+    accuracy = table.loc[(table["layer"] == -1) & (table["metric"] == "clean_accuracy"), "value"]
+    return {"train_clean_top1": 100.0 * float(accuracy.iloc[0]),
+            **{f"train_{metric}": float(blocks[metric]) for metric in
+               ("learned_peak", "learned_entropy", "expected_peak", "expected_entropy")}}
+
+
 def final_quantities(specs: Sequence[RunSpec], metrics: pd.DataFrame, attention: pd.DataFrame) -> pd.DataFrame:
     """One row per run: the per-run quantities of the module doc."""
     rows = []
@@ -137,7 +158,9 @@ def final_quantities(specs: Sequence[RunSpec], metrics: pd.DataFrame, attention:
             "top_similarity_centred_init": _top_similarity(initial, depth, "similarity_centred"),
             "top_entropy": float(per_block.loc[top, "entropy"].mean()),
             "images_per_s": float(later.median() if len(later) else run_metrics["images_per_s"].median()),
+            **_train_quantities(spec.folder),
         }
+        row["gap"] = row["train_clean_top1"] - row["top1"]  # clean training minus test accuracy (pp)
         needed = ("top1", "peak", "entropy", "grad_ratio", "top_entropy") + (
             ("top_similarity", "top_similarity_centred", "top_similarity_centred_init") if depth > 1 else ())
         bad = [name for name in needed if not math.isfinite(row[name])]
@@ -243,18 +266,37 @@ def _attention_dynamics(finals, attention, mc) -> list[dict[str, Any]]:
     dropkey = finals[finals["arm"] == "dropkey"].set_index("seed")
     rows += _rows("expected_minus_learned_peak_dropkey", dropkey["expected_peak"] - dropkey["learned_peak"],
                   "peak(E[w]) - peak(p) of the DropKey model on the same rows: the smoothing its masks apply")
+    if _recorded(finals, "train_learned_peak"):  # the compensation question, on the training images
+        rows += _paired(finals, "train_learned_peak", [("train_peak_dropkey_minus_none", "dropkey", "none"),
+                                                       ("train_peak_dropout_minus_none", "dropout", "none")])
+        none = finals[finals["arm"] == "none"].set_index("seed")
+        rows += _rows("train_expected_peak_dropkey_minus_learned_none",
+                      dropkey["train_expected_peak"] - none["train_learned_peak"],
+                      "peak(E[w]) of the DropKey model minus peak(p) of the same seed's plain model, on training "
+                      "images: what a DropKey training step sees against what the plain model has learned")
     for arm in ("dropkey", "dropout"):
         rows += _per_layer(attention, "peak", arm, "none", f"peak_{arm}_minus_none_by_block")
         rows += _per_layer(attention, "entropy", arm, "none", f"entropy_{arm}_minus_none_by_block")
     return rows
 
 
+def _recorded(finals: pd.DataFrame, column: str) -> bool:
+    """Whether every run recorded ``column`` (runs of an earlier version lack the training-image evaluation)."""
+    return bool(np.isfinite(finals[column].to_numpy(dtype=float)).all())
+
+
 def _accuracy(finals, attention, mc) -> list[dict[str, Any]]:
-    return _means(finals, "top1") + _paired(finals, "top1", [
+    rows = _means(finals, "top1") + _paired(finals, "top1", [
         ("top1_dropkey_minus_none", "dropkey", "none"),
         ("top1_dropkey_minus_dropout", "dropkey", "dropout"),
         ("top1_dropout_minus_none", "dropout", "none"),
     ], " (percentage points)")
+    if _recorded(finals, "gap"):
+        rows += _means(finals, "train_clean_top1") + _means(finals, "gap") + _paired(finals, "gap", [
+            ("gap_dropkey_minus_none", "dropkey", "none"),
+            ("gap_dropout_minus_none", "dropout", "none"),
+        ], " (percentage points of clean training minus test accuracy)")
+    return rows
 
 
 def _schedules(finals, attention, mc) -> list[dict[str, Any]]:

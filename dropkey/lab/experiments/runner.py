@@ -5,7 +5,9 @@ Runs live in ``runs_dir/<key>/``, ``key`` a hash of the run's whole :class:`Trai
 experiments is trained once. A run folder is the trainer's (``config.json``,
 ``provenance.json``, ``metrics.csv``, ``diagnostics.csv``, ``checkpoint.pt``) plus
 ``expected_attention.csv`` (the final model's expected attention under its regulariser, see
-:func:`expected_attention_rows`), for Monte-Carlo arms ``monte_carlo.csv``, and finally
+:func:`expected_attention_rows`), ``train_evaluation.csv`` (the final model on its own training
+images: clean accuracy, learned and expected attention, :func:`train_evaluation_rows`), for
+Monte-Carlo arms ``monte_carlo.csv``, and finally
 :mod:`dropkey.storage`'s completion marker ``complete.json`` (written last, atomically, listing
 every file with its size and SHA-256, and the run's final metrics): a folder with it whose files
 all match it is done and is never retrained; one that does not match is a damaged cache and is
@@ -42,7 +44,9 @@ from dropkey.inference import monte_carlo_predict
 from dropkey.lab import data as datasets
 from dropkey.lab.augment import Normalize
 from dropkey.lab.experiments.definitions import Arm, Scale
+from dropkey.lab.randomness import stream_seeds
 from dropkey.lab.train import CHECKPOINT, TrainConfig, read_checkpoint, resolve_device, train
+from dropkey.lab.trainer import training_subset
 from dropkey.models import VisionTransformer
 from theory.checks import check_int
 from theory.seeding import address_sequence, integer_seeds
@@ -55,6 +59,8 @@ MONTE_CARLO_ADDRESS = 2
 MONTE_CARLO_FILE = "monte_carlo.csv"
 EXPECTED_ATTENTION_FILE = "expected_attention.csv"
 EXPECTED_ATTENTION_IMAGES = 8  # diagnostics images whose rows get the exact expectation
+TRAIN_EVALUATION_FILE = "train_evaluation.csv"
+TRAIN_ATTENTION_IMAGES = 64  # training images whose rows get the learned and the exact expected attention
 # TrainConfig fields that do not change what a run computes (where files go, bars, checks)
 _NOT_IN_KEY = ("out_dir", "progress", "data_dir", "verify_data")
 #: What a run folder records, versioned: runs recorded by an older version are trained again.
@@ -137,7 +143,7 @@ def intact(folder: Path) -> bool:
     except storage.IntegrityError:
         listed = {}  # the marker itself is damaged: nothing it vouched for can be trusted
     (folder / storage.MARKER).unlink()
-    for name in (EXPECTED_ATTENTION_FILE, MONTE_CARLO_FILE):
+    for name in (EXPECTED_ATTENTION_FILE, TRAIN_EVALUATION_FILE, MONTE_CARLO_FILE):
         try:
             storage.verify_file_record(folder / name, listed[name])
         except (KeyError, storage.IntegrityError):
@@ -221,23 +227,8 @@ def monte_carlo_accuracy(folder: Path, config: TrainConfig, ks: Sequence[int], d
     )
 
 
-def expected_attention_rows(folder: Path, config: TrainConfig, device: torch.device,
-                            images: int = EXPECTED_ATTENTION_IMAGES) -> pd.DataFrame:
-    """Peak and entropy of the final model's *expected* attention under its regulariser.
-
-    The trainer's diagnostics observe the learned attention p (eval mode, no drop). What a
-    training step sees on average is E[w] over the masks: for DropKey ``c * p`` with the
-    smoothing coefficients, computed exactly per row by :func:`theory.expected_attention`
-    (the block's drop ratio and ``all_dropped`` convention); for post-softmax dropout and no
-    regulariser ``E[w] = p`` exactly. Structured masks have no exact form: NaN. Rows of the
-    first ``images`` diagnostics images, all heads and queries. Rows: layer, metric
-    (``expected_peak``, ``expected_entropy``), value.
-    """
-
-    model, normalize = _load_trained_model(folder, config, device, fused_attn=False)
-    test = _test_split(config)
-    # the diagnostics batch's first images
-    batch = normalize(test.images[: min(images, config.diagnostics_batch)]).to(device)
+def _attention_rows(model: VisionTransformer, batch: torch.Tensor) -> list[dict[str, Any]]:
+    """Per block: the learned (clean) and the expected attention's mean peak and entropy on ``batch``."""
     model.eval()
     with AttentionRecorder(model, store_maps=True) as recorder, torch.no_grad():
         model(batch)
@@ -258,7 +249,60 @@ def expected_attention_rows(folder: Path, config: TrainConfig, device: torch.dev
             value = float(function(expected).mean()) if expected is not None else float("nan")
             rows.append({"layer": layer, "metric": f"expected_{name}", "value": value})
             rows.append({"layer": layer, "metric": f"learned_{name}", "value": float(function(p).mean())})
+    return rows
+
+
+def expected_attention_rows(folder: Path, config: TrainConfig, device: torch.device,
+                            images: int = EXPECTED_ATTENTION_IMAGES) -> pd.DataFrame:
+    """Peak and entropy of the final model's *expected* attention under its regulariser, on test images.
+
+    The trainer's diagnostics observe the learned attention p (eval mode, no drop). What a
+    training step sees on average is E[w] over the masks: for DropKey ``c * p`` with the
+    smoothing coefficients, computed exactly per row by :func:`theory.expected_attention`
+    (the block's drop ratio and ``all_dropped`` convention); for post-softmax dropout and no
+    regulariser ``E[w] = p`` exactly. Structured masks have no exact form: NaN. Rows of the
+    first ``images`` diagnostics images, all heads and queries. Rows: layer, metric
+    (``expected_peak``, ``expected_entropy``, ``learned_peak``, ``learned_entropy``), value.
+    """
+
+    model, normalize = _load_trained_model(folder, config, device, fused_attn=False)
+    test = _test_split(config)
+    batch = normalize(test.images[: min(images, config.diagnostics_batch)]).to(device)  # the diagnostics batch's
+    return pd.DataFrame(_attention_rows(model, batch), columns=["layer", "metric", "value"])
+
+
+def _train_split(config: TrainConfig) -> datasets.ImageData:
+    """The run's own training images (its class-balanced subset), loaded as the trainer loads them."""
+    options = {"verify": config.verify_data} if config.dataset != "digits" else {}
+    full = datasets.load_dataset(config.dataset, "train", config.data_dir, **options)
+    return training_subset(full, config.train_subset, stream_seeds(config.seed)["subset"])
+
+
+def train_evaluation_rows(folder: Path, config: TrainConfig, device: torch.device,
+                          images: int = TRAIN_ATTENTION_IMAGES) -> pd.DataFrame:
+    """The final model on its own training images, un-augmented: what the generalisation gap and the
+    compensation question read.
+
+    Rows: layer -1, ``clean_accuracy`` (eval mode, every training image); per block, the learned
+    and expected attention's mean peak and entropy on the first ``images`` training images (as
+    :func:`expected_attention_rows` on test images).
+    """
+    model, normalize = _load_trained_model(folder, config, device, fused_attn=False)
+    train_set = _train_split(config)
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(train_set), config.eval_batch_size):
+            batch = normalize(train_set.images[start : start + config.eval_batch_size]).to(device)
+            labels = train_set.labels[start : start + config.eval_batch_size].to(device)
+            correct += int((model(batch).argmax(-1) == labels).sum())
+    rows = [{"layer": -1, "metric": "clean_accuracy", "value": correct / len(train_set)}]
+    rows += _attention_rows(model, normalize(train_set.images[:images]).to(device))
     return pd.DataFrame(rows, columns=["layer", "metric", "value"])
+
+
+#: what every finished run is evaluated on, each written to its file once (kept when intact)
+EVALUATIONS = {EXPECTED_ATTENTION_FILE: expected_attention_rows, TRAIN_EVALUATION_FILE: train_evaluation_rows}
 
 
 def _final_row(folder: Path) -> dict[str, Any]:
@@ -274,7 +318,7 @@ def _has_monte_carlo(folder: Path, ks: Sequence[int]) -> bool:
 def needs_work(spec: RunSpec) -> bool:
     """True unless the run is complete and has every evaluation it asks for."""
     folder = spec.folder
-    return (not intact(folder) or not (folder / EXPECTED_ATTENTION_FILE).is_file()
+    return (not intact(folder) or any(not (folder / name).is_file() for name in EVALUATIONS)
             or bool(spec.monte_carlo and not _has_monte_carlo(folder, spec.monte_carlo)))
 
 
@@ -287,9 +331,10 @@ def execute(spec: RunSpec, command: Sequence[str] | None = None) -> dict[str, An
         _drop_unusable_checkpoint(folder)
         train(spec.config, resume=True, command=list(command or ["dropkey-lab", "experiment"]))
     device = resolve_device(spec.config, 0)
-    if not (folder / EXPECTED_ATTENTION_FILE).is_file():
-        storage.write_csv_atomic(folder / EXPECTED_ATTENTION_FILE, expected_attention_rows(folder, spec.config, device))
-        written = True
+    for name, evaluate in EVALUATIONS.items():
+        if not (folder / name).is_file():
+            storage.write_csv_atomic(folder / name, evaluate(folder, spec.config, device))
+            written = True
     if spec.monte_carlo and not _has_monte_carlo(folder, spec.monte_carlo):
         storage.write_csv_atomic(folder / MONTE_CARLO_FILE,
                                  monte_carlo_accuracy(folder, spec.config, spec.monte_carlo, device))
