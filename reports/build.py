@@ -209,6 +209,7 @@ def _experiment_page(name: str, found: list, claim_rows: list[dict[str, Any]], n
         name=name,
         title=spec.title,
         question=spec.question,
+        method=spec.method,
         claims=[row for row in claim_rows if registry.VIT_PREFIX + name in row["claim"].measured_by],
         equations=page_equations(registry.VIT_PREFIX + name),
         derivation_keys=_derivation_keys(claim_rows, registry.VIT_PREFIX + name),

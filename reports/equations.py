@@ -57,6 +57,18 @@ def _experiment_equations() -> dict[str, list[tuple[str, sp.Basic]]]:
                        sp.Eq(sp.Symbol("hat{P}_K(y|x)"), sp.Sum(sp.Indexed("softmax(f(x; b_k))", k), (k, 1, K)) / K)),
                       *accuracy],
         "structured": accuracy,
+        "gradient_mechanism": [
+            ("first-order change of block l's clean peak along one step of the training-set gradient g_R under "
+             "regulariser R (M = 1: a plain step; M = Adam's 1/(sqrt(v_hat) + eps): its preconditioned step)",
+             sp.Eq(sp.Symbol("Delta P_l"), -sp.Symbol("eta") * sp.Symbol("nabla_theta P_l") * sp.Symbol("M")
+                   * sp.Symbol("g_R"))),
+            ("the paired difference of one mask pass k (the replicates; g_none is exact)",
+             sp.Eq(sp.Indexed("d", k), sp.Indexed("Delta P_l^{DropKey}", k) - sp.Symbol("Delta P_l^{none}"))),
+            ("expected logit gradient of row i's most-attended key against the others (Eq. 11's counterpart)",
+             sp.Eq(sp.Symbol("log G_i"), sp.log((N - 1) * sp.Abs(sp.Indexed("E[g]", i, top))
+                                                 / (sp.Sum(sp.Abs(sp.Indexed("E[g]", i, j)), (j, 1, N))
+                                                    - sp.Abs(sp.Indexed("E[g]", i, top)))))),
+            *accuracy[1:]],
         "collapse": [("DeepViT cross-layer similarity of column T, head h (blocks p and q: maps A, B)",
                       sp.Eq(sp.Symbol("M^{p,q}_{h,T}"), cosine)),
                      ("centred similarity: the same with each column centred on its mean over queries",

@@ -278,7 +278,7 @@ def test_experiment_pages_show_figures_tables_and_provenance(quick_results, tmp_
         page = (tmp_path / "report" / f"vit_{name}.html").read_text(encoding="utf-8")
         assert page.count("<figure") >= 2 and page.count("<svg") >= 2, name
         assert "<table" in page and "git_commit" in page and "quick scale" in page
-        assert "not yet measured</span> at medium, full scale" in page  # and says so plainly
+        assert "not yet measured</span> at medium, small_data, full scale" in page  # and says so plainly
         assert 'href="data:text/csv;base64,' in page and '<math display="block">' in page
         assert not re.search(r"(?:src|href)=\"(?:https?:)?//", page), name
     index = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")

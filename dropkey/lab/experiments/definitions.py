@@ -190,6 +190,7 @@ class Experiment:
     # an experiment that is not "train every arm and seed, then compare by seed" runs itself:
     # run(scale_name, runs_dir=, results_dir=, data_dir=, device=, progress=, command=) writes the result folder
     run: Callable[..., Any] | None = None
+    method: str = ""  # how it measures, for its page (default: arms x seeds, paired by seed)
 
 
 def _probed_arms(s: Scale) -> tuple[Arm, ...]:
@@ -260,6 +261,12 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         ("vit-gradient-mechanism",),
         _probed_arms,
         run=_run_gradient_mechanism,
+        method="A plain and a DropKey ViT (the scale's first seed) are trained, keeping checkpoints at 0, 10, 50 and "
+        "100 % of training. At each, on the run's own training images, the first-order change of every block's clean "
+        "attention peak and entropy along one step of the training-set gradient is computed without a regulariser "
+        "(exactly) and under DropKey and post-softmax dropout at each probed ratio (one value per mask pass, fresh "
+        "masks each: the replicates). Each cell is a paired difference per pass, decided by a 95% t interval "
+        "against the smallest effect registered for it (docs/experiments.md)",
     ),
 )
 EXPERIMENT_NAMES = tuple(e.name for e in EXPERIMENTS)
