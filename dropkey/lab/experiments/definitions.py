@@ -210,7 +210,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "Attention dynamics on a real ViT: peaks, entropy and the gradient on the peak",
         "Does DropKey's gradient dynamics shrink attention peaks in a trained ViT, compared with no regulariser "
         "and with post-softmax dropout at the same ratio?",
-        ("vit-attention-peaks",),
+        ("vit-attention-peaks", "vit-dropkey-vs-dropout-entropy", "vit-compensation"),
         _regulariser_arms,
     ),
     Experiment(
@@ -218,7 +218,7 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "Accuracy: no regulariser vs post-softmax dropout vs DropKey",
         "Does DropKey improve top-1 accuracy over no attention regulariser and over post-softmax dropout "
         "(the paper's small-data setting)?",
-        ("vit-accuracy",),
+        ("vit-accuracy", "vit-generalisation-gap"),
         _regulariser_arms,
     ),
     Experiment(
