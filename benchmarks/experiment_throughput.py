@@ -47,7 +47,10 @@ def main() -> int:
     lines = [f"# Training throughput of the `{args.experiment}` runs at `{args.scale}` scale", "",
              f"{result.summary['runs']} runs, seeds {result.summary['seeds']}; the median over runs of each run's "
              "median images/s over epochs 2.. (epoch 1 includes warm-up); ratio against the `none` arm of the same "
-             "experiment. Measured by the runs themselves (load from other processes included).", "",
+             "experiment. Measured by the runs themselves, load from other processes included: the runner trains arm "
+             "after arm, so an arm that trained while the machine was busier looks slower, and the ratios mix the "
+             "regulariser's cost with the load of the time. The controlled, interleaved ratio of a training step is "
+             "benchmarks/results/training_cpu.md.", "",
              "| arm | images/s (median) | min | max | runs | / none |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r.arm} | {r.median:.0f} | {r.low:.0f} | {r.high:.0f} | {r.runs} | {r.ratio_to_none:.3f}x |"
               for r in table.itertuples()]
