@@ -29,12 +29,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from dropkey import storage
 from dropkey.lab.checkpoints import read_checkpoint
 from dropkey.lab.experiments.definitions import Arm, Scale, scale
-from dropkey.lab.experiments.runner import run_key, train_config
+from dropkey.lab.experiments.runner import clean_accuracy, run_key, train_config
 from dropkey.lab.train import CHECKPOINT, TrainConfig, Trainer, train
 from dropkey.provenance import provenance
 
@@ -76,18 +75,6 @@ def candidate_config(s: Scale, candidate: Candidate, *, runs_dir: str | os.PathL
     return dataclasses.replace(config, out_dir=str(Path(runs_dir) / NAME / f"{candidate.name}-{run_key(config)}"))
 
 
-def clean_accuracy(trainer: Trainer, model: torch.nn.Module, batch_size: int = 500) -> float:
-    """Eval-mode accuracy of ``model`` on the run's training images, un-augmented (normalised only)."""
-    model.eval()
-    data = trainer.train_set
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            images = trainer.normalize(data.images[start:start + batch_size]).to(trainer.device)
-            correct += int((model(images).argmax(-1).cpu() == data.labels[start:start + batch_size]).sum())
-    return correct / len(data)
-
-
 def train_candidate(config: TrainConfig, command: Sequence[str] | None = None) -> pd.DataFrame:
     """Train (or resume) one candidate; its curve: epoch, clean training accuracy, test accuracy."""
     folder = Path(config.out_dir)
@@ -101,7 +88,8 @@ def train_candidate(config: TrainConfig, command: Sequence[str] | None = None) -
         if np.isnan(row["test_acc"]):
             return
         probe.model.load_state_dict(read_checkpoint(folder / CHECKPOINT)["model"])
-        rows.append({"epoch": epoch, "train_clean_acc": clean_accuracy(probe, probe.model),
+        accuracy = clean_accuracy(probe.model, probe.normalize, probe.train_set, config.eval_batch_size, probe.device)
+        rows.append({"epoch": epoch, "train_clean_acc": accuracy,
                      "train_augmented_acc": row["train_acc"], "test_acc": row["test_acc"],
                      "wall_time_s": row["wall_time_s"]})
         storage.write_csv_atomic(curve_path, pd.DataFrame(rows))

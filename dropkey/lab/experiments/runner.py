@@ -278,6 +278,18 @@ def _train_split(config: TrainConfig) -> datasets.ImageData:
     return training_subset(full, config.train_subset, stream_seeds(config.seed)["subset"])
 
 
+def clean_accuracy(model: torch.nn.Module, normalize: Normalize, data: datasets.ImageData, batch_size: int,
+                   device: torch.device) -> float:
+    """Eval-mode accuracy of ``model`` on ``data``, un-augmented (normalised only), in batches."""
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = normalize(data.images[start : start + batch_size]).to(device)
+            correct += int((model(batch).argmax(-1).cpu() == data.labels[start : start + batch_size]).sum())
+    return correct / len(data)
+
+
 def train_evaluation_rows(folder: Path, config: TrainConfig, device: torch.device,
                           images: int = TRAIN_ATTENTION_IMAGES) -> pd.DataFrame:
     """The final model on its own training images, un-augmented: what the generalisation gap and the
@@ -289,14 +301,8 @@ def train_evaluation_rows(folder: Path, config: TrainConfig, device: torch.devic
     """
     model, normalize = _load_trained_model(folder, config, device, fused_attn=False)
     train_set = _train_split(config)
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(train_set), config.eval_batch_size):
-            batch = normalize(train_set.images[start : start + config.eval_batch_size]).to(device)
-            labels = train_set.labels[start : start + config.eval_batch_size].to(device)
-            correct += int((model(batch).argmax(-1) == labels).sum())
-    rows = [{"layer": -1, "metric": "clean_accuracy", "value": correct / len(train_set)}]
+    accuracy = clean_accuracy(model, normalize, train_set, config.eval_batch_size, device)
+    rows = [{"layer": -1, "metric": "clean_accuracy", "value": accuracy}]
     rows += _attention_rows(model, normalize(train_set.images[:images]).to(device))
     return pd.DataFrame(rows, columns=["layer", "metric", "value"])
 
