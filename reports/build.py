@@ -33,7 +33,7 @@ from reports.evidence import (
 )
 from reports.figures import study_figures
 from reports.forest import forest_figure
-from reports.html import Downloads, check_page_size, flatten, render, table_html
+from reports.html import DOWNLOAD_BUDGET_BYTES, MAX_PAGE_BYTES, Downloads, check_page_size, flatten, render, table_html
 from reports.studies import (
     ROOT,
     THEORY,
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path("runs") / "report-cache"
 DEFAULT_RESULTS = ROOT / "results"
 DEFAULT_RUNS = Path("runs") / "experiments"
+#: room kept below the page limit when an experiment page re-renders with a smaller download budget
+PAGE_MARGIN_BYTES = 100_000
 
 
 @dataclass(frozen=True)
@@ -319,8 +321,16 @@ def build_report(
                                   else _study_page(result, claim_rows, check_rows, nav, downloads))
         files.update(downloads.files)
     for name, found in sorted(experiments.items()):
-        downloads = Downloads()
-        pages[page_name(registry.VIT_PREFIX + name)] = _experiment_page(name, found, claim_rows, nav, downloads)
+        budget = DOWNLOAD_BUDGET_BYTES
+        downloads = Downloads(budget)
+        text = _experiment_page(name, found, claim_rows, nav, downloads)
+        over = len(text.encode()) - MAX_PAGE_BYTES
+        while over > 0 and budget > 0:  # several scales' figures and tables leave less room: embed less data
+            budget = max(0, budget - over - PAGE_MARGIN_BYTES)
+            downloads = Downloads(budget)
+            text = _experiment_page(name, found, claim_rows, nav, downloads)
+            over = len(text.encode()) - MAX_PAGE_BYTES
+        pages[page_name(registry.VIT_PREFIX + name)] = text
         files.update(downloads.files)
     pages["index.html"] = _index_page(claim_rows, check_rows, results, nav, size, seed, experiments)
     for filename, text in pages.items():
