@@ -254,6 +254,7 @@ def _centred(name: str, meaning: str, covariate: str = "", direction: str = "dow
     return Quantity(name, meaning, direction, 0.05, SIMILARITY, covariate=covariate)
 
 
+SENSITIVITY_RATIOS = (0.05, 0.1, 0.2, 0.3)  # the drop_ratio sweep (Scale.sensitivity_ratios)
 ENTROPY_COVARIATE = "top-block attention entropy (difference of the two runs, nats)"
 
 CLAIMS: tuple[Claim, ...] = (
@@ -463,11 +464,22 @@ CLAIMS: tuple[Claim, ...] = (
         "the paper's alignment options for the train/test mismatch (docs/theory.md section 4)", "alignment",
         (_top1("top1_mc_minus_plain", "test top-1 of the mean of K DropKey passes (largest K) minus plain inference, "
                "same trained model"),
-         _top1("top1_finetune_minus_plain", "test top-1 of the run whose last epochs drop nothing minus the DropKey "
-               "run, same seed")),
-        "Paired by seed.",
+         _top1("top1_finetune_minus_plain", "test top-1 of the DropKey run after a drop-free fine-tune on a short "
+               "schedule of its own (fresh AdamW, cosine from the scale's fine-tune lr to 0) minus its plain "
+               "inference before it, same run")),
+        "Paired by seed (each is the same trained model evaluated two ways).",
         ("tests/test_inference.py::test_average_of_probabilities_and_logits",
-         "tests/test_train.py::test_final_epochs_without_drop_switch_the_regulariser_off"),
+         "tests/test_experiments.py::test_finetune_starts_from_the_runs_weights_on_its_own_schedule"),
+    ),
+    _vit_claim(
+        "vit-drop-ratio",
+        "DropKey's gain over no attention regulariser holds across the paper's range of drop ratios, not only at one "
+        "tuned ratio: constant DropKey at each r in {0.05, 0.1, 0.2, 0.3} beats no regulariser.",
+        "Sec. 4 (the drop-ratio ablation; the paper's ratios lie in this range)", "drop_ratio",
+        tuple(_top1(f"top1_dropkey_r{r:g}_minus_none", f"test top-1 of constant DropKey at r = {r:g} minus the same "
+                    "seed's run without regulariser") for r in SENSITIVITY_RATIOS),
+        "Paired by seed; every ratio must hold (one contradicted or inconclusive ratio makes it partly).",
+        ("tests/test_experiments.py::test_quick_experiments_measure_every_claim",),
     ),
     _vit_claim(
         "vit-structured",
@@ -519,6 +531,29 @@ CLAIMS: tuple[Claim, ...] = (
         "entropy difference (the intercept of a line through the seeds' differences).",
         ("tests/test_experiments.py::test_quick_experiments_measure_every_claim",
          "tests/test_statistics.py::test_covariate_decides_at_a_matched_covariate"),
+    ),
+)
+
+CLAIMS += (
+    _vit_claim(
+        "deepvit-depth-saturation",
+        "A plain ViT's accuracy saturates with depth: the deepest net of the sweep is no better than the next "
+        "shallower one.",
+        "DeepViT Sec. 1 and 3 (Fig. 1: plain ViT accuracy stops improving as blocks are added)", "collapse",
+        (_top1("top1_plain_deepest_minus_next", "test top-1 of the plain ViT at the deepest depth of the sweep minus "
+               "the same seed's plain ViT at the next depth", "no-gain"),),
+        "Paired by seed.",
+        ("tests/test_experiments.py::test_quick_experiments_measure_every_claim",),
+    ),
+    _vit_claim(
+        "deepvit-reattention-accuracy",
+        "Re-attention improves the accuracy of a deep ViT.",
+        "DeepViT Sec. 4 and 5 (Re-attention lets deeper ViTs keep improving)", "collapse",
+        (_top1("top1_reattention_minus_plain", "test top-1 of the ViT with Re-attention (second half of the blocks) "
+               "minus the same seed's plain ViT, deepest net of the sweep"),),
+        "Paired by seed.",
+        ("tests/test_reattention.py::test_conv_bn_matches_einsum_then_batchnorm_in_training",
+         "tests/test_experiments.py::test_quick_experiments_measure_every_claim"),
     ),
 )
 

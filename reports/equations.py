@@ -55,8 +55,12 @@ def _experiment_equations() -> dict[str, list[tuple[str, sp.Basic]]]:
                        sp.Eq(sp.Symbol("r_l"), ratio + spread / 2 - spread * layer / (sp.Symbol("D") - 1))), *accuracy],
         "alignment": [("Monte-Carlo inference: mean of K masked passes' probabilities",
                        sp.Eq(sp.Symbol("hat{P}_K(y|x)"), sp.Sum(sp.Indexed("softmax(f(x; b_k))", k), (k, 1, K)) / K)),
+                      ("the drop-free fine-tune's own learning rate at step t of its T steps (no warmup)",
+                       sp.Eq(sp.Symbol("eta_t"), sp.Symbol("eta_ft") * (1 + sp.cos(sp.pi * sp.Symbol("t")
+                                                                                     / sp.Symbol("T"))) / 2)),
                       *accuracy],
         "structured": accuracy,
+        "drop_ratio": accuracy,
         "gradient_mechanism": [
             ("first-order change of block l's clean peak along one step of the training-set gradient g_R under "
              "regulariser R (M = 1: a plain step; M = Adam's 1/(sqrt(v_hat) + eps): its preconditioned step)",

@@ -233,6 +233,32 @@ def alignment_figures(result) -> list[Figure]:
     ]
 
 
+def drop_ratio_figures(result) -> list[Figure]:
+    table = result.comparisons
+    sweep = table[table["quantity"].str.match(r"(top1|gap|peak)_dropkey_r[\d.]+_minus_none$")].copy()
+    sweep["ratio"] = sweep["quantity"].str.extract(r"_r([\d.]+)_")[0].astype(float)
+    sweep["measure"] = sweep["quantity"].str.extract(r"^(top1|gap|peak)_")[0]
+    sweep = sweep.sort_values(["measure", "ratio"])[["measure", "ratio", "value", "standard_error", "n"]]
+    labels = {"top1": "test top-1 (pp)", "gap": "train − test gap (pp)", "peak": "attention peak"}
+
+    def draw(fig: plt.Figure) -> None:
+        measures = [m for m in labels if m in set(sweep["measure"])]
+        axes = fig.subplots(1, len(measures), squeeze=False)[0]
+        for ax, measure in zip(axes, measures, strict=True):
+            part = sweep[sweep["measure"] == measure]
+            ax.errorbar(part["ratio"], part["value"], yerr=2 * part["standard_error"].fillna(0), fmt="o-",
+                        color=PALETTE[0], capsize=3)
+            ax.axhline(0.0, color="k", linewidth=0.8)
+            ax.set_xlabel("constant drop ratio r")
+            ax.set_ylabel(f"DropKey − none: {labels[measure]}")
+
+    return [
+        make_figure("sensitivity", "DropKey against no regulariser at each drop ratio",
+                    "Paired by seed; whiskers ±2 SE over seeds.", "svg", sweep, draw, size=(9.0, 3.0)),
+        _accuracy_curves(result),
+    ]
+
+
 def structured_figures(result) -> list[Figure]:
     return [
         _accuracy_curves(result),
@@ -272,6 +298,11 @@ def collapse_figures(result) -> list[Figure]:
                     "(an untrained network does), and Re-attention's BatchNorm shifts its maps, "
                     "so it decides no claim here.",
                     "svg", cosine, _curves_by_arm(cosine, "depth", "top-block cosine similarity")),
+        make_figure("accuracy-by-depth", "Test top-1 against depth",
+                    "Final test top-1, mean over seeds, band ±1 SE (DeepViT: a plain ViT's accuracy saturates with "
+                    "depth, Re-attention lets deeper nets improve).",
+                    "svg", _mean_se(finals, ["arm", "depth"], "top1"),
+                    _curves_by_arm(_mean_se(finals, ["arm", "depth"], "top1"), "depth", "test top-1 (%)")),
         _difference_figure(result, "differences", "Collapse remedies at the deepest depth (centred similarity)",
                            ["centred_similarity_reattention_minus_plain", "centred_similarity_dropkey_minus_plain",
                             "centred_similarity_both_minus_reattention", "collapse_trend_plain"],
@@ -285,6 +316,7 @@ FIGURES: dict[str, Callable] = {
     "schedules": schedules_figures,
     "alignment": alignment_figures,
     "structured": structured_figures,
+    "drop_ratio": drop_ratio_figures,
     "collapse": collapse_figures,
     "gradient_mechanism": mechanism_figures,
 }

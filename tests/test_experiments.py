@@ -58,10 +58,17 @@ def test_every_experiment_builds_valid_run_configs_at_every_scale(tmp_path):
         for scale_name in SCALE_NAMES:
             specs = run_specs(name, scale_name, runs_dir=tmp_path)
             s = scale(scale_name)
-            assert len(specs) == len(experiment(name).arms(s)) * len(s.seeds)
-            assert {spec.seed for spec in specs} == set(s.seeds) and len(s.seeds) >= 3
+            seeds = s.seeds_for(name)  # the scale's seeds, or the first n of them where its budget says so
+            assert len(specs) == len(experiment(name).arms(s)) * len(seeds)
+            assert {spec.seed for spec in specs} == set(seeds) and len(seeds) >= 3 and seeds == s.seeds[:len(seeds)]
             for spec in specs:
                 assert spec.folder.parent == tmp_path and spec.folder.name == runner.run_key(spec.config)
+
+
+def test_a_seed_budget_takes_the_first_seeds_and_leaves_the_rest_whole():
+    s = dataclasses.replace(SCALES["quick"], seeds=(0, 1, 2, 3), seed_budget=(("schedules", 2),))
+    assert s.seeds_for("schedules") == (0, 1) and s.seeds_for("accuracy") == (0, 1, 2, 3)
+    assert SCALES["small_data"].seeds_for("accuracy") == tuple(range(12))  # the powered experiments: all 12
 
 
 def test_schedule_arms_share_the_mean_ratio():
@@ -321,3 +328,37 @@ def test_train_evaluation_reads_the_runs_own_training_images(quick_results):
     np.testing.assert_allclose(blocks["expected_peak"], blocks["learned_peak"], rtol=1e-12)
     finals = results["accuracy"].finals.set_index(["arm", "seed"]).loc[("none", spec.seed)]
     assert finals["gap"] == pytest.approx(100 * accuracy - finals["top1"], abs=1e-9)
+
+
+def test_finetune_starts_from_the_runs_weights_on_its_own_schedule(tmp_path, tiny_scale):
+    """The alignment fine-tune continues the DropKey run's final weights with a fresh cosine from its own lr.
+
+    At a vanishing lr the fine-tuned model is the trained one, so its test accuracy is the run's plain
+    inference exactly (a fresh model would be near chance); at the scale's lr its lr column is the
+    cosine of its own length (0.5 lr after the first of two epochs, 0 at the end), not the main run's tail.
+    """
+    from dropkey.lab.experiments.finetune import FINETUNE_FILE, FineTune, finetune_run, has_finetune
+
+    spec = run_specs("alignment", "quick", runs_dir=tmp_path / "runs")[0]
+    assert spec.arm.name == "dropkey" and spec.finetune == FineTune(tiny_scale.finetune_epochs, tiny_scale.finetune_lr)
+    runner.execute(dataclasses.replace(spec, finetune=None))
+    plain = pd.read_csv(spec.folder / "metrics.csv")["test_acc"].iloc[-1]
+    frozen = finetune_run(spec.folder, spec.config, FineTune(1, 1e-12))
+    assert frozen["test_acc"].iloc[-1] == pytest.approx(plain, abs=1e-12)
+    assert not (spec.folder.parent / f"{spec.folder.name}.finetune").exists()  # the work folder is removed
+    assert not has_finetune(spec.folder, FineTune(2, 1e-4))  # other settings: done again
+    table = finetune_run(spec.folder, spec.config, FineTune(2, 1e-4))
+    assert table["lr"].to_numpy() == pytest.approx([0.5e-4, 0.0], abs=1e-12)
+    assert has_finetune(spec.folder, FineTune(2, 1e-4)) and (spec.folder / FINETUNE_FILE).is_file()
+    with pytest.raises(ValueError, match="finetune lr must be"):
+        FineTune(2, 0.0)
+
+
+def test_alignment_reads_the_finetune_against_the_same_runs_plain_inference(tmp_path, tiny_scale):
+    result = run_experiment("alignment", "quick", runs_dir=tmp_path / "runs", results_dir=tmp_path / "results")
+    assert set(result.finals["arm"]) == {"dropkey"}
+    rows = result.per_seed[result.per_seed["quantity"] == "top1_finetune_minus_plain"].set_index("seed")["value"]
+    finals = result.finals.set_index("seed")
+    for seed, value in rows.items():
+        assert value == pytest.approx(finals.loc[seed, "finetune_top1"] - finals.loc[seed, "top1"], abs=1e-9)
+    assert sorted(rows.index) == list(tiny_scale.seeds)

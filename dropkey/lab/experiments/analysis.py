@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dropkey.lab.experiments.finetune import FINETUNE_FILE
 from dropkey.lab.experiments.runner import EXPECTED_ATTENTION_FILE, MONTE_CARLO_FILE, TRAIN_EVALUATION_FILE, RunSpec
 
 ATTENTION_METRICS = ("peak", "entropy", "abs_grad_top", "abs_grad_rest", "similarity", "similarity_softmax",
@@ -126,6 +127,16 @@ def _train_quantities(folder: Path) -> dict[str, float]:
                ("learned_peak", "learned_entropy", "expected_peak", "expected_entropy")}}
 
 
+def _finetune_top1(spec: RunSpec) -> float:
+    """Test top-1 (percent) after the run's drop-free fine-tune (NaN if the spec asks for none)."""
+    if spec.finetune is None:
+        return math.nan
+    path = spec.folder / FINETUNE_FILE
+    if not path.is_file():
+        raise IncompleteRun(f"run {spec.folder} has no {FINETUNE_FILE}: fine-tune it first")
+    return 100.0 * float(pd.read_csv(path)["test_acc"].iloc[-1])
+
+
 def final_quantities(specs: Sequence[RunSpec], metrics: pd.DataFrame, attention: pd.DataFrame) -> pd.DataFrame:
     """One row per run: the per-run quantities of the module doc."""
     rows = []
@@ -159,6 +170,7 @@ def final_quantities(specs: Sequence[RunSpec], metrics: pd.DataFrame, attention:
             "top_entropy": float(per_block.loc[top, "entropy"].mean()),
             "images_per_s": float(later.median() if len(later) else run_metrics["images_per_s"].median()),
             **_train_quantities(spec.folder),
+            "finetune_top1": _finetune_top1(spec),
         }
         row["gap"] = row["train_clean_top1"] - row["top1"]  # clean training minus test accuracy (pp)
         needed = ("top1", "peak", "entropy", "grad_ratio", "top_entropy") + (
@@ -308,9 +320,15 @@ def _schedules(finals, attention, mc) -> list[dict[str, Any]]:
 
 
 def _alignment(finals, attention, mc) -> list[dict[str, Any]]:
-    rows = _means(finals, "top1") + _paired(
-        finals, "top1", [("top1_finetune_minus_plain", "finetune", "dropkey")], " (percentage points)"
-    )
+    rows = _means(finals, "top1")
+    if "finetune" in set(finals["arm"]):  # results of an earlier version: an arm whose last epochs dropped nothing
+        rows += _paired(finals, "top1", [("top1_finetune_minus_plain", "finetune", "dropkey")], " (percentage points)")
+    else:  # the DropKey run fine-tuned on its own schedule, against its own plain inference
+        tuned = finals[finals["arm"] == "dropkey"].set_index("seed")
+        rows += _means(finals[finals["arm"] == "dropkey"], "finetune_top1")
+        rows += _rows("top1_finetune_minus_plain", tuned["finetune_top1"] - tuned["top1"],
+                      "top1 after the drop-free fine-tune (own short schedule) - top1 of plain inference, same run "
+                      "(percentage points)")
     accuracy = 100.0 * mc.pivot_table(index="seed", columns="k", values="test_acc")  # k = 0: plain inference
     ks = sorted(k for k in accuracy.columns if k > 0)
     for k in ks:
@@ -319,6 +337,19 @@ def _alignment(finals, attention, mc) -> list[dict[str, Any]]:
     # the headline: the largest K evaluated
     rows += _rows("top1_mc_minus_plain", accuracy[ks[-1]] - accuracy[0],
                   f"top1(mean of {ks[-1]} DropKey passes) - top1(plain inference) (largest K)")
+    return rows
+
+
+def _drop_ratio(finals, attention, mc) -> list[dict[str, Any]]:
+    """Per ratio of the sweep: DropKey's top-1, peak and gap against no regulariser, paired by seed."""
+    rows = _means(finals, "top1") + _means(finals, "peak")
+    for arm in (a for a in dict.fromkeys(finals["arm"]) if a != "none"):
+        ratio = arm.removeprefix("r=")
+        rows += _paired(finals, "top1", [(f"top1_dropkey_r{ratio}_minus_none", arm, "none")], " (percentage points)")
+        rows += _paired(finals, "peak", [(f"peak_dropkey_r{ratio}_minus_none", arm, "none")])
+        if _recorded(finals, "gap"):
+            rows += _paired(finals, "gap", [(f"gap_dropkey_r{ratio}_minus_none", arm, "none")],
+                            " (percentage points of clean training minus test accuracy)")
     return rows
 
 
@@ -364,7 +395,8 @@ def _collapse(finals, attention, mc) -> list[dict[str, Any]]:
         if name in headline:
             rows += _paired(deepest, "top_similarity_centred", [(name, a, b)],
                             covariate="top_entropy" if headline[name] else None)
-    if len(depths) >= 2:
+    if len(depths) >= 2:  # DeepViT's accuracy claims: plain accuracy saturates with depth; Re-attention helps deep
+        rows += _depth_accuracy(finals, depths)
         plain = finals[finals["arm"] == "plain"]
         deep, shallow = (plain[plain["depth"] == d].set_index("seed")["similarity_rise"]
                          for d in (depths[-1], depths[0]))
@@ -376,11 +408,25 @@ def _collapse(finals, attention, mc) -> list[dict[str, Any]]:
     return rows
 
 
+def _depth_accuracy(finals: pd.DataFrame, depths: Sequence[int]) -> list[dict[str, Any]]:
+    """Top-1 of the plain ViT, deepest minus next-deepest net, and of Re-attention minus plain at the deepest."""
+    plain = finals[finals["arm"] == "plain"]
+    deep, below = (plain[plain["depth"] == d].set_index("seed")["top1"] for d in (depths[-1], depths[-2]))
+    seeds = sorted(set(deep.index) & set(below.index))
+    rows = _rows("top1_plain_deepest_minus_next", pd.Series([deep[s] - below[s] for s in seeds], index=seeds,
+                                                          dtype=float),
+                 f"plain ViT test top-1, depth {depths[-1]} minus depth {depths[-2]} (percentage points)")
+    deepest = finals[finals["depth"] == depths[-1]]
+    return rows + _paired(deepest, "top1", [("top1_reattention_minus_plain", "reattention", "plain")],
+                          f" at depth {depths[-1]} (percentage points)")
+
+
 ANALYSES = {
     "attention_dynamics": _attention_dynamics,
     "accuracy": _accuracy,
     "schedules": _schedules,
     "alignment": _alignment,
+    "drop_ratio": _drop_ratio,
     "structured": _structured,
     "collapse": _collapse,
 }

@@ -16,6 +16,7 @@ import pandas as pd
 from dropkey import storage
 from dropkey.lab.experiments import analysis
 from dropkey.lab.experiments.definitions import arm_record, experiment, scale
+from dropkey.lab.experiments.finetune import FineTune
 from dropkey.lab.experiments.runner import RunSpec, execute_all, train_config
 from dropkey.provenance import provenance
 
@@ -59,15 +60,16 @@ def run_specs(
 ) -> list[RunSpec]:
     """Every run of the experiment at that scale (arm-major, then seed)."""
     spec, s = experiment(name), scale(scale_name)
-    chosen = tuple(s.seeds if seeds is None else seeds)
+    chosen = tuple(s.seeds_for(name) if seeds is None else seeds)
     if not chosen:
         raise ValueError("seeds must name at least one seed")
     specs = []
     for arm in spec.arms(s):
         monte_carlo = s.mc_samples if arm.name in spec.monte_carlo_arms else ()
+        finetune = FineTune(s.finetune_epochs, s.finetune_lr) if arm.name in spec.finetune_arms else None
         for seed in chosen:
             config = train_config(s, arm, seed, runs_dir=runs_dir, data_dir=data_dir, device=device)
-            specs.append(RunSpec(arm, seed, config, monte_carlo))
+            specs.append(RunSpec(arm, seed, config, monte_carlo, finetune))
     return specs
 
 
@@ -113,7 +115,9 @@ def run_experiment(
         "experiment": name, "scale": vars(s) | {"seeds": list(s.seeds)},
         "arms": [arm_record(arm) for arm in dict.fromkeys(x.arm for x in specs)],
         "runs": [{"arm": x.arm.name, "group": x.arm.group, "seed": x.seed, "run_key": x.folder.name,
-                  "monte_carlo": list(x.monte_carlo), "train_config": x.config.to_dict()} for x in specs],
+                  "monte_carlo": list(x.monte_carlo),
+                  "finetune": None if x.finetune is None else vars(x.finetune),
+                  "train_config": x.config.to_dict()} for x in specs],
     }
     for run in config["runs"]:  # where a run's files lived on this machine is not part of the result
         run["train_config"].pop("out_dir"), run["train_config"].pop("data_dir")

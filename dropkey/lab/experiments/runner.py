@@ -7,7 +7,8 @@ experiments is trained once. A run folder is the trainer's (``config.json``,
 ``expected_attention.csv`` (the final model's expected attention under its regulariser, see
 :func:`expected_attention_rows`), ``train_evaluation.csv`` (the final model on its own training
 images: clean accuracy, learned and expected attention, :func:`train_evaluation_rows`), for
-Monte-Carlo arms ``monte_carlo.csv``, and finally
+Monte-Carlo arms ``monte_carlo.csv``, for fine-tuned arms ``finetune.csv``
+(:mod:`dropkey.lab.experiments.finetune`), and finally
 :mod:`dropkey.storage`'s completion marker ``complete.json`` (written last, atomically, listing
 every file with its size and SHA-256, and the run's final metrics): a folder with it whose files
 all match it is done and is never retrained; one that does not match is a damaged cache and is
@@ -44,6 +45,7 @@ from dropkey.inference import monte_carlo_predict
 from dropkey.lab import data as datasets
 from dropkey.lab.augment import Normalize
 from dropkey.lab.experiments.definitions import Arm, Scale
+from dropkey.lab.experiments.finetune import FINETUNE_FILE, FineTune, finetune_run, has_finetune
 from dropkey.lab.randomness import stream_seeds
 from dropkey.lab.train import CHECKPOINT, TrainConfig, read_checkpoint, resolve_device, train
 from dropkey.lab.trainer import training_subset
@@ -76,6 +78,7 @@ class RunSpec:
     seed: int
     config: TrainConfig
     monte_carlo: tuple[int, ...] = ()  # K values to evaluate (empty: none)
+    finetune: FineTune | None = None  # fine-tune without the regulariser afterwards (None: not)
 
     @property
     def folder(self) -> Path:
@@ -143,7 +146,7 @@ def intact(folder: Path) -> bool:
     except storage.IntegrityError:
         listed = {}  # the marker itself is damaged: nothing it vouched for can be trusted
     (folder / storage.MARKER).unlink()
-    for name in (EXPECTED_ATTENTION_FILE, TRAIN_EVALUATION_FILE, MONTE_CARLO_FILE):
+    for name in (EXPECTED_ATTENTION_FILE, TRAIN_EVALUATION_FILE, MONTE_CARLO_FILE, FINETUNE_FILE):
         try:
             storage.verify_file_record(folder / name, listed[name])
         except (KeyError, storage.IntegrityError):
@@ -325,7 +328,8 @@ def needs_work(spec: RunSpec) -> bool:
     """True unless the run is complete and has every evaluation it asks for."""
     folder = spec.folder
     return (not intact(folder) or any(not (folder / name).is_file() for name in EVALUATIONS)
-            or bool(spec.monte_carlo and not _has_monte_carlo(folder, spec.monte_carlo)))
+            or bool(spec.monte_carlo and not _has_monte_carlo(folder, spec.monte_carlo))
+            or bool(spec.finetune and not has_finetune(folder, spec.finetune)))
 
 
 def execute(spec: RunSpec, command: Sequence[str] | None = None) -> dict[str, Any]:
@@ -345,6 +349,9 @@ def execute(spec: RunSpec, command: Sequence[str] | None = None) -> dict[str, An
         storage.write_csv_atomic(folder / MONTE_CARLO_FILE,
                                  monte_carlo_accuracy(folder, spec.config, spec.monte_carlo, device))
         written = True
+    if spec.finetune and not has_finetune(folder, spec.finetune):
+        finetune_run(folder, spec.config, spec.finetune, list(command or ["dropkey-lab", "experiment"]))
+        written = True
     if written or not is_complete(folder):  # the marker lists every file of the folder, so it follows them
         record = {"run_key": folder.name, "arm": spec.arm.name, "seed": spec.seed, "final": _final_row(folder)}
         storage.mark_complete(folder, record=record)
@@ -363,10 +370,12 @@ def execute_all(
     check_int(jobs, "jobs", 1)
     unique: dict[Path, RunSpec] = {}
     for spec in specs:
-        if spec.folder in unique and unique[spec.folder].monte_carlo != spec.monte_carlo:
-            # the same run asked with and without Monte-Carlo evaluation: evaluate it
-            both = set(spec.monte_carlo) | set(unique[spec.folder].monte_carlo)
-            spec = dataclasses.replace(spec, monte_carlo=tuple(sorted(both)))
+        earlier = unique.get(spec.folder)
+        if earlier is not None:  # the same run asked by several experiments: every evaluation any of them asks
+            if earlier.finetune is not None and spec.finetune is not None and earlier.finetune != spec.finetune:
+                raise ValueError(f"run {spec.folder} is asked for two fine-tunes: {earlier.finetune}, {spec.finetune}")
+            both = tuple(sorted(set(spec.monte_carlo) | set(earlier.monte_carlo)))
+            spec = dataclasses.replace(spec, monte_carlo=both, finetune=spec.finetune or earlier.finetune)
         unique[spec.folder] = spec
     pending = [spec for spec in unique.values() if needs_work(spec)]
     log.info("%d runs, %d already complete, %d to train", len(unique), len(unique) - len(pending), len(pending))
