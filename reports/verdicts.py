@@ -99,6 +99,9 @@ class Finding:
         if d.outcome == "inconclusive":
             text += (f" (detectable at this n: {d.detectable_effect:.3g}{unit}; about {d.seeds_needed} "
                      f"{self.quantity.replicate} needed for {self.quantity.smallest_effect:g}{unit})")
+        if d.outcome == "confirmed" and d.negligible:  # the registered rule tries "confirmed" first; say its size
+            text += (f" (in the claimed direction, but negligible: the whole interval lies within "
+                     f"±{self.quantity.smallest_effect:g}{unit}, the smallest effect that matters)")
         if d.n_missing:
             text += f" [{d.n_missing} without a value left out]"
         return text
@@ -203,11 +206,11 @@ def _by_outcome(findings: Sequence[Finding]) -> dict[str, list[str]]:
 
 
 def findings_key(findings: Sequence[Finding], prefix: str = "", *, cells: int = 4) -> str:
-    """The key number: every finding's interval (few), or the count per outcome (many cells)."""
+    """The key number: every finding's interval (few), or the count per outcome (many: cells x quantities)."""
     if len(findings) <= cells:
         return prefix + "; ".join(f"{f.name} {f.decision.interval_text()}" for f in findings)
     counts = {outcome: len(names) for outcome, names in _by_outcome(findings).items() if names}
-    return prefix + f"{len(findings)} cells: " + ", ".join(f"{count} {outcome}" for outcome, count in counts.items())
+    return prefix + f"{len(findings)} findings: " + ", ".join(f"{count} {outcome}" for outcome, count in counts.items())
 
 
 def findings_reason(findings: Sequence[Finding]) -> str:

@@ -96,3 +96,14 @@ def test_compensation_claim_reaches_every_outcome(sharper, expected_vs_plain, st
 def test_generalisation_gap_claim_reaches_every_outcome(gap, status):
     evidence = _evidence("accuracy", [("gap_dropkey_minus_none", "", v) for v in gap])
     assert registry.assess(registry.claim("vit-generalisation-gap"), evidence).status == status
+
+
+@pytest.mark.parametrize("centre, negligible", [(0.25, True), (2.0, False)])
+def test_a_confirmed_effect_smaller_than_what_matters_says_so(centre, negligible):
+    """vit-alignment (up, 0.5 pp): +0.25 with a tight interval is confirmed by the registered rule (ci_low > 0
+    is tried first), and its text says the whole interval lies inside ±0.5 pp; +2.0 says nothing of the kind."""
+    rows = [(q, "", v) for q in ("top1_mc_minus_plain", "top1_finetune_minus_plain") for v in _values(centre, 0.05, 12)]
+    verdict = registry.assess(registry.claim("vit-alignment"), _evidence("alignment", rows))
+    assert verdict.status == "confirmed"
+    for finding in verdict.findings:
+        assert ("negligible: the whole interval lies within ±0.5 pp" in finding.text()) == negligible
