@@ -26,14 +26,24 @@ from dropkey.storage import write_text_atomic
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def baseline_arm(runs: pd.DataFrame) -> str:
+    """The arm the ratios are taken against: ``none`` where the experiment has it, else ``dropkey``, else the first."""
+    arms = list(dict.fromkeys(runs["arm"]))
+    return next((arm for arm in ("none", "dropkey", "plain") if arm in arms), arms[0])
+
+
 def per_arm(runs: pd.DataFrame) -> pd.DataFrame:
-    """Median images/s per arm (over runs of each run's median over epochs >= 2) and the ratio to none."""
+    """Median images/s per (group, arm) (over runs of each run's median over epochs >= 2) and the ratio to the
+    baseline arm of the same group (:func:`baseline_arm`)."""
     later = runs[runs["epoch"] >= 2]
-    per_run = later.groupby(["arm", "seed"], as_index=False)["images_per_s"].median()
-    table = per_run.groupby("arm", as_index=False)["images_per_s"].agg(median="median", runs="count",
-                                                                       low="min", high="max")
-    base = float(table.loc[table["arm"] == "none", "median"].iloc[0]) if "none" in set(table["arm"]) else float("nan")
-    return table.assign(ratio_to_none=table["median"] / base)
+    per_run = later.groupby(["group", "arm", "seed"], as_index=False, sort=False)["images_per_s"].median()
+    table = per_run.groupby(["group", "arm"], as_index=False, sort=False)["images_per_s"].agg(
+        median="median", runs="count", low="min", high="max")
+    base_arm = baseline_arm(runs)
+    base = table[table["arm"] == base_arm].set_index("group")["median"]
+    # a group without the baseline arm (a sweep's arm labelled by itself) is compared with the ungrouped baseline
+    overall = float(per_run.loc[per_run["arm"] == base_arm, "images_per_s"].median())
+    return table.assign(ratio=table["median"] / table["group"].map(base).fillna(overall))
 
 
 def main() -> int:
@@ -43,16 +53,18 @@ def main() -> int:
     parser.add_argument("--results-dir", type=Path, default=ROOT / "results")
     args = parser.parse_args()
     result = load_result(args.results_dir, args.scale, args.experiment)
-    table = per_arm(result.runs)
+    table = per_arm(result.runs.fillna({"group": ""}))
+    base = baseline_arm(result.runs)
     lines = [f"# Training throughput of the `{args.experiment}` runs at `{args.scale}` scale", "",
              f"{result.summary['runs']} runs, seeds {result.summary['seeds']}; the median over runs of each run's "
-             "median images/s over epochs 2.. (epoch 1 includes warm-up); ratio against the `none` arm of the same "
-             "experiment. Measured by the runs themselves, load from other processes included: the runner trains arm "
-             "after arm, so an arm that trained while the machine was busier looks slower, and the ratios mix the "
-             "regulariser's cost with the load of the time. The controlled, interleaved ratio of a training step is "
-             "benchmarks/results/training_cpu.md.", "",
-             "| arm | images/s (median) | min | max | runs | / none |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r.arm} | {r.median:.0f} | {r.low:.0f} | {r.high:.0f} | {r.runs} | {r.ratio_to_none:.3f}x |"
+             f"median images/s over epochs 2.. (epoch 1 includes warm-up); ratio against the `{base}` arm of the same "
+             "experiment (and group). Measured by the runs themselves, load from other processes included: the runner "
+             "trains arm after arm, so an arm that trained while the machine was busier looks slower, and the ratios "
+             "mix the regulariser's cost with the load of the time. The controlled, interleaved ratio of a training "
+             "step is benchmarks/results/training_cpu.md.", "",
+             f"| arm | images/s (median) | min | max | runs | / {base} |", "|---|---:|---:|---:|---:|---:|"]
+    label = lambda r: f"{r.group} {r.arm}" if r.group and r.group != r.arm else r.arm  # noqa: E731
+    lines += [f"| {label(r)} | {r.median:.0f} | {r.low:.0f} | {r.high:.0f} | {r.runs} | {r.ratio:.3f}x |"
               for r in table.itertuples()]
     record = {k: result.provenance.get(k) for k in ("git_commit", "command", "machine", "versions")}
     lines += ["", f"Provenance of the runs' result folder: {json.dumps(record, sort_keys=True, default=str)}", ""]
