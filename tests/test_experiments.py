@@ -304,8 +304,9 @@ def test_experiments_registry_names_its_claims():
         assert set(spec.claims) <= claim_ids
         for claim_id in spec.claims:
             assert registry.VIT_PREFIX + spec.name in registry.claim(claim_id).measured_by
-    for claim in VIT_CLAIMS:  # each real-ViT claim is measured by exactly one experiment
+    for claim in VIT_CLAIMS:  # each real-ViT claim is measured by exactly one experiment, which lists it
         assert len(claim.measured_by) == 1 and claim.quantities
+        assert claim.id in experiment(claim.measured_by[0].removeprefix(registry.VIT_PREFIX)).claims, claim.id
 
 
 def test_train_evaluation_reads_the_runs_own_training_images(quick_results):

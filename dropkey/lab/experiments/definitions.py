@@ -276,7 +276,8 @@ EXPERIMENTS: tuple[Experiment, ...] = (
         "Attention collapse across depth (DeepViT) with Re-attention and DropKey",
         "Do the attention maps of a deep plain ViT's top blocks collapse to near-identical ones, and do "
         "Re-attention and DropKey (alone or together) reduce that cross-layer similarity?",
-        ("deepvit-collapse", "deepvit-reattention", "dropkey-collapse"),
+        ("deepvit-collapse", "deepvit-reattention", "dropkey-collapse", "deepvit-depth-saturation",
+         "deepvit-reattention-accuracy"),
         _collapse_arms,
     ),
     Experiment(
