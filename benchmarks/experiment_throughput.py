@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def baseline_arm(runs: pd.DataFrame) -> str:
-    """The arm the ratios are taken against: ``none`` where the experiment has it, else ``dropkey``, else the first."""
+    """The arm the ratios are taken against: ``none`` or ``plain`` where the experiment has it, else ``dropkey``."""
     arms = list(dict.fromkeys(runs["arm"]))
-    return next((arm for arm in ("none", "dropkey", "plain") if arm in arms), arms[0])
+    return next((arm for arm in ("none", "plain", "dropkey") if arm in arms), arms[0])
 
 
 def per_arm(runs: pd.DataFrame) -> pd.DataFrame:
