@@ -107,3 +107,39 @@ def test_a_confirmed_effect_smaller_than_what_matters_says_so(centre, negligible
     assert verdict.status == "confirmed"
     for finding in verdict.findings:
         assert ("negligible: the whole interval lies within ±0.5 pp" in finding.text()) == negligible
+
+
+def _sweep(centres: tuple[float, ...], spread: float, n: int) -> Evidence:
+    names = [f"top1_dropkey_r{r:g}_minus_none" for r in registry.SENSITIVITY_RATIOS]
+    return _evidence("drop_ratio", [(q, "", v) for q, c in zip(names, centres, strict=True)
+                                    for v in _values(c, spread, n)])
+
+
+@pytest.mark.parametrize("centres, spread, n, status", [
+    ((2.0, 2.0, 2.0, 2.0), 0.1, 6, "confirmed"),  # tight gains at every ratio
+    ((2.0, 2.0, 2.0, -2.0), 0.1, 6, "partly"),  # one ratio hurts
+    ((-2.0, -2.0, -2.0, -2.0), 0.1, 6, "contradicted"),
+    ((0.0, 0.0, 0.0, 0.0), 10.0, 6, "inconclusive"),  # noisy
+    ((2.0, 2.0, 2.0, 2.0), 0.1, 1, "not yet measured"),  # n = 1: no interval
+    ((np.nan,) * 4, 0.1, 6, "not yet measured"),
+])
+def test_drop_ratio_claim_reaches_every_outcome(centres, spread, n, status):
+    verdict = registry.assess(registry.claim("vit-drop-ratio"), _sweep(centres, spread, n))
+    assert verdict.status == status, verdict
+
+
+@pytest.mark.parametrize("claim_id, quantity, values, status", [
+    ("deepvit-depth-saturation", "top1_plain_deepest_minus_next", _values(-1.0, 0.1, 3), "confirmed"),  # no gain
+    ("deepvit-depth-saturation", "top1_plain_deepest_minus_next", _values(2.0, 0.1, 3), "contradicted"),  # gains
+    ("deepvit-depth-saturation", "top1_plain_deepest_minus_next", _values(0.0, 10.0, 3), "inconclusive"),
+    ("deepvit-depth-saturation", "top1_plain_deepest_minus_next", [-1.0], "not yet measured"),
+    ("deepvit-depth-saturation", "top1_plain_deepest_minus_next", [np.nan] * 3, "not yet measured"),
+    ("deepvit-reattention-accuracy", "top1_reattention_minus_plain", _values(2.0, 0.1, 3), "confirmed"),
+    ("deepvit-reattention-accuracy", "top1_reattention_minus_plain", _values(-2.0, 0.1, 3), "contradicted"),
+    ("deepvit-reattention-accuracy", "top1_reattention_minus_plain", _values(0.0, 10.0, 3), "inconclusive"),
+    ("deepvit-reattention-accuracy", "top1_reattention_minus_plain", [2.0], "not yet measured"),
+    ("deepvit-reattention-accuracy", "top1_reattention_minus_plain", [np.nan] * 3, "not yet measured"),
+])
+def test_deepvit_accuracy_claims_reach_every_outcome(claim_id, quantity, values, status):
+    evidence = _evidence("collapse", [(quantity, "", v) for v in values])
+    assert registry.assess(registry.claim(claim_id), evidence).status == status
