@@ -41,9 +41,7 @@ def per_arm(runs: pd.DataFrame) -> pd.DataFrame:
         median="median", runs="count", low="min", high="max")
     base_arm = baseline_arm(runs)
     base = table[table["arm"] == base_arm].set_index("group")["median"]
-    # a group without the baseline arm (a sweep's arm labelled by itself) is compared with the ungrouped baseline
-    overall = float(per_run.loc[per_run["arm"] == base_arm, "images_per_s"].median())
-    return table.assign(ratio=table["median"] / table["group"].map(base).fillna(overall))
+    return table.assign(ratio=table["median"] / table["group"].map(base))
 
 
 def main() -> int:
@@ -63,8 +61,8 @@ def main() -> int:
              "mix the regulariser's cost with the load of the time. The controlled, interleaved ratio of a training "
              "step is benchmarks/results/training_cpu.md.", "",
              f"| arm | images/s (median) | min | max | runs | / {base} |", "|---|---:|---:|---:|---:|---:|"]
-    label = lambda r: f"{r.group} {r.arm}" if r.group and r.group != r.arm else r.arm  # noqa: E731
-    lines += [f"| {label(r)} | {r.median:.0f} | {r.low:.0f} | {r.high:.0f} | {r.runs} | {r.ratio:.3f}x |"
+    lines += [f"| {r.group + ' ' if r.group else ''}{r.arm} "
+              f"| {r.median:.0f} | {r.low:.0f} | {r.high:.0f} | {r.runs} | {r.ratio:.3f}x |"
               for r in table.itertuples()]
     record = {k: result.provenance.get(k) for k in ("git_commit", "command", "machine", "versions")}
     lines += ["", f"Provenance of the runs' result folder: {json.dumps(record, sort_keys=True, default=str)}", ""]

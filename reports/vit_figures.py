@@ -272,6 +272,7 @@ def collapse_figures(result) -> list[Figure]:
     finals = result.finals.assign(
         similarity_rise=result.finals["top_similarity_centred"] - result.finals["top_similarity_centred_init"])
     by_depth = _mean_se(finals, ["arm", "depth"], "top_similarity_centred")
+    accuracy = _mean_se(finals, ["arm", "depth"], "top1")
     rise = _mean_se(finals, ["arm", "depth"], "similarity_rise")
     cosine = _mean_se(finals, ["arm", "depth"], "top_similarity")
     deepest = int(finals["depth"].max())
@@ -301,8 +302,7 @@ def collapse_figures(result) -> list[Figure]:
         make_figure("accuracy-by-depth", "Test top-1 against depth",
                     "Final test top-1, mean over seeds, band ±1 SE (DeepViT: a plain ViT's accuracy saturates with "
                     "depth, Re-attention lets deeper nets improve).",
-                    "svg", _mean_se(finals, ["arm", "depth"], "top1"),
-                    _curves_by_arm(_mean_se(finals, ["arm", "depth"], "top1"), "depth", "test top-1 (%)")),
+                    "svg", accuracy, _curves_by_arm(accuracy, "depth", "test top-1 (%)")),
         _difference_figure(result, "differences", "Collapse remedies at the deepest depth (centred similarity)",
                            ["centred_similarity_reattention_minus_plain", "centred_similarity_dropkey_minus_plain",
                             "centred_similarity_both_minus_reattention", "collapse_trend_plain"],

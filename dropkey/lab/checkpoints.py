@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dropkey.lab.config import TrainConfig, freeze
-from dropkey.storage import IntegrityError, read_sealed, verify_file_record
+from dropkey.storage import IntegrityError, is_complete, read_marker, read_sealed, verify_file_record
 
 __all__ = ["CHECKPOINT", "RESUME_MUTABLE", "read_checkpoint", "check_resumable"]
 
@@ -58,6 +58,14 @@ def read_checkpoint(path: str | os.PathLike[str], *, record: dict[str, Any] | No
     if missing:
         raise IntegrityError(f"checkpoint {path} holds no training state (it lacks {missing})")
     return state
+
+
+def read_run_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The final checkpoint of the run in ``folder``; where the folder is marked complete, its marker's entry for
+    the checkpoint also admits one of an earlier version (:func:`read_checkpoint`)."""
+    folder = Path(folder)
+    record = read_marker(folder)["files"].get(CHECKPOINT) if is_complete(folder) else None
+    return read_checkpoint(folder / CHECKPOINT, record=record)
 
 
 def _identity(name: str, value: object) -> object:

@@ -161,7 +161,7 @@ def _schedule_arms(s: Scale) -> tuple[Arm, ...]:
 
 def _sensitivity_arms(s: Scale) -> tuple[Arm, ...]:
     """No regulariser and constant DropKey at every ratio of the sweep (the matched ratio's run is shared)."""
-    return (Arm("none"), *(Arm(f"r={r:g}", "dropkey", r, group=f"r={r:g}") for r in s.sensitivity_ratios))
+    return (Arm("none"), *(Arm(f"r={r:g}", "dropkey", r) for r in s.sensitivity_ratios))
 
 
 def _alignment_arms(s: Scale) -> tuple[Arm, ...]:

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from dropkey.lab.train import CHECKPOINT, TrainConfig, read_checkpoint
+from dropkey.lab.checkpoints import read_run_checkpoint
+from dropkey.lab.config import TrainConfig
 from dropkey.lab.trainer import Trainer
-from dropkey.storage import is_complete, read_marker, write_csv_atomic
+from dropkey.storage import write_csv_atomic
 from theory.checks import check_int, check_real
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,7 @@ def finetune_config(config: TrainConfig, finetune: FineTune, work_dir: Path) -> 
     return dataclasses.replace(
         config, attn_variant="none", drop_ratio=0.0, final_epochs_without_drop=0, epochs=finetune.epochs,
         lr=finetune.lr, min_lr=0.0, warmup_epochs=0.0, eval_every=max(1, finetune.epochs // 5), diagnostics_every=0,
-        out_dir=str(work_dir),
-        progress=False,
+        out_dir=str(work_dir), progress=False,
     )
 
 
@@ -73,13 +73,10 @@ def finetune_run(folder: Path, config: TrainConfig, finetune: FineTune, command:
     work = folder.parent / f"{folder.name}.finetune"
     trainer = Trainer(finetune_config(config, finetune, work), resume=True, command=command)
     if not trainer.checkpoint_path.exists():  # a fresh fine-tune: start from the run's final weights
-        record = read_marker(folder)["files"].get(CHECKPOINT) if is_complete(folder) else None  # a marked run's
-        state = read_checkpoint(folder / CHECKPOINT, record=record)
-        trainer.model.load_state_dict(state["model"])
+        trainer.model.load_state_dict(read_run_checkpoint(folder)["model"])
         log.info("fine-tuning %s without its regulariser: %d epochs, lr %g", folder, finetune.epochs, finetune.lr)
     metrics = trainer.run().metrics
-    table = metrics[["epoch", "lr", "train_loss", "train_acc", "test_acc"]].assign(
-        finetune_epochs=finetune.epochs, finetune_lr=finetune.lr)
+    table = metrics.assign(finetune_epochs=finetune.epochs, finetune_lr=finetune.lr)[list(COLUMNS)]
     write_csv_atomic(folder / FINETUNE_FILE, table)
     shutil.rmtree(work, ignore_errors=True)  # its checkpoint is not needed once the table is written
     return table

@@ -44,10 +44,11 @@ from dropkey.diagnostics import AttentionRecorder, attention_entropy, peak_weigh
 from dropkey.inference import monte_carlo_predict
 from dropkey.lab import data as datasets
 from dropkey.lab.augment import Normalize
+from dropkey.lab.checkpoints import read_run_checkpoint
 from dropkey.lab.experiments.definitions import Arm, Scale
 from dropkey.lab.experiments.finetune import FINETUNE_FILE, FineTune, finetune_run, has_finetune
 from dropkey.lab.randomness import stream_seeds
-from dropkey.lab.train import CHECKPOINT, TrainConfig, read_checkpoint, resolve_device, train
+from dropkey.lab.train import CHECKPOINT, TrainConfig, resolve_device, train
 from dropkey.lab.trainer import training_subset
 from dropkey.models import VisionTransformer
 from theory.checks import check_int
@@ -184,8 +185,7 @@ def _load_trained_model(
 ) -> tuple[VisionTransformer, Normalize]:
     """The run's final model (weights from its checkpoint; ``overrides`` of ViTConfig) and its input normalisation."""
 
-    record = storage.read_marker(folder)["files"].get(CHECKPOINT) if is_complete(folder) else None
-    state = read_checkpoint(folder / CHECKPOINT, record=record)  # verified by its marker: one of an earlier version
+    state = read_run_checkpoint(folder)
     resolved = json.loads((folder / "config.json").read_text(encoding="utf-8"))["resolved"]
     model_config = dataclasses.replace(config.model_config(), mask_seed=0, **overrides)  # per-pass seeds override it
     model = VisionTransformer(model_config).to(device)
@@ -336,10 +336,11 @@ def execute(spec: RunSpec, command: Sequence[str] | None = None) -> dict[str, An
     """Train ``spec`` (resuming its checkpoint if any) and evaluate it; a no-op if already done."""
 
     folder = spec.folder
+    command = list(command or ["dropkey-lab", "experiment"])
     written = False
     if not intact(folder):
         _drop_unusable_checkpoint(folder)
-        train(spec.config, resume=True, command=list(command or ["dropkey-lab", "experiment"]))
+        train(spec.config, resume=True, command=command)
     device = resolve_device(spec.config, 0)
     for name, evaluate in EVALUATIONS.items():
         if not (folder / name).is_file():
@@ -350,7 +351,7 @@ def execute(spec: RunSpec, command: Sequence[str] | None = None) -> dict[str, An
                                  monte_carlo_accuracy(folder, spec.config, spec.monte_carlo, device))
         written = True
     if spec.finetune and not has_finetune(folder, spec.finetune):
-        finetune_run(folder, spec.config, spec.finetune, list(command or ["dropkey-lab", "experiment"]))
+        finetune_run(folder, spec.config, spec.finetune, command)
         written = True
     if written or not is_complete(folder):  # the marker lists every file of the folder, so it follows them
         record = {"run_key": folder.name, "arm": spec.arm.name, "seed": spec.seed, "final": _final_row(folder)}
